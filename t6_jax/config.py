@@ -1,0 +1,362 @@
+"""Typed, frozen configuration: one dataclass per concern, YAML presets, dotted overrides.
+
+A run is described by `Config` (sections `model`, `data`, `train`, `mesh`, `checkpoint`,
+`decode`, `eval`). Values are resolved in order: dataclass defaults, then a YAML file
+(`--config FILE`), then `section.key=value` overrides from the command line. Every key and
+value is checked; a mistake raises `ConfigError` naming the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any
+
+import yaml
+
+ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+  """A configuration key or value is invalid; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The network. Sizes follow REFERENCE.md section 4; defaults are T6-small."""
+
+  attention: str = "tpa"  # one of ATTENTION_TYPES
+  vocab_size: int = 50304
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 34
+  head_dim: int = 64
+  num_kv_heads: int = 0  # gqa/mqa: KV heads (mqa forces 1); ignored by other types
+  q_rank: int = 6  # tpa
+  k_rank: int = 2  # tpa, tpa_kvonly
+  v_rank: int = 2  # tpa, tpa_kvonly
+  head_norm: bool = False  # tpa/tpa_kvonly: learnable per-head RMSNorm before W_O
+  mlp_hidden: int = 0  # 0 means floor(8 * d_model / 3), as the reference
+  mla_q_lora: int = 512
+  mla_kv_lora: int = 256
+  mla_nope_dim: int = 64
+  mla_rope_dim: int = 32
+  mla_v_dim: int = 64
+  rope_base: float = 10000.0
+  rope_bf16_tables: bool = True  # round cos/sin to bf16 like the reference (exact parity)
+  max_seq_len: int = 1024
+  dtype: str = "bfloat16"  # compute dtype of matmuls; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
+  scan_layers: bool = True  # False unrolls the layer loop (longer compile, same math)
+  remat: str = "none"  # none | full | save_dots: activation checkpointing per layer
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.mlp_hidden or (8 * self.d_model) // 3
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of K/V heads of the mha/mqa/gqa family."""
+    if self.attention == "mqa":
+      return 1
+    if self.attention == "gqa":
+      return self.num_kv_heads
+    return self.num_heads
+
+  def validate(self) -> None:
+    def need(cond, msg):
+      if not cond:
+        raise ConfigError(msg)
+
+    need(self.attention in ATTENTION_TYPES,
+         f"model.attention={self.attention!r} is not an attention type; choose one of "
+         f"{', '.join(ATTENTION_TYPES)}")
+    for key in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "max_seq_len"):
+      need(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+    need(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
+    if self.attention == "mha":
+      need(self.num_heads * self.head_dim == self.d_model,
+           f"mha needs model.num_heads * model.head_dim == model.d_model, got "
+           f"{self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim} != "
+           f"{self.d_model}; set model.head_dim={self.d_model // self.num_heads} or change "
+           f"model.num_heads")
+    if self.attention == "gqa":
+      need(self.num_kv_heads > 0,
+           "gqa needs model.num_kv_heads > 0 (the paper's GQA uses 2)")
+      need(self.num_heads % self.num_kv_heads == 0,
+           f"model.num_heads={self.num_heads} must be a multiple of "
+           f"model.num_kv_heads={self.num_kv_heads}")
+    if self.attention in ("tpa", "tpa_kvonly"):
+      for key in ("q_rank", "k_rank", "v_rank"):
+        need(getattr(self, key) > 0, f"model.{key} must be positive")
+    if self.attention == "mla":
+      for key in ("mla_q_lora", "mla_kv_lora", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"):
+        need(getattr(self, key) > 0, f"model.{key} must be positive")
+      need(self.mla_rope_dim % 2 == 0, "model.mla_rope_dim must be even for RoPE")
+    for key in ("dtype", "param_dtype"):
+      need(getattr(self, key) in ("float32", "bfloat16", "float16"),
+           f"model.{key}={getattr(self, key)!r}; use float32, bfloat16 or float16")
+    need(self.attention_impl in ("auto", "xla", "cudnn"),
+         f"model.attention_impl={self.attention_impl!r}; use auto, xla or cudnn")
+    need(self.remat in ("none", "full", "save_dots"),
+         f"model.remat={self.remat!r}; use none, full or save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Input pipeline (t6_jax.data)."""
+
+  source: str = "shakespeare"  # shakespeare | text | arrayrecord | reference_bin | tfds
+  path: str = ""  # files / glob / directory for text, arrayrecord and reference_bin sources
+  tfds_name: str = ""  # e.g. "fineweb_edu" or "my_dataset:1.0.0"
+  tfds_data_dir: str = ""
+  train_split: str = "train"
+  eval_split: str = "validation"
+  tokenizer: str = "bpe"  # bpe (train on corpus) | gpt2 | hf:PATH | spm:PATH | tiktoken:PATH
+  cache_dir: str = "data_cache"  # prepared data and trained tokenizers
+  packing: str = "concat"  # concat (reference windows) | segments (no cross-document attention)
+  seed: int = 0
+  num_workers: int = 0  # Grain worker processes; 0 reads in the main process
+  prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and the training loop (t6_jax.train)."""
+
+  workdir: str = "runs/default"
+  seed: int = 0
+  steps: int = 100_000
+  batch_size: int = 480  # global sequences per optimizer step
+  seq_len: int = 1024
+  grad_accum: int = 1  # micro-batches per step, accumulated with lax.scan
+  lr: float = 6e-4
+  min_lr: float = 3e-5
+  warmup_steps: int = 2000
+  schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+  decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  log_every: int = 10
+  eval_every: int = 500
+  eval_batches: int = 20
+  sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (t6_jax.sharding). -1 takes the devices left over."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: str = "fsdp"  # dp | fsdp | fsdp_tp: which logical-axis rules table
+  fail_on_replicated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints (t6_jax.checkpoint)."""
+
+  every: int = 1000
+  keep: int = 3
+  keep_every: int = 0  # also keep every N-th step permanently (0: none)
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Cached decoding (t6_jax.decode)."""
+
+  max_len: int = 1024
+  max_new_tokens: int = 64
+  temperature: float = 0.0  # 0 means greedy
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  cache_dtype: str = "bfloat16"
+  factor_attention: bool = True  # TPA: attend straight from the cached factors
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation (t6_jax.eval)."""
+
+  batch_size: int = 8
+  max_batches: int = 0  # 0: the whole split
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  decode: DecodeConfig = DecodeConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def validate(self) -> "Config":
+    self.model.validate()
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Building configs from dicts, files and overrides
+
+
+def _closest(name: str, options) -> str:
+  near = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+  return f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+  """Checks `value` against the annotated type `typ`; converts strings from the command line."""
+  if typ is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+      return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where} expects true or false, got {value!r}")
+  if typ is int:
+    if isinstance(value, bool):
+      raise ConfigError(f"{where} expects an integer, got {value!r}")
+    if isinstance(value, int):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    if isinstance(value, str):
+      try:
+        return int(float(value)) if float(value).is_integer() else int(value)
+      except ValueError:
+        pass
+    raise ConfigError(f"{where} expects an integer, got {value!r}")
+  if typ is float:
+    if isinstance(value, bool):
+      raise ConfigError(f"{where} expects a number, got {value!r}")
+    if isinstance(value, (int, float)):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    raise ConfigError(f"{where} expects a number, got {value!r}")
+  if typ is str:
+    if isinstance(value, (dict, list)):
+      raise ConfigError(f"{where} expects a string, got {value!r}")
+    return str(value)
+  return value
+
+
+def _section_from_dict(cls, values: dict[str, Any], base, prefix: str):
+  if not isinstance(values, dict):
+    raise ConfigError(f"{prefix} must be a mapping of keys to values, got {values!r}")
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  updates = {}
+  for key, value in values.items():
+    if key not in names:
+      raise ConfigError(f"unknown key {prefix}.{key}{_closest(key, names)}")
+    updates[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+  return dataclasses.replace(base, **updates)
+
+
+def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
+  """Applies a nested dict {section: {key: value}} on top of `base` (default: defaults)."""
+  base = base or Config()
+  sections = {f.name: f for f in dataclasses.fields(Config)}
+  updates = {}
+  for name, section_values in (values or {}).items():
+    if name not in sections:
+      raise ConfigError(f"unknown config section {name!r}{_closest(name, sections)}")
+    section_cls = typing.get_type_hints(Config)[name]
+    updates[name] = _section_from_dict(section_cls, section_values, getattr(base, name), name)
+  return dataclasses.replace(base, **updates)
+
+
+def resolve_path(path: str) -> str:
+  """A config path as given, or a preset name looked up in configs/ (`t6-small`)."""
+  if os.path.exists(path):
+    return path
+  for candidate in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")):
+    if os.path.exists(candidate):
+      return candidate
+  presets = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+  near = difflib.get_close_matches(os.path.basename(path).removesuffix(".yaml"), presets, n=3)
+  hint = f"; did you mean {' or '.join(near)}?" if near else f"; presets: {', '.join(presets)}"
+  raise ConfigError(f"config file {path!r} not found{hint}")
+
+
+def load_file(path: str, base: Config | None = None) -> Config:
+  path = resolve_path(path)
+  with open(path) as f:
+    try:
+      values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path} is not valid YAML: {e}") from e
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
+  return from_dict(values, base)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+  """Applies `section.key=value` strings; values are parsed as YAML scalars."""
+  nested: dict[str, dict[str, Any]] = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} must look like section.key=value, "
+                        f"e.g. model.num_layers=4")
+    key, raw = item.split("=", 1)
+    if "." not in key:
+      raise ConfigError(f"override key {key!r} must name a section, e.g. train.{key}")
+    section, name = key.split(".", 1)
+    try:
+      value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+      value = raw
+    nested.setdefault(section, {})[name] = value
+  return from_dict(nested, config)
+
+
+def load(path: str | None = None, overrides: list[str] = ()) -> Config:
+  """defaults <- file <- overrides, validated."""
+  config = load_file(path) if path else Config()
+  return apply_overrides(config, list(overrides)).validate()
+
+
+def load_dict(values: dict[str, Any]) -> Config:
+  """Rebuilds a saved config (e.g. a run directory's config.yaml)."""
+  return from_dict(values).validate()
+
+
+def dump(config: Config, path: str) -> None:
+  with open(path, "w") as f:
+    yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def help_text() -> str:
+  """Every setting with its default, for `--help`."""
+  lines = []
+  for section in dataclasses.fields(Config):
+    lines.append(f"  {section.name}:")
+    cls = typing.get_type_hints(Config)[section.name]
+    for f in dataclasses.fields(cls):
+      lines.append(f"    {section.name}.{f.name} = {f.default!r}")
+  return "\n".join(lines)
+
+
+def dtype(name: str):
+  import jax.numpy as jnp
+  return jnp.dtype(name)
+

@@ -1,0 +1,124 @@
+"""Building blocks shared by every attention type: parameters with logical axes, norms, RoPE,
+the SwiGLU MLP and the tied embedding."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t6_jax.config import ModelConfig
+from t6_jax.sharding import constrain
+
+
+def uniform_init(bound: float):
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+  return init
+
+
+def zeros_init(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str],
+          cfg: ModelConfig) -> nnx.Param:
+  """An fp32 (param_dtype) parameter tagged with logical axis names for the sharding rules."""
+  assert len(shape) == len(axes), (shape, axes)
+  value = init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype))
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def fan_in_param(rngs, fan_in: int, shape, axes, cfg) -> nnx.Param:
+  """PyTorch's nn.Linear default: uniform(+-1/sqrt(fan_in))."""
+  return param(rngs, uniform_init(1.0 / math.sqrt(fan_in)), shape, axes, cfg)
+
+
+def rms_norm(x: jax.Array, eps: float | None = None) -> jax.Array:
+  """Parameter-free RMSNorm in fp32; eps defaults to fp32 machine epsilon like the reference."""
+  x32 = x.astype(jnp.float32)
+  eps = jnp.finfo(jnp.float32).eps if eps is None else eps
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned weight (MLA's latent norms, TPA's optional per-head norm)."""
+
+  def __init__(self, dim: int, eps: float, axis_name: str, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = eps
+    self.weight = param(rngs, ones_init, (dim,), (axis_name,), cfg)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (rms_norm(x, self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE (half-split form of REFERENCE.md section 1)
+
+
+def rope_tables(positions_BxT: jax.Array, dim: int, base: float, bf16_tables: bool):
+  """cos/sin of shape (B, T, dim/2). Rounded to bf16 when asked, as the reference does."""
+  inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  angle_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(angle_BxTxF), jnp.sin(angle_BxTxF)
+  if bf16_tables:
+    cos, sin = cos.astype(jnp.bfloat16), sin.astype(jnp.bfloat16)
+  return cos, sin
+
+
+def apply_rope(x: jax.Array, cos_BxTxF: jax.Array, sin_BxTxF: jax.Array) -> jax.Array:
+  """Rotates the last axis of x (B, T, ..., dim); tables broadcast over the middle axes."""
+  extra = x.ndim - 3
+  cos = cos_BxTxF.reshape(cos_BxTxF.shape[:2] + (1,) * extra + cos_BxTxF.shape[2:])
+  sin = sin_BxTxF.reshape(sin_BxTxF.shape[:2] + (1,) * extra + sin_BxTxF.shape[2:])
+  cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Mlp(nnx.Module):
+  """SwiGLU: c_proj(silu(c_fc1 x) * c_fc2 x), output projection zero-initialised."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.c_fc1 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
+    self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
+    self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    x = x_BxTxD.astype(self.dtype)
+    h_BxTxF = jax.nn.silu(x @ self.c_fc1[...].astype(self.dtype)) * (
+        x @ self.c_fc2[...].astype(self.dtype))
+    h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"))
+    return h_BxTxF @ self.c_proj[...].astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding tied to the LM head (uniform +-1/sqrt(d), as the reference's head)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.wte = fan_in_param(rngs, cfg.d_model, (cfg.vocab_size, cfg.d_model),
+                            ("vocab", "embed"), cfg)
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    return jnp.take(self.wte[...], tokens_BxT, axis=0)
+
+  def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    """fp32 logits from compute-dtype operands."""
+    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(self.dtype), self.wte[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)

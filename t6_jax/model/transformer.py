@@ -1,0 +1,103 @@
+"""The T6 backbone: tied embedding, pre-norm blocks scanned over depth, final norm, fp32 logits.
+
+Blocks are created with their parameters stacked along a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth (`scan_layers=False` unrolls the same
+loop). `apply_blocks` is the one place that walks the layers; decoding reuses it with the
+per-layer cache as the scanned input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t6_jax.config import ModelConfig
+from t6_jax.model.attention import Mask, make_attention, segment_mask
+from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
+from t6_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  """x += attn(rms_norm(x)); x += mlp(rms_norm(x)). The residual stream stays in fp32."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn = make_attention(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x_BxTxD, rope, mask: Mask):
+    x_BxTxD = x_BxTxD + self.attn(rms_norm(x_BxTxD), rope, mask).astype(x_BxTxD.dtype)
+    x_BxTxD = x_BxTxD + self.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+    return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading `layers` axis of size num_layers."""
+  keys = jax.random.split(rngs.params(), cfg.num_layers)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+  state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(params=key))))(keys)
+
+  def add_layer_axis(variable):
+    return variable.replace(logical_axes=("layers",) + tuple(variable.logical_axes))
+
+  state = jax.tree.map(add_layer_axis, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+    self.blocks = _stacked_blocks(cfg, rngs)
+
+  @property
+  def rope_dim(self) -> int:
+    return self.cfg.mla_rope_dim if self.cfg.attention == "mla" else self.cfg.head_dim
+
+  def rope(self, positions_BxT):
+    return rope_tables(positions_BxT, self.rope_dim, self.cfg.rope_base,
+                       self.cfg.rope_bf16_tables)
+
+  def apply_blocks(self, x_BxTxD, layer_fn: Callable[[Block, jax.Array, Any], tuple],
+                   per_layer: Any = None):
+    """Runs `layer_fn(block, x, per_layer[i]) -> (x, out_i)` over the layers.
+
+    Returns the final x and the per-layer outputs stacked along a leading axis.
+    """
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, xs):
+      layer_state, extra = xs
+      return layer_fn(nnx.merge(graphdef, layer_state), x, extra)
+
+    if self.cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    unroll = 1 if self.cfg.scan_layers else self.cfg.num_layers
+    return jax.lax.scan(body, x_BxTxD, (state, per_layer), unroll=unroll)
+
+  def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """Final-normed hidden states (B, T, D) in fp32."""
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    rope = self.rope(positions_BxT)
+    mask = segment_mask(segment_ids_BxT)
+    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"))
+
+    def layer(block, x, _):
+      return block(x, rope, mask), None
+
+    x_BxTxD, _ = self.apply_blocks(x_BxTxD, layer)
+    return rms_norm(x_BxTxD)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """fp32 logits (B, T, V). Positions default to 0..T-1; segment ids keep documents apart."""
+    logits = self.embed.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+    return constrain(logits, ("batch", "length", "act_vocab"))
