@@ -1,3 +1,4 @@
 """The T6 model and its attention baselines."""
 
-from t6_jax.model.transformer import Block, Transformer  # noqa: F401
+from t6_jax.model.transformer import (Block, Transformer, init_params,  # noqa: F401
+                                      model_from_params, param_axes)

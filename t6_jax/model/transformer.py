@@ -101,3 +101,24 @@ class Transformer(nnx.Module):
     """fp32 logits (B, T, V). Positions default to 0..T-1; segment ids keep documents apart."""
     logits = self.embed.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
     return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Freshly initialised parameters as a nested dict of arrays (the train state's layout)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(seed)), nnx.Param))
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  """Logical axis names of every parameter, in the layout of `init_params`."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  axes = jax.tree.map(lambda v: tuple(v.logical_axes), state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.to_pure_dict(axes)
+
+
+def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
+  """A Transformer whose parameters are `params` (no copy, no new allocation)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
