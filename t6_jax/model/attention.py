@@ -65,9 +65,14 @@ def dot_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask: Mask, scale: float, imp
     pad = [(0, 0)] * 3 + [(0, v_dim - k_dim)]
     q_BxTxHxK, k_BxSxGxK = jnp.pad(q_BxTxHxK, pad), jnp.pad(k_BxSxGxK, pad)
   keep = None if mask.keep_BxTxS is None else mask.keep_BxTxS[:, None, :, :]
-  implementation = None if impl == "auto" else impl
-  if keep is not None or q_BxTxHxK.dtype == jnp.float32:
-    implementation = "xla"  # fused GPU kernels take bf16/fp16 and no arbitrary mask
+  implementation = impl
+  if impl == "auto":
+    # jax's own default is the XLA path, which materialises (B, H, T, S) scores; on GPU the
+    # cuDNN flash kernel avoids that for the shapes and dtypes it takes.
+    fused_ok = (jax.default_backend() == "gpu" and keep is None
+                and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
+                and q_BxTxHxK.shape[-1] <= 128 and q_BxTxHxK.shape[-1] % 8 == 0)
+    implementation = "cudnn" if fused_ok else "xla"
   out = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask=keep, scale=scale,
                                      is_causal=mask.causal, implementation=implementation)
   return out[..., :v_dim]
@@ -166,6 +171,45 @@ class TPA(Attention):
 
   def head_norm(self, y_BxTxHxK):
     return y_BxTxHxK if self.subln is None else self.subln(y_BxTxHxK)
+
+  def attend_factors(self, q, e, mask: Mask):
+    """`attend` computed straight from the factors, never materialising K or V (decoding).
+
+    The FlashTPA dataflow of REFERENCE.md section 1, for T queries against S cached keys:
+      P[t,q,s,r]  = <B_q[t,q], B_k[s,r]>                    head-shared, reads B_k once
+      logit[t,h,s] = sum_r A_k[s,h,r] sum_q A_q[t,h,q] P[t,q,s,r] / (sqrt(d_h) R_q R_k)
+      out[t,h]    = sum_{s,u} (alpha[t,h,s] A_v[s,h,u]) B_v[s,u] / R_v
+    FLOPs per cached key: R_q R_k d_h + h R_q R_k + h R_v d_h (vs 2 h d_h materialised).
+    TPA-KVonly has a full query: its logits are sum_r A_k[s,h,r] <Q[t,h], B_k[s,r]>.
+    """
+    cfg = self.cfg
+    f32 = jnp.float32
+    a_k_BxSxHxR, b_k_BxSxRxK = e["a_k"], e["b_k"]
+    if "q" in q:
+      qb_BxTxHxSxR = jnp.einsum("bthk,bsrk->bthsr", q["q"], b_k_BxSxRxK,
+                                preferred_element_type=f32)
+    else:
+      p_BxTxQxSxR = jnp.einsum("btqk,bsrk->btqsr", q["b_q"], b_k_BxSxRxK,
+                               preferred_element_type=f32)
+      qb_BxTxHxSxR = jnp.einsum("bthq,btqsr->bthsr", q["a_q"].astype(f32), p_BxTxQxSxR,
+                                preferred_element_type=f32) / cfg.q_rank
+    # A_k enters elementwise (a sum over R_k terms): one fused pass over the cached A_k.
+    a_k_BxHxSxR = jnp.transpose(a_k_BxSxHxR, (0, 2, 1, 3)).astype(f32)
+    logits_BxTxHxS = jnp.sum(qb_BxTxHxSxR * a_k_BxHxSxR[:, None], axis=-1) * (
+        1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank))
+    s_len, t_len = a_k_BxSxHxR.shape[1], logits_BxTxHxS.shape[1]
+    keep_BxTx1xS = jnp.ones((1, t_len, 1, s_len), bool)
+    if mask.causal:
+      keep_BxTx1xS = jnp.tril(jnp.ones((t_len, s_len), bool))[None, :, None, :]
+    if mask.keep_BxTxS is not None:
+      keep_BxTx1xS = keep_BxTx1xS & mask.keep_BxTxS[:, :, None, :]
+    logits_BxTxHxS = jnp.where(keep_BxTx1xS, logits_BxTxHxS, -jnp.inf)
+    probs_BxTxHxS = jax.nn.softmax(logits_BxTxHxS, axis=-1)
+    w_BxTxHxSxR = (probs_BxTxHxS[..., None] * jnp.transpose(e["a_v"], (0, 2, 1, 3))[:, None]
+                   ).astype(e["b_v"].dtype)
+    y_BxTxHxK = jnp.einsum("bthsr,bsrk->bthk", w_BxTxHxSxR, e["b_v"],
+                           preferred_element_type=f32) / cfg.v_rank
+    return self.head_norm(y_BxTxHxK.astype(self.dtype))
 
 
 class GQA(Attention):
