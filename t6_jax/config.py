@@ -192,6 +192,26 @@ class EvalConfig:
   batch_size: int = 8
   max_batches: int = 0  # 0: the whole split
 
+  seq_len: int = 0  # validation window for loss/bpb; 0: train.seq_len
+  tasks: str = "fixture"  # comma list: fixture, paper (the 9), arc_easy, ..., NAME=FILE.jsonl
+  task_source: str = "local"  # local (JSONL under task_dir) | tfds (prepared tfds datasets)
+  task_dir: str = ""  # local: NAME/SPLIT.jsonl or NAME.SPLIT.jsonl files in this folder
+  tfds_data_dir: str = ""  # tfds: data_dir of the prepared datasets ("" = tfds default)
+  num_fewshot: int = 0
+  fewshot_seed: int = 1234  # lm-eval-harness's default seed for choosing k-shot examples
+  limit: int = 0  # >0: only the first N documents of each task
+  mc_batch_size: int = 32  # sequences per forward when scoring continuations
+  max_len: int = 0  # longest scored sequence; 0: model.max_seq_len
+
+  def validate(self) -> None:
+    for key in ("batch_size", "mc_batch_size"):
+      if getattr(self, key) <= 0:
+        raise ConfigError(f"eval.{key} must be positive, got {getattr(self, key)}")
+    for key in ("max_batches", "seq_len", "num_fewshot", "limit", "max_len"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+    if self.task_source not in ("local", "tfds"):
+      raise ConfigError(f"eval.task_source={self.task_source!r}; use local or tfds")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
