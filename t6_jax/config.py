@@ -172,6 +172,7 @@ class TrainConfig:
   eval_every: int = 500
   eval_batches: int = 20
   sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
+  sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
 
 
 @dataclasses.dataclass(frozen=True)

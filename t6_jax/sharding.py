@@ -111,12 +111,92 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
                      f"{n} are present; make the product of mesh.data, mesh.fsdp and "
                      f"mesh.tensor equal {n} or set one of them to -1")
-  if devices == list(jax.devices()):
-    # Auto axes: the compiler propagates shardings from the annotated params and batches.
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  # Auto axes: the compiler propagates shardings from the annotated params and batches.
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  try:  # topology-aware device order (TPU ICI rings, GPU NVLink islands)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A subset of the devices with no physical layout (e.g. 1 of 8 host devices in tests).
+    return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def named(mesh, spec: P) -> NamedSharding:
   return NamedSharding(mesh, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes from config, parameter shardings from the rules table, and the replication guard
+
+
+def rules_table(name: str) -> dict:
+  if name not in RULES:
+    raise ValueError(f"mesh.rules={name!r} is not a rules table; choose one of "
+                     f"{', '.join(RULES)}")
+  return RULES[name]
+
+
+def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:
+  """The mesh a `MeshConfig` describes, over `devices` (default: all devices)."""
+  return make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh, rules: str | dict):
+  """Mesh and rules table in force while tracing: `constrain` in the model reads both."""
+  with jax.set_mesh(mesh), use_rules(rules) as table:
+    yield table
+
+
+def param_specs(axes_tree, abstract_tree, mesh, rules: str | dict) -> dict:
+  """PartitionSpec of every parameter from its logical axes (`t6_jax.model.param_axes`)."""
+  table = rules_table(rules) if isinstance(rules, str) else rules
+  return jax.tree.map(
+      lambda axes, x: logical_to_spec(axes, x.shape, mesh, table), axes_tree, abstract_tree,
+      is_leaf=lambda v: isinstance(v, tuple) and all(isinstance(a, (str, type(None))) for a in v))
+
+
+def param_shardings(axes_tree, abstract_tree, mesh, rules: str | dict) -> dict:
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      param_specs(axes_tree, abstract_tree, mesh, rules),
+                      is_leaf=lambda v: isinstance(v, P))
+
+
+def batch_sharding(mesh, batch_size: int | None = None) -> NamedSharding:
+  """Batch rows split over every data-parallel axis; a batch they do not divide is an error."""
+  parallel = math.prod(mesh.shape[a] for a in BATCH)
+  if batch_size is not None and batch_size % parallel:
+    raise ValueError(f"train.batch_size={batch_size} does not divide over the "
+                     f"{parallel} data-parallel devices (mesh.data x mesh.fsdp = "
+                     f"{mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple of "
+                     f"{parallel} or move devices to mesh.tensor")
+  return NamedSharding(mesh, P(BATCH))
+
+
+def replicated_params(abstract_tree, shardings, min_size: int = 1 << 14) -> list[tuple]:
+  """(path, shape) of parameters with at least `min_size` elements that no mesh axis splits.
+
+  Empty on a 1-device mesh. Small vectors (norm weights) are expected to stay replicated.
+  """
+  found = []
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+  for (path, x), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    if sharding.mesh.size == 1 or math.prod(x.shape) < min_size:
+      continue
+    if all(entry is None for entry in sharding.spec):
+      found.append((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(x.shape)))
+  return found
+
+
+def check_replicated(abstract_tree, shardings, *, fail: bool, log=print) -> list[tuple]:
+  """Reports parameters left replicated over a multi-device mesh; raises when `fail`."""
+  found = replicated_params(abstract_tree, shardings)
+  if found:
+    total = sum(math.prod(shape) for _, shape in found)
+    lines = "\n".join(f"  {path} {shape}" for path, shape in found)
+    msg = (f"{len(found)} parameters ({total:,} numbers) are replicated on every device:\n"
+           f"{lines}\nno mesh axis of size > 1 divides their dimensions under the active "
+           f"rules; pick mesh sizes that divide them, or rules that name their axes")
+    if fail:
+      raise ValueError(msg + " (mesh.fail_on_replicated=true)")
+    log("warning: " + msg)
+  return found

@@ -1,0 +1,89 @@
+"""Train T6 (or a baseline) on one CPU, one or several GPUs, or a TPU pod slice.
+
+  python train.py                                   # the demo: configs/demo.yaml -> runs/demo
+  python train.py --config configs/t6-small.yaml data.path=DIR/fineweb_*.bin
+  python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512
+
+A rerun with the same train.workdir resumes from its newest checkpoint; --restart starts over.
+Overrides are section.key=value; every setting and its default is listed below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+
+
+def parse_args(argv=None):
+  from t6_jax import config as config_lib
+  parser = argparse.ArgumentParser(
+      prog="train.py", description=__doc__,
+      epilog="settings (section.key = default):\n" + config_lib.help_text(),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help="YAML file or preset name in configs/ (default: configs/demo.yaml)")
+  parser.add_argument("--restart", action="store_true",
+                      help="delete train.workdir first and train from scratch")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() with auto-detection (multi-host "
+                           "runs are detected on TPU pods, SLURM and Open MPI anyway)")
+  parser.add_argument("--aot_topology", default="",
+                      help="compile the sharded train step for this TPU topology (v5p:8x8x8, "
+                           "v5e:16x16, ...) and print memory and FLOPs instead of training")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from t6_jax import config as config_lib
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  if args.aot_topology:
+    from t6_jax.train import aot
+    try:
+      report = aot.compile_train_step(cfg, args.aot_topology)
+    except (aot.DoesNotFit, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    print(report.text())
+    return 0
+
+  from t6_jax.train import loop
+  try:
+    summary = loop.train(cfg, restart=args.restart, distributed=args.distributed)
+  except loop.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  import jax
+  if jax.process_index() != 0:
+    return 0
+  first, last = summary["first_val_loss"], summary["last_val_loss"]
+  print(f"done: step {summary['final_step']} in {summary['wall_s']:.0f} s "
+        f"(data {summary['data_s']:.0f} s, compile {summary['compile_s'] or 0:.0f} s)"
+        + (f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""))
+  if first is not None and last is not None:
+    print(f"validation loss: first {first:.4f} -> last {last:.4f}")
+  elif last is not None:
+    print(f"validation loss: {last:.4f}")
+  if cfg.train.sample_tokens > 0:
+    from t6_jax.decode import sample_text
+    text = sample_text(cfg, summary["state"]["params"], summary["tokenizer"],
+                       [cfg.train.sample_prompt], cfg.train.sample_tokens)[0]
+    print(f"sample:\n{cfg.train.sample_prompt}{text}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
