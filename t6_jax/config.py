@@ -208,6 +208,7 @@ class DecodeConfig:
   seed: int = 0
   cache_dtype: str = "bfloat16"
   factor_attention: bool = True  # TPA: attend straight from the cached factors
+  prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of it
 
 
 @dataclasses.dataclass(frozen=True)

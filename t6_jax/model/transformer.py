@@ -102,6 +102,55 @@ class Transformer(nnx.Module):
     logits = self.embed.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
     return constrain(logits, ("batch", "length", "act_vocab"))
 
+  def extend(self, tokens_BxT, entries, pad_B, start, *, kv_len: int,
+             factor_attention: bool = False):
+    """Runs T new tokens against a decode cache (prefill chunks and decode steps).
+
+    entries: {name: (layers, B, S, ...)} as `attn.entries()` returns per layer; the tokens go
+    to slots start .. start+T-1 of every row. Row b's first pad_B[b] slots are padding; its
+    RoPE positions are slot - pad_B[b]. Each layer writes its new entries into the cache,
+    then its queries attend to slots [0, kv_len) (static) of that layer's cache under an
+    explicit mask, with the attention class's own `attend` (or, for TPA with
+    `factor_attention`, `attend_factors`). Returns (fp32 logits (B, V) of the last token,
+    updated entries). The cache is carried through the layer scan so it is updated in place.
+    """
+    _, t_len = tokens_BxT.shape
+    slot_T = start + jnp.arange(t_len, dtype=jnp.int32)
+    rope = self.rope(jnp.maximum(slot_T[None, :] - pad_B[:, None], 0))
+    s_S = jnp.arange(kv_len, dtype=jnp.int32)
+    # Past slots of the row's own prompt, plus itself (so padding rows stay finite).
+    keep_BxTxS = (s_S[None, None, :] <= slot_T[None, :, None]) & (
+        (s_S[None, None, :] >= pad_B[:, None, None]) | (s_S[None, None, :] == slot_T[None, :, None]))
+    mask = Mask(causal=False, keep_BxTxS=keep_BxTxS)
+    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"))
+    compute = jnp.dtype(self.cfg.dtype)
+
+    def layer(block, carry, i):
+      x_BxTxD, entries = carry
+      attn = block.attn
+      h_BxTxD = rms_norm(x_BxTxD)
+      new = attn.entries(h_BxTxD, rope)
+      entries = {
+          name: jax.lax.dynamic_update_slice(
+              cache, new[name].astype(cache.dtype)[None],
+              (i, 0, start) + (0,) * (cache.ndim - 3))
+          for name, cache in entries.items()}
+      view = {name: jax.lax.dynamic_index_in_dim(cache, i, keepdims=False)[:, :kv_len]
+              .astype(compute) for name, cache in entries.items()}
+      q = attn.queries(h_BxTxD, rope)
+      if factor_attention and hasattr(attn, "attend_factors"):
+        y = attn.attend_factors(q, view, mask)
+      else:
+        y = attn.attend(q, view, mask)
+      x_BxTxD = x_BxTxD + attn.out(y).astype(x_BxTxD.dtype)
+      x_BxTxD = x_BxTxD + block.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+      return (constrain(x_BxTxD, ("batch", "length", "act_embed")), entries), None
+
+    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
+    logits_BxV = self.embed.logits(rms_norm(x_BxTxD[:, -1:]))[:, 0]
+    return constrain(logits_BxV, ("batch", "act_vocab")), entries
+
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
   """Freshly initialised parameters as a nested dict of arrays (the train state's layout)."""

@@ -1,0 +1,323 @@
+"""Prefill, the jitted token loop and sampling.
+
+  prefill(cfg, params, tokens, lengths) -> (Cache, logits of each prompt's last token)
+  decode(cfg, params, cache, logits, steps=...) -> (new tokens (B, steps), Cache)
+  generate(model_or_(graphdef, params), cfg, prompts, ...) -> new tokens per prompt
+  sample_text(cfg, params, tokenizer, prompts, max_new_tokens, ...) -> completions
+
+Prompts are left-aligned so that they all end at the same cache slot; every step then writes
+one slot shared by the whole batch (an in-place dynamic_update_slice of the donated cache).
+The whole token loop is one jitted function: `lax.scan` over a fixed number of tokens, or a
+`lax.while_loop` that also stops once every row has produced a stop token. It compiles once per
+(batch, cache length, steps, sampling mode), never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t6_jax.config import Config, ModelConfig
+from t6_jax.decode.cache import Cache, init_cache
+from t6_jax.model import model_from_params, param_axes
+from t6_jax.sharding import BATCH, logical_to_spec, use_rules
+
+MIN_PROMPT_BUCKET = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_logits(logits_BxV, key, temperature, top_p, *, greedy: bool, top_k: int,
+                  use_top_p: bool, valid_vocab: int | None = None):
+  """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if valid_vocab is not None and valid_vocab < logits_BxV.shape[-1]:
+    # Rows of the embedding past the tokenizer's vocab (padding to a multiple of 64).
+    ids_V = jnp.arange(logits_BxV.shape[-1])
+    logits_BxV = jnp.where(ids_V < valid_vocab, logits_BxV, -jnp.inf)
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  if top_k > 0:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if use_top_p:
+    # Keep the smallest set of top tokens whose probability reaches top_p (always >= 1 token).
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    n_keep_Bx1 = jnp.sum(before_BxV < top_p, axis=-1, keepdims=True)
+    cut_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_Bx1 - 1, 0), axis=-1)
+    logits_BxV = jnp.where(logits_BxV < cut_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Jitted kernels (module level so jax's compile cache is shared by every call)
+
+
+def _model(model_cfg: ModelConfig, params):
+  return model_from_params(model_cfg, params)
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "rules", "max_len", "cache_dtype", "chunk"))
+def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtype, chunk):
+  with use_rules(rules):
+    model = _model(model_cfg, params)
+    batch, t_len = tokens_BxT.shape
+    cache = init_cache(model_cfg, batch, max_len, cache_dtype)
+    entries = cache.entries
+    for start in range(0, t_len, chunk):  # long prompts in chunks, each against the cache
+      stop = min(t_len, start + chunk)
+      logits_BxV, entries = model.extend(tokens_BxT[:, start:stop], entries, pad_B, start,
+                                         kv_len=stop, factor_attention=False)
+    return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32)), logits_BxV
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "top_k",
+                                   "use_top_p", "stop_tokens", "valid_vocab", "factor"),
+         donate_argnames=("cache",))
+def _decode(params, cache: Cache, logits_BxV, key, temperature, top_p, *, model_cfg, rules,
+            steps, greedy, top_k, use_top_p, stop_tokens, valid_vocab, factor):
+  with use_rules(rules):
+    model = _model(model_cfg, params)
+    sample = partial(sample_logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                     top_k=top_k, use_top_p=use_top_p, valid_vocab=valid_vocab)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    batch = logits_BxV.shape[0]
+
+    tok_B = sample(logits_BxV, jax.random.fold_in(key, 0))
+    out_BxN = jnp.full((batch, steps), -1, jnp.int32).at[:, 0].set(tok_B)
+    done_B = jnp.isin(tok_B, stops)
+
+    def step(state, i):
+      entries, length, tok_B, done_B, out_BxN = state
+      logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
+                                         kv_len=cache.max_len, factor_attention=factor)
+      nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
+      nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (fed as token 0, masked)
+      out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
+      done_B = done_B | jnp.isin(nxt_B, stops)
+      return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)
+
+    state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
+    if stop_tokens:
+      def cond(carry):
+        i, state = carry
+        return (i < steps) & ~jnp.all(state[3])
+
+      _, state = jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1], c[0])),
+                                    (jnp.asarray(1, jnp.int32), state))
+    else:
+      state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
+                              jnp.arange(1, steps, dtype=jnp.int32))
+    entries, length, _, _, out_BxN = state
+    return out_BxN, Cache(entries, cache.pad_B, length)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def _as_params(model_or_pair):
+  """Nested dict of arrays from a Transformer, (graphdef, params/State) or a params dict."""
+  if isinstance(model_or_pair, nnx.Module):
+    return nnx.to_pure_dict(nnx.state(model_or_pair, nnx.Param))
+  if isinstance(model_or_pair, tuple) and len(model_or_pair) == 2:
+    model_or_pair = model_or_pair[1]
+  if isinstance(model_or_pair, nnx.State):
+    return nnx.to_pure_dict(model_or_pair)
+  if isinstance(model_or_pair, dict):
+    return model_or_pair
+  raise TypeError(f"expected a Transformer, (graphdef, params) or a params dict, got "
+                  f"{type(model_or_pair).__name__}")
+
+
+def shard_params(cfg: Config, params, mesh):
+  """Places params on `mesh` by their logical axes under cfg.mesh.rules (no-op without mesh)."""
+  if mesh is None:
+    return params
+  axes = param_axes(cfg.model)
+  with use_rules(cfg.mesh.rules):
+    shardings = jax.tree.map(
+        lambda ax, x: NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh)), axes, params,
+        is_leaf=lambda v: isinstance(v, tuple))
+  return jax.device_put(params, shardings)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+  if len(prompts) == 0:
+    raise ValueError("no prompts given: pass a list with at least one list of token ids")
+  out = []
+  for i, prompt in enumerate(prompts):
+    if isinstance(prompt, (str, bytes)):
+      raise TypeError(f"prompt {i} is text; encode it with the tokenizer first "
+                      f"(or use sample_text, which does)")
+    ids = [int(t) for t in prompt]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's "
+                       f"end-of-text id to sample unconditionally)")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} holds token id {bad[0]} outside the model's vocab "
+                       f"[0, {vocab_size}); was it encoded with a different tokenizer?")
+    out.append(ids)
+  return out
+
+
+def prompt_bucket(longest: int, room: int, chunk: int) -> int:
+  """Padded prompt width: a power of two (then multiples of the chunk), at most `room`."""
+  width = max(MIN_PROMPT_BUCKET, 1 << (longest - 1).bit_length())
+  if width > chunk:
+    width = -(-longest // chunk) * chunk
+  return max(longest, min(width, room))
+
+
+def left_align(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens (B, width) with each prompt at the right end, pad (B,) leading slots)."""
+  tokens = np.zeros((len(prompts), width), np.int32)
+  pad = np.zeros((len(prompts),), np.int32)
+  for b, ids in enumerate(prompts):
+    tokens[b, width - len(ids):] = ids
+    pad[b] = width - len(ids)
+  return tokens, pad
+
+
+def _put_batch(x, mesh):
+  if mesh is None:
+    return jnp.asarray(x)
+  parallel = math.prod(mesh.shape[a] for a in BATCH)
+  spec = P(BATCH) if x.shape[0] % parallel == 0 else P()
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def prefill(cfg: Config, params, tokens_BxT, lengths_B, *, max_len: int | None = None,
+            mesh=None) -> tuple[Cache, jax.Array]:
+  """Fills a new cache with right-padded prompts (tokens_BxT, lengths_B).
+
+  Returns the cache (prompts left-aligned to end at slot `cache.length - 1`) and the fp32
+  logits (B, V) after each prompt's last token.
+  """
+  tokens_BxT, lengths_B = np.asarray(tokens_BxT), np.asarray(lengths_B)
+  prompts = [list(tokens_BxT[b, :int(n)]) for b, n in enumerate(lengths_B)]
+  return _prefill_prompts(cfg, shard_params(cfg, _as_params(params), mesh), prompts,
+                          max_len=max_len, room=None, mesh=mesh)
+
+
+def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
+  prompts = check_prompts(prompts, cfg.model.vocab_size)
+  max_len = max_len or cfg.decode.max_len
+  longest = max(len(p) for p in prompts)
+  room = max_len if room is None else room
+  if longest > room:
+    raise ValueError(f"the longest prompt has {longest} tokens but the cache holds {max_len} "
+                     f"({max_len - room} kept free for new tokens); raise max_len / "
+                     f"decode.max_len or shorten the prompt")
+  tokens, pad = left_align(prompts, prompt_bucket(longest, room, cfg.decode.prefill_chunk))
+  ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with ctx:
+    return _prefill(params, _put_batch(tokens, mesh),
+                    _put_batch(pad, mesh), model_cfg=cfg.model, rules=cfg.mesh.rules,
+                    max_len=max_len, cache_dtype=cfg.decode.cache_dtype,
+                    chunk=cfg.decode.prefill_chunk)
+
+
+def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, temperature=0.,
+           top_k=0, top_p=1., seed=0, stop_tokens=(), valid_vocab=None, mesh=None):
+  """Samples `steps` tokens after a prefill (the cache is donated). Returns (tokens, cache).
+
+  tokens (B, steps) int32: -1 after a row's first stop token.
+  """
+  return _decode_placed(cfg, shard_params(cfg, _as_params(params), mesh), cache, logits_BxV,
+                        steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
+
+
+def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k, top_p, seed,
+                   stop_tokens, valid_vocab, mesh):
+  if steps < 1:
+    raise ValueError(f"steps={steps}: decode at least one token")
+  if int(cache.length) + steps - 1 > cache.max_len:
+    raise ValueError(f"{int(cache.length)} cache slots used + {steps} new tokens do not fit "
+                     f"the cache of {cache.max_len}; raise max_len")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                     f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  greedy = temperature == 0
+  ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with ctx:
+    return _decode(
+        params, cache, logits_BxV, jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), model_cfg=cfg.model,
+        rules=cfg.mesh.rules, steps=steps, greedy=greedy, top_k=0 if greedy else int(top_k),
+        use_top_p=not greedy and top_p < 1, stop_tokens=tuple(int(t) for t in stop_tokens),
+        valid_vocab=valid_vocab, factor=cfg.decode.factor_attention)
+
+
+def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
+             temperature=0., top_k=0, top_p=1., seed=0, stop_tokens=(), max_len=None,
+             mesh=None, valid_vocab: int | None = None,
+             stats: dict | None = None) -> list[list[int]]:
+  """New tokens for each prompt (a stop token ends a row and is not returned).
+
+  model_or_pair: a Transformer, (graphdef, params) or a params dict. temperature 0 is greedy;
+  top_k 0 and top_p 1 switch those filters off. max_len is the cache length (default
+  cfg.decode.max_len): the longest prompt plus max_new_tokens must fit. valid_vocab masks
+  embedding rows past the tokenizer's vocab. `stats`, when given, receives timings.
+  """
+  steps = cfg.decode.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+  params = shard_params(cfg, _as_params(model_or_pair), mesh)
+  if steps <= 0:
+    check_prompts(prompts, cfg.model.vocab_size)
+    return [[] for _ in prompts]
+  max_len = max_len or cfg.decode.max_len
+  t0 = time.perf_counter()
+  cache, logits_BxV = _prefill_prompts(cfg, params, prompts, max_len=max_len,
+                                       room=max_len - steps, mesh=mesh)
+  logits_BxV.block_until_ready()
+  t1 = time.perf_counter()
+  tokens_BxN, _ = _decode_placed(cfg, params, cache, logits_BxV, steps=steps,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
+  tokens_BxN = np.asarray(tokens_BxN)
+  t2 = time.perf_counter()
+  stops = set(int(t) for t in stop_tokens)
+  out = []
+  for row in tokens_BxN.tolist():
+    new = []
+    for t in row:
+      if t < 0 or t in stops:
+        break
+      new.append(t)
+    out.append(new)
+  if stats is not None:
+    stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(map(len, out)),
+                 batch=len(out), cache_len=max_len)
+  return out
+
+
+def sample_text(cfg: Config, params, tokenizer, prompts: list[str], max_new_tokens: int,
+                **sampling) -> list[str]:
+  """Completions of text prompts. Stops at the tokenizer's end-of-text unless `stop_tokens`
+  is given; an empty prompt starts from the end-of-text token (an unconditional sample)."""
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+  sampling.setdefault("stop_tokens", (tokenizer.eot_id,))
+  sampling.setdefault("valid_vocab", min(tokenizer.vocab_size, cfg.model.vocab_size))
+  if "max_len" not in sampling:
+    need = max(map(len, ids)) + max_new_tokens
+    sampling["max_len"] = max(cfg.decode.max_len, need)
+  new = generate(params, cfg, ids, max_new_tokens=max_new_tokens, **sampling)
+  return [tokenizer.decode(t) for t in new]
