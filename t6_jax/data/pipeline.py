@@ -1,0 +1,330 @@
+"""The Grain input pipeline: shuffle, per-process shard, tokenize, pack, batch, global arrays.
+
+Every document is `<|endoftext|>` followed by its tokens. Two packings:
+- `concat` (the reference's): the documents form one stream cut into windows of T + 1 tokens
+  that overlap by one token, inputs = window[:-1], targets = window[1:], so every token of the
+  stream is a target exactly once (the tail shorter than a window is dropped). Flat token
+  sources (reference shards, the cached bundled corpus) read windows at random, shuffled
+  globally; document sources stream their shuffled documents through `ConcatWindows`.
+- `segments`: documents are cut into pieces of at most T + 1 tokens (overlapping by one, as
+  above) and first-fit packed into rows with `segment_ids` (1, 2, ...; 0 = padding) and
+  `positions` restarting at 0 in every piece; padding has target -1, so attention and loss
+  never cross documents.
+
+Order: source -> shuffle(seed) -> repeat(epochs) -> this process's slice -> tokenize -> pack ->
+batch -> worker processes. The slice is taken before any many-to-one step, so processes read
+disjoint data; every step is a Grain dataset whose iterator state round-trips through
+get_state/set_state, which makes the whole iterator checkpointable.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+from t6_jax.data import sources as src
+from t6_jax.data.tokenizers import Tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Concat windows
+
+
+class _Windows:
+  """Random access to the T+1 windows (stride T) of flat token streams; none crosses files."""
+
+  def __init__(self, tokens: src.FlatTokens, seq_len: int):
+    self.tokens, self.seq_len = tokens, seq_len
+    counts = [max(0, (n - 1) // seq_len) for n in tokens.lengths()]
+    self.starts = np.cumsum([0] + counts)
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    f = int(np.searchsorted(self.starts, i, side="right")) - 1
+    k = (i - int(self.starts[f])) * self.seq_len
+    return np.asarray(self.tokens.arrays[f][k:k + self.seq_len + 1])
+
+
+def _concat_batch(windows) -> dict[str, np.ndarray]:
+  w_BxT1 = np.stack(windows).astype(np.int32)
+  return {"inputs": w_BxT1[:, :-1], "targets": w_BxT1[:, 1:]}
+
+
+class ConcatWindows(grain.IterDataset):
+  """Streams documents (token arrays) into windows of `window` tokens, consecutive windows
+  sharing one token. State: the parent's state before the current document and the offset of
+  the next window's first token in it."""
+
+  def __init__(self, parent: grain.IterDataset, window: int):
+    super().__init__(parent)
+    self._window = window
+
+  def __iter__(self):
+    return _ConcatWindowsIterator(self._parent.__iter__(), self._window)
+
+  def __str__(self) -> str:
+    return f"ConcatWindows(window={self._window})"
+
+
+class _ConcatWindowsIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, window: int):
+    super().__init__(parent)
+    self._window = window
+    self._doc = None  # the document holding the next window's first token
+    self._doc_state = None  # parent state before that document
+    self._off = 0  # offset of the next window's first token (in _doc, or in the next doc)
+
+  def __next__(self) -> np.ndarray:
+    need, pieces = self._window, []
+    while True:
+      if self._doc is None:
+        self._doc_state = self._parent.get_state()
+        self._doc = np.asarray(next(self._parent))
+      take = min(need, len(self._doc) - self._off)
+      pieces.append(self._doc[self._off:self._off + take])
+      need -= take
+      if need == 0:
+        self._off += take - 1  # the next window starts at this window's last token
+        return np.concatenate(pieces)
+      self._doc, self._off = None, 0
+
+  def get_state(self) -> dict[str, Any]:
+    if self._doc is None:
+      return {"parent": self._parent.get_state(), "offset": self._off}
+    return {"parent": self._doc_state, "offset": self._off}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._doc, self._off = None, state["offset"]
+
+
+# --------------------------------------------------------------------------------------------
+# Segment packing
+
+
+class _Pieces(grain.experimental.FlatMapTransform):
+  """A document -> pieces of at most T+1 tokens overlapping by one, as input/target pairs."""
+
+  max_fan_out = 1 << 30
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, doc):
+    doc = np.asarray(doc, dtype=np.int32)
+    return [{"inputs": doc[s:s + self.seq_len], "targets": doc[s + 1:s + self.seq_len + 1]}
+            for s in range(0, len(doc) - 1, self.seq_len)]
+
+
+def _segments_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"inputs": row["inputs"], "targets": row["targets"],
+          "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+def _stack(rows) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Building datasets
+
+
+class _Tokenize:
+  """Text -> int32 [eot, tokens...]; pickles as the tokenizer's spec."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str) -> np.ndarray:
+    return np.asarray([self.tokenizer.eot_id, *self.tokenizer.encode(text)], dtype=np.int32)
+
+
+class _PrependEot:
+
+  def __init__(self, eot_id: int):
+    self.eot_id = eot_id
+
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray([self.eot_id], np.int32), np.asarray(tokens, np.int32)])
+
+
+def _order(ds: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs: int | None,
+           process_index: int, process_count: int) -> grain.MapDataset:
+  """Shuffle (reshuffled every epoch), repeat, and this process's disjoint slice. With a finite
+  number of epochs every process gets the same count (the remainder is dropped)."""
+  if len(ds) == 0:
+    raise src.DataError(f"the dataset is empty: {ds}")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if num_epochs is not None:
+    ds = ds[:len(ds) // process_count * process_count]
+  return ds[process_index::process_count]
+
+
+def window_batches(tokens: src.FlatTokens, *, batch_size: int, seq_len: int, seed: int = 0,
+                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                   process_count: int = 1) -> grain.MapDataset:
+  """`concat` batches from flat token streams, windows shuffled globally."""
+  windows = _Windows(tokens, seq_len)
+  if len(windows) == 0:
+    raise src.DataError(f"{tokens.name or 'the token source'} has {sum(tokens.lengths())} "
+                        f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+  ds = _order(grain.MapDataset.source(windows), seed=seed, shuffle=shuffle,
+              num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_batch)
+
+
+def document_batches(docs: grain.MapDataset, *, packing: str, batch_size: int, seq_len: int,
+                     seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 0,
+                     num_epochs: int | None = None, process_index: int = 0,
+                     process_count: int = 1, to_tokens: Callable | None = None,
+                     read_threads: int = 2) -> grain.IterDataset:
+  """Batches from documents; `to_tokens` turns a document into int32 [eot, tokens...] (it runs
+  after sharding, so each process tokenizes only its own documents)."""
+  ds = _order(docs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+              process_index=process_index, process_count=process_count)
+  if to_tokens is not None:
+    ds = ds.map(to_tokens)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=16))
+  if packing == "concat":
+    it = ConcatWindows(it, seq_len + 1)
+  else:
+    it = grain.experimental.FlatMapIterDataset(it, _Pieces(seq_len))
+  if shuffle and shuffle_buffer > 1:
+    it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_buffer,
+                                                     seed=seed + 1)
+  if packing == "concat":
+    return it.batch(batch_size, drop_remainder=True, batch_fn=_concat_batch)
+  it = grain.experimental.FirstFitPackIterDataset(
+      it, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
+      seed=seed + 2, shuffle_bins=shuffle, padding_struct={"inputs": 0, "targets": -1})
+  return it.map(_segments_row).batch(batch_size, drop_remainder=True, batch_fn=_stack)
+
+
+# --------------------------------------------------------------------------------------------
+# From the config
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  return process_index, process_count
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(data_cfg, model_vocab: int) -> Tokenizer:
+  from t6_jax.data.prepare import build_tokenizer
+  return build_tokenizer(data_cfg, model_vocab)
+
+
+def load_tokenizer(cfg) -> Tokenizer:
+  """The tokenizer cfg.data.tokenizer names (a trained BPE is trained once and cached under
+  data.cache_dir); an error if its vocab exceeds model.vocab_size."""
+  cfg.data.validate()
+  return _load_tokenizer_cached(cfg.data, cfg.model.vocab_size)
+
+
+def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | None = None,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """Per-process batches of `split` ("train" or "validation"): dicts of int32 numpy arrays
+  `inputs`, `targets` (-1: ignore), and with segments packing `segment_ids` and `positions`,
+  each (batch_size, seq_len). `iter(ds)` is a checkpointable Grain DatasetIterator."""
+  d = cfg.data
+  d.validate()
+  if split not in ("train", "validation"):
+    raise ValueError(f"split={split!r}; use 'train' or 'validation'")
+  if batch_size <= 0 or seq_len <= 0:
+    raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+  seed = d.seed if seed is None else seed
+  pi, pc = _process(process_index, process_count)
+  order = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=pi,
+               process_count=pc)
+
+  flat = None
+  if d.source == "reference_bin":
+    flat = src.reference_tokens(d.path, split)
+    if max(int(a.max(initial=0)) for a in flat.arrays[:1]) >= cfg.model.vocab_size:
+      raise src.DataError(f"{flat.entries[0][1]} holds token ids >= model.vocab_size="
+                          f"{cfg.model.vocab_size}; GPT-2 shards need model.vocab_size >= 50257")
+  elif d.source == "shakespeare":
+    flat = src.shakespeare_tokens(d, split, load_tokenizer(cfg))
+
+  if flat is not None and d.packing == "concat":
+    ds: Any = window_batches(flat, batch_size=batch_size, seq_len=seq_len, **order)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  else:
+    to_tokens = None
+    if flat is not None:
+      docs = grain.MapDataset.source(_FlatDocuments(flat))
+    elif d.source == "arrayrecord":
+      tokenizer = load_tokenizer(cfg)
+      docs = grain.MapDataset.source(src.prepared_documents(d.path, split))
+      to_tokens = _PrependEot(tokenizer.eot_id)
+    else:
+      tokenizer = load_tokenizer(cfg)
+      if d.source == "text":
+        text_docs = src.local_text_documents(d, split)
+      else:
+        text_docs = src.tfds_documents(d, d.train_split if split == "train" else d.eval_split)
+      docs = grain.MapDataset.source(text_docs)
+      to_tokens = _Tokenize(tokenizer)
+    ds = document_batches(docs, packing=d.packing, batch_size=batch_size, seq_len=seq_len,
+                          shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
+  if d.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
+                                                     per_worker_buffer_size=d.prefetch))
+  return ds
+
+
+class _FlatDocuments:
+  """The documents of flat token streams: from each `<|endoftext|>` to the next (a file that
+  starts mid-document contributes that partial document too)."""
+
+  def __init__(self, tokens: src.FlatTokens):
+    self.tokens = tokens
+    spans = []
+    for f, a in enumerate(tokens.arrays):
+      starts = np.flatnonzero(np.asarray(a) == tokens.eot_id)
+      if len(a) and (not len(starts) or starts[0] != 0):
+        starts = np.concatenate([[0], starts])
+      ends = np.append(starts[1:], len(a))
+      spans.append(np.stack([np.full_like(starts, f), starts, ends], axis=1))
+    self.spans = np.concatenate(spans).astype(np.int64) if spans else np.zeros((0, 3), np.int64)
+
+  def __len__(self) -> int:
+    return len(self.spans)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    f, s, e = self.spans[i]
+    return np.asarray(self.tokens.arrays[f][s:e], dtype=np.int32)
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
+  """Process-local batches -> global jax.Arrays, batch dim sharded over ("data", "fsdp")."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from t6_jax.sharding import BATCH
+  axes = tuple(a for a in BATCH if a in mesh.shape)
+  sharding = NamedSharding(mesh, P(axes))
+  out = {}
+  for k, v in batch.items():
+    try:
+      out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    except ValueError as e:
+      raise ValueError(f"batch[{k!r}] of shape {np.shape(v)} cannot be split over mesh axes "
+                       f"{axes} ({[mesh.shape[a] for a in axes]}): the per-process batch "
+                       f"must be a multiple of this process's share of those devices; {e}") from e
+  return out

@@ -1,0 +1,174 @@
+"""Tokenize a corpus into ArrayRecord files of documents, and build the configured tokenizer.
+
+    python -m t6_jax.data.prepare --out data_cache/prepared/shakespeare
+    python -m t6_jax.data.prepare --config t6-small data.source=tfds data.tfds_name=NAME \\
+        data.tokenizer=gpt2 --out /data/prepared/NAME
+    python -m t6_jax.data.prepare --export-gpt2 gpt2.tiktoken   # needs internet once
+
+The corpus is the one `data.*` describes (shakespeare, text or tfds). The output directory
+holds `train.array_record`, `validation.array_record` (one record per document: its token ids,
+without the end-of-text token the pipeline adds) and `meta.json` (token dtype, counts and the
+tokenizer's spec). Train on it with `data.source=arrayrecord data.path=OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from t6_jax.data import sources as src
+from t6_jax.data.tokenizers import (TokenizerError, Tokenizer, gpt2_tokenizer, load_named,
+                                    tokenizer_from_spec, train_bpe, write_tiktoken_file)
+
+# Encoded by every tokenizer that writes or reads prepared data: equal ids = same tokenizer.
+PROBE = "The quick brown fox, 1234 times: ÆØÅ ünïcödé\n\tspaces   and <tags>!"
+
+
+def build_tokenizer(d, model_vocab: int) -> Tokenizer:
+  """The tokenizer of DataConfig `d` (see `t6_jax.data.load_tokenizer`)."""
+  if d.tokenizer == "bpe":
+    if d.source == "arrayrecord":
+      tok = tokenizer_from_spec(src.read_prepared_meta(d.path)["tokenizer"])
+    elif d.source == "reference_bin":
+      raise TokenizerError("the reference's shards hold GPT-2 tokens: set data.tokenizer=gpt2 "
+                           "(or gpt2:FILE.tiktoken offline)")
+    else:
+      tok = _cached_bpe(d, min(d.bpe_vocab_size or model_vocab, model_vocab))
+  else:
+    tok = load_named(d.tokenizer, eot_token=d.eot_token)
+    if d.source == "arrayrecord":
+      meta = src.read_prepared_meta(d.path)
+      if tok.encode(PROBE) != meta["probe_ids"] or tok.eot_id != meta["eot_id"]:
+        raise TokenizerError(f"data.tokenizer={d.tokenizer!r} is not the tokenizer "
+                             f"{d.path} was prepared with ({meta['tokenizer'].get('name')!r}); "
+                             f"set data.tokenizer=bpe to use the recorded one")
+  if tok.vocab_size > model_vocab:
+    need = -(-tok.vocab_size // 64) * 64
+    raise TokenizerError(f"tokenizer {tok.spec().get('name')!r} has {tok.vocab_size} tokens but "
+                         f"model.vocab_size={model_vocab}; set model.vocab_size={need} (or "
+                         f"more), or a smaller data.bpe_vocab_size")
+  return tok
+
+
+def _cached_bpe(d, vocab_size: int) -> Tokenizer:
+  name = f"bpe-{src.corpus_id(d)}-v{vocab_size}-b{d.bpe_train_bytes}"
+  path = os.path.join(d.cache_dir, "tokenizers", name + ".json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return tokenizer_from_spec(json.load(f))
+  t0 = time.time()
+  tok = train_bpe(src.bpe_training_texts(d, d.bpe_train_bytes), vocab_size, name=name)
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(tok.spec(), f)
+  src.atomic_save(path, write)
+  print(f"trained a byte-level BPE of {tok.vocab_size} tokens on the {d.source} corpus in "
+        f"{time.time() - t0:.1f}s -> {path}", file=sys.stderr)
+  return tok
+
+
+def _documents(d, split: str):
+  if d.source == "shakespeare":
+    return [t for _, t in src.shakespeare_documents(split, d.val_fraction)]
+  if d.source == "text":
+    return src.local_text_documents(d, split)
+  if d.source == "tfds":
+    return src.tfds_documents(d, d.train_split if split == "train" else d.eval_split)
+  raise src.DataError(f"prepare tokenizes text corpora (data.source=shakespeare, text or "
+                      f"tfds); data.source={d.source!r} is already tokenized")
+
+
+def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
+            progress: bool = True) -> dict:
+  """Writes the ArrayRecord files and meta.json; returns the meta dict."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from tqdm import tqdm
+  from t6_jax.data.pipeline import load_tokenizer
+  d = cfg.data
+  tok = load_tokenizer(cfg)
+  dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+  os.makedirs(out, exist_ok=True)
+  meta = {"format": "t6_jax tokenized documents, one ArrayRecord record per document",
+          "version": 1, "dtype": dtype, "eot_id": tok.eot_id, "vocab_size": tok.vocab_size,
+          "probe_ids": tok.encode(PROBE), "tokenizer": tok.spec(),
+          "source": {"source": d.source, "path": d.path, "tfds_name": d.tfds_name},
+          "splits": {}}
+  for split in splits:
+    docs = _documents(d, split)
+    if len(docs) == 0:
+      raise src.DataError(f"the {d.source} corpus has no {split} documents; nothing to prepare")
+    file = f"{split}.array_record"
+    tmp = os.path.join(out, file + ".tmp")
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    n_docs = n_tokens = 0
+    bar = tqdm(total=len(docs), unit="doc", desc=f"{split}", disable=not progress)
+    for lo in range(0, len(docs), chunk):
+      texts = [docs[i] for i in range(lo, min(lo + chunk, len(docs)))]
+      for ids in tok.encode_batch(texts):
+        writer.write(np.asarray(ids, dtype=dtype).tobytes())
+        n_docs += 1
+        n_tokens += len(ids)
+      bar.update(len(texts))
+    bar.close()
+    writer.close()
+    os.replace(tmp, os.path.join(out, file))
+    n_bytes = os.path.getsize(os.path.join(out, file))
+    meta["splits"][split] = {"file": file, "documents": n_docs, "tokens": n_tokens,
+                             "bytes": n_bytes}
+    print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens (+{n_docs:,} end-of-text), "
+          f"{n_bytes:,} bytes written to {os.path.join(out, file)}")
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=1)
+  src.atomic_save(os.path.join(out, src.PREPARED_META), write)
+  return meta
+
+
+def main(argv=None) -> int:
+  from t6_jax import config as config_lib
+  parser = argparse.ArgumentParser(
+      prog="python -m t6_jax.data.prepare", description=__doc__.split("\n\n")[0],
+      epilog="Overrides look like data.source=text data.path=corpus/ data.tokenizer=gpt2.")
+  parser.add_argument("--config", help="YAML file or preset name (default: the demo defaults)")
+  parser.add_argument("--out", help="output directory for the ArrayRecord files and meta.json")
+  parser.add_argument("--splits", default="train,validation")
+  parser.add_argument("--export-gpt2", metavar="FILE",
+                      help="write GPT-2's BPE ranks to FILE (.tiktoken) for offline use; needs "
+                           "tiktoken's cache or internet, and exits")
+  parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("overrides", nargs="*", help="section.key=value")
+  args = parser.parse_args(argv)
+  if args.export_gpt2:
+    try:
+      tok = gpt2_tokenizer()
+    except TokenizerError:
+      import tiktoken  # online: tiktoken downloads and caches the GPT-2 files
+      tiktoken.get_encoding("gpt2")
+      tok = gpt2_tokenizer()
+    write_tiktoken_file(tok.ranks(), args.export_gpt2)
+    print(f"wrote {len(tok.ranks()):,} GPT-2 BPE ranks to {args.export_gpt2}; use it with "
+          f"data.tokenizer=gpt2:{args.export_gpt2}")
+    return 0
+  if not args.out:
+    parser.error("--out DIR is required (or --export-gpt2 FILE)")
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+    t0 = time.time()
+    prepare(cfg, args.out, [s for s in args.splits.split(",") if s],
+            progress=not args.no_progress)
+  except (src.DataError, TokenizerError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"done in {time.time() - t0:.1f}s; train with data.source=arrayrecord "
+        f"data.path={args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
