@@ -5,5 +5,6 @@
 See docs/checkpoints.md for the layout, resume, preemption and re-meshing.
 """
 
+from t6_jax.checkpoint.manager import Checkpointer  # noqa: F401
 from t6_jax.checkpoint.params import export_params, load_params, read_config  # noqa: F401
 from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError  # noqa: F401

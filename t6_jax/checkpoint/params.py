@@ -113,9 +113,19 @@ def read_meta(step_dir: str) -> dict:
 
 def saved_state_tree(step_dir: str):
   """The metadata tree (shapes, dtypes) of a step's `state` item, without reading arrays."""
-  metadata = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / STATE)
+  return _tree_metadata(epath.Path(step_dir) / STATE)
+
+
+def _tree_metadata(item_dir: epath.Path) -> dict:
+  if not item_dir.is_dir():
+    raise CheckpointError(f"{item_dir} is missing")
+  metadata = ocp.PyTreeCheckpointer().metadata(item_dir)
   tree = getattr(metadata, "item_metadata", metadata)
-  return getattr(tree, "tree", tree)
+  tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, dict) or not tree:
+    # Orbax returns None rather than raising when its metadata files are unreadable.
+    raise CheckpointError(f"the array metadata in {item_dir} is missing or unreadable")
+  return tree
 
 
 def _kind(path: str) -> str:
@@ -223,9 +233,7 @@ def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelCo
       with open(tokenizer_path) as f:
         tokenizer_spec = json.load(f)
     item = epath.Path(path) / EXPORT_PARAMS
-    metadata = ocp.PyTreeCheckpointer().metadata(item)
-    saved = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-    want = check(saved, cfg)
+    want = check(_tree_metadata(item), cfg)
     params = _restore_params(item, restore_target(want, mesh, rules), nested_under=None)
     return cfg, params, tokenizer_spec
 

@@ -7,6 +7,7 @@ expected abstract tree first, so the error names the first mismatched parameter 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -80,8 +81,10 @@ def check_same_shapes(expected, saved, *, prefix: str = "", where: str = "the ch
         f"({len(extra)} unexpected in all); {cause}{tail}")
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(cfg: ModelConfig) -> dict:
-  """ShapeDtypeStructs of `init_params(cfg)` without allocating anything."""
+  """ShapeDtypeStructs of `init_params(cfg)` without allocating anything (cached: tracing the
+  model takes a moment and configs are frozen)."""
   from t6_jax.model import init_params
   return jax.eval_shape(lambda: init_params(cfg, 0))
 

@@ -1,0 +1,244 @@
+"""The training Checkpointer: Orbax CheckpointManager with async saves, retention policies,
+exact resume (train state + Grain iterator state), fallback past damaged steps, preemption.
+
+One step is three Orbax items saved together (ocp.args.Composite):
+  state  StandardSave of {"step", "params", "opt_state", "rng"}   (each process its shards)
+  data   Grain's CheckpointSave of the DatasetIterator              (per-process JSON state)
+  meta   JsonSave of the resolved config and tokenizer spec        (what load_params reads)
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only when
+every item of every process is written, so a step killed half-way is never listed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grain.checkpoint as grain_checkpoint
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
+
+from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, meta_record, newest_good,
+                                      read_meta, saved_state_tree, say)
+from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError, check_same_shapes
+from t6_jax.config import CheckpointConfig, Config
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _distributed_preemption_service() -> bool:
+  """True when jax.distributed runs a preemption service: it owns SIGTERM and syncs a save step
+  across hosts (reached_preemption_sync_point), so we must not take SIGTERM from it."""
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+  except (ImportError, AttributeError):
+    return False
+
+
+class Checkpointer:
+  """Checkpoints of one run directory (`workdir/checkpoints/<step>`).
+
+  primary=True (the training job): saves, prunes old steps, and catches SIGTERM / SIGINT so
+  that `reached_preemption` turns True at the next step boundary. primary=False: a read-only
+  view (restore, latest_step) for evaluators watching a run; it never writes or deletes.
+  Every process of a multi-host job creates one and calls save / restore together.
+  """
+
+  def __init__(self, workdir: str, cfg: CheckpointConfig, *, primary: bool = True):
+    if cfg.every <= 0:
+      raise CheckpointError(f"checkpoint.every must be positive, got {cfg.every}")
+    if cfg.keep <= 0:
+      raise CheckpointError(f"checkpoint.keep must be at least 1, got {cfg.keep} (the newest "
+                            f"checkpoint is what a resume needs)")
+    if cfg.keep_every < 0:
+      raise CheckpointError(f"checkpoint.keep_every must be 0 (off) or positive, got "
+                            f"{cfg.keep_every}")
+    self.cfg = cfg
+    self.primary = primary
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    keep = [policies.LatestN(n=cfg.keep)]
+    if cfg.keep_every:
+      keep.append(policies.EveryNSteps(interval_steps=cfg.keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(cfg.every),
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=cfg.async_save,
+        cleanup_tmp_directories=primary,  # leftovers of a killed save
+        read_only=not primary,
+        create=primary,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.problems: list[str] = []  # messages about damaged steps skipped by the last restore
+    self._signal: int | None = None
+    self._previous_handlers: dict[int, object] = {}
+    if primary:
+      self._install_signal_handlers()
+
+  # ------------------------------------------------------------------------------------------
+  # Steps
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (a save in flight appears once it has committed)."""
+    if not self.primary:
+      self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # ------------------------------------------------------------------------------------------
+  # Saving
+
+  def save(self, step: int, state: dict, data_iter, *, config: Config,
+           tokenizer_spec: dict | None, force: bool = False) -> bool:
+    """Starts saving `state` (and `data_iter`'s position) as step `step` when `step` is a
+    multiple of checkpoint.every, or when `force` (end of training, preemption).
+
+    Returns True if a save started. With async_save the arrays are copied off the devices
+    before this returns (so the caller may donate `state` to the next step) and written in
+    the background; the iterator's state is captured now too. A step already on disk is left
+    alone (False).
+    """
+    if not self.primary:
+      raise CheckpointError("this Checkpointer is read-only (primary=False); it cannot save")
+    step = int(step)
+    if not force and step % self.cfg.every:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    items = {
+        STATE: ocp.args.StandardSave(state),
+        META: ocp.args.JsonSave(meta_record(step, config, tokenizer_spec,
+                                            has_data=data_iter is not None)),
+    }
+    if data_iter is not None:
+      items[DATA] = grain_checkpoint.CheckpointSave(data_iter)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) is committed; raises if it failed."""
+    self._manager.wait_until_finished()
+
+  # ------------------------------------------------------------------------------------------
+  # Restoring
+
+  def _check_compatible(self, step: int, abstract_state: dict) -> None:
+    step_dir = os.path.join(self.directory, str(step))
+    saved = saved_state_tree(step_dir)
+    check_same_shapes(abstract_state, saved, where=f"checkpoint step {step} ({step_dir})",
+                      fix="train with the model and optimizer settings of that run, or start "
+                          "a new run directory")
+
+  def _restore_step(self, step: int, abstract_state: dict, data_iter):
+    step_dir = os.path.join(self.directory, str(step))
+    meta = read_meta(step_dir)
+    self._check_compatible(step, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+    if data_iter is not None:
+      if not meta.get("has_data", True):
+        say(f"checkpoint step {step} holds no data-iterator state; the data order restarts "
+            f"from the beginning of the pipeline")
+      else:
+        _check_data_files(step_dir, step)
+        items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE]
+
+  def restore(self, abstract_state: dict, data_iter, step: int | None = None) -> tuple[int, dict]:
+    """(step, state) of the newest complete, readable step (or of `step`).
+
+    `abstract_state` holds jax.ShapeDtypeStructs with the shardings wanted now (any mesh: the
+    arrays are resharded while reading). `data_iter`, if given, is set to the saved position.
+    A damaged step is reported (naming the step and the problem) and skipped for the next
+    older one; a checkpoint of a different model raises CheckpointMismatchError.
+    """
+    self.wait()
+    if not self.primary:
+      self._manager.reload()
+    found, state, self.problems = newest_good(
+        self.directory, lambda s: self._restore_step(s, abstract_state, data_iter), step)
+    return found, state
+
+  # ------------------------------------------------------------------------------------------
+  # Preemption
+
+  def _install_signal_handlers(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    for sig in _SIGNALS:
+      if sig == signal.SIGTERM and _distributed_preemption_service():
+        continue
+      self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if self._signal is not None:  # a second signal: stop now, without a checkpoint
+      say(f"{name} again: exiting without waiting for the checkpoint")
+      previous = self._previous_handlers.get(signum)
+      if callable(previous):
+        previous(signum, frame)
+      raise KeyboardInterrupt(name)
+    self._signal = signum
+    say(f"{name} received: saving a checkpoint at the next step boundary, then exiting "
+        f"(send it again to exit at once)")
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once SIGTERM / SIGINT was received, or when Orbax's multi-host preemption sync
+    point (TPU maintenance events through jax.distributed) is reached at `step`. Call it at
+    every step boundary on every process; on True, save with force=True and stop."""
+    local = self._signal is not None
+    if jax.process_count() > 1:
+      # Every host must stop at the same step, or the save's collectives would hang.
+      local = bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    return local or bool(self._manager.reached_preemption(int(step)))
+
+  @property
+  def signal_received(self) -> str | None:
+    return signal.Signals(self._signal).name if self._signal is not None else None
+
+  # ------------------------------------------------------------------------------------------
+
+  def close(self) -> None:
+    """Waits for the save in flight, then releases Orbax's threads and the signal handlers."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    finally:
+      for sig, previous in self._previous_handlers.items():
+        try:
+          signal.signal(sig, previous)
+        except (ValueError, TypeError):
+          pass
+      self._previous_handlers = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _check_data_files(step_dir: str, step: int) -> None:
+  """Grain stores one JSON per process (`process_I-of-N.json`); a different process count
+  cannot continue that data order, which is a setup error rather than damage."""
+  data_dir = os.path.join(step_dir, DATA)
+  if not os.path.isdir(data_dir):
+    raise CheckpointError(f"{data_dir} is missing")
+  index, count = jax.process_index(), jax.process_count()
+  want = f"process_{index}-of-{count}.json"
+  files = [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  if want in files:
+    return
+  others = sorted({f.split("-of-")[-1].removesuffix(".json") for f in files})
+  if others and str(count) not in others:
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} holds the data-iterator state of {', '.join(others)} "
+        f"process(es) but this job has {count}; resume with the same number of processes, or "
+        f"restore with data_iter=None to restart the data order")
+  raise CheckpointError(f"{data_dir}/{want} is missing")
