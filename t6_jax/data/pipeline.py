@@ -338,6 +338,9 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
     ds = document_batches(docs, packing=d.packing, batch_size=batch_size, seq_len=seq_len,
                           shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
   if d.num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
                                                      per_worker_buffer_size=d.prefetch))
   return ds
