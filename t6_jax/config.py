@@ -119,8 +119,8 @@ class DataConfig:
   text_key: str = "text"  # field holding the text (tfds features, JSONL objects)
   text_docs: str = "file"  # .txt files: one document per file | paragraphs | lines
   val_fraction: float = 0.05  # shakespeare/text: share of documents held out for validation
-  # bpe (byte-level BPE trained on the corpus) | gpt2 | gpt2:FILE.tiktoken | tiktoken:FILE |
-  # hf:FILE.json | spm:FILE.model
+  # bpe (byte-level BPE trained on the corpus) | bytes (UTF-8 bytes, 256 ids) | gpt2 |
+  # gpt2:FILE.tiktoken | tiktoken:FILE | hf:FILE.json | spm:FILE.model
   tokenizer: str = "bpe"
   bpe_vocab_size: int = 4096  # capped at model.vocab_size; 0: model.vocab_size
   bpe_train_bytes: int = 1_000_000  # text sampled from the train split to train the BPE

