@@ -159,6 +159,14 @@ if _LM is not None:
           batch_size=_parse_int(batch_size, None), max_len=_parse_int(max_length, None),
           max_gen_toks=int(max_gen_toks), progress=True)
 
+    @classmethod
+    def from_adapter(cls, adapter: T6Adapter) -> "T6JaxLM":
+      """Wraps a model already in memory (e.g. right after training)."""
+      lm = cls.__new__(cls)
+      _LM.__init__(lm)
+      lm.adapter = adapter
+      return lm
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
       return self.adapter.loglikelihood(requests)
 
