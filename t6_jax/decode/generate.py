@@ -156,6 +156,12 @@ def shard_params(cfg: Config, params, mesh):
   return jax.device_put(params, shardings)
 
 
+def _check_sampling(temperature, top_k, top_p):
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                     f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
   if len(prompts) == 0:
     raise ValueError("no prompts given: pass a list with at least one list of token ids")
@@ -251,9 +257,7 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
   if int(cache.length) + steps - 1 > cache.max_len:
     raise ValueError(f"{int(cache.length)} cache slots used + {steps} new tokens do not fit "
                      f"the cache of {cache.max_len}; raise max_len")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                     f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  _check_sampling(temperature, top_k, top_p)
   greedy = temperature == 0
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
@@ -277,6 +281,7 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   embedding rows past the tokenizer's vocab. `stats`, when given, receives timings.
   """
   steps = cfg.decode.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+  _check_sampling(temperature, top_k, top_p)
   params = shard_params(cfg, _as_params(model_or_pair), mesh)
   if steps <= 0:
     check_prompts(prompts, cfg.model.vocab_size)

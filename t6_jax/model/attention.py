@@ -185,18 +185,22 @@ class TPA(Attention):
     cfg = self.cfg
     f32 = jnp.float32
     a_k_BxSxHxR, b_k_BxSxRxK = e["a_k"], e["b_k"]
+    a_k_BxHxSxR = jnp.transpose(a_k_BxSxHxR, (0, 2, 1, 3)).astype(f32)
     if "q" in q:
       qb_BxTxHxSxR = jnp.einsum("bthk,bsrk->bthsr", q["q"], b_k_BxSxRxK,
                                 preferred_element_type=f32)
+      logits_BxTxHxS = jnp.sum(qb_BxTxHxSxR * a_k_BxHxSxR[:, None], axis=-1)
     else:
+      # The only matmul over d_h is head-shared (R_q x R_k per key); the per-head part is
+      # a small elementwise sum over (R_q, R_k) that XLA fuses into one pass over A_k and P,
+      # so nothing of size h x S x R is written out.
       p_BxTxQxSxR = jnp.einsum("btqk,bsrk->btqsr", q["b_q"], b_k_BxSxRxK,
                                preferred_element_type=f32)
-      qb_BxTxHxSxR = jnp.einsum("bthq,btqsr->bthsr", q["a_q"].astype(f32), p_BxTxQxSxR,
-                                preferred_element_type=f32) / cfg.q_rank
-    # A_k enters elementwise (a sum over R_k terms): one fused pass over the cached A_k.
-    a_k_BxHxSxR = jnp.transpose(a_k_BxSxHxR, (0, 2, 1, 3)).astype(f32)
-    logits_BxTxHxS = jnp.sum(qb_BxTxHxSxR * a_k_BxHxSxR[:, None], axis=-1) * (
-        1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank))
+      a_q_BxTxHxQ = q["a_q"].astype(f32)
+      logits_BxTxHxS = jnp.sum(
+          a_q_BxTxHxQ[:, :, :, :, None, None] * p_BxTxQxSxR[:, :, None]
+          * a_k_BxHxSxR[:, None, :, None], axis=(3, 5)) / cfg.q_rank
+    logits_BxTxHxS = logits_BxTxHxS * (1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank))
     s_len, t_len = a_k_BxSxHxR.shape[1], logits_BxTxHxS.shape[1]
     keep_BxTx1xS = jnp.ones((1, t_len, 1, s_len), bool)
     if mask.causal:

@@ -1,0 +1,202 @@
+"""Decode speed: ms per step and tokens/s of cached decoding, with the HBM roofline fraction.
+
+  python bench/decode.py                      # one H200: T6/MHA/GQA-small, B 1/16/64, 1k/8k/32k
+  python bench/decode.py --tiny               # CPU smoke test with tiny configs
+  python bench/decode.py --models t6-small,t6-small:materialised --batches 16 --contexts 8192
+
+Random weights (bf16), a cache of the full context length (bf16). Each step runs the whole
+model for one new token per row against the full cache, inside the same jitted lax.scan that
+`t6_jax.decode.generate` uses. Roofline fraction = (weight bytes + cache bytes read per step) /
+step time / HBM bandwidth (--hbm_tbps, 4.0 TB/s for an H200 by default). Results go to stdout
+and (unless --no_write) replace the "## Decoding" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HEADING = "## Decoding"
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "benchmarks.md")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="t6-small,mha-small,gqa-small",
+                 help="presets; NAME:materialised decodes TPA by materialising K/V")
+  p.add_argument("--batches", default="1,16,64")
+  p.add_argument("--contexts", default="1024,8192,32768")
+  p.add_argument("--steps", type=int, default=16, help="decode steps timed per call")
+  p.add_argument("--repeats", type=int, default=2, help="timed calls (best is kept)")
+  p.add_argument("--hbm_tbps", type=float, default=4.0)
+  p.add_argument("--memory_gib", type=float, default=0.0,
+                 help="skip combinations whose cache + weights exceed this (default: 85%% of "
+                      "the device's memory, or 100 GiB when unknown)")
+  p.add_argument("--cache_dtype", default="bfloat16")
+  p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
+  p.add_argument("--no_write", action="store_true", help="do not touch docs/benchmarks.md")
+  p.add_argument("--out", default=DOC, help="markdown file whose Decoding section is replaced")
+  return p.parse_args(argv)
+
+
+def model_config(name: str, tiny: bool):
+  from t6_jax import config as config_lib
+  preset, _, mode = name.partition(":")
+  over = ["model.param_dtype=bfloat16", "model.dtype=bfloat16",
+          f"decode.factor_attention={'false' if mode == 'materialised' else 'true'}"]
+  if tiny:
+    attention = {"t6": "tpa"}.get(preset.split("-")[0], preset.split("-")[0])
+    return config_lib.load("tiny", [f"model.attention={attention}", "model.num_kv_heads=2",
+                                    "model.dtype=float32", *over[:1], over[2]])
+  return config_lib.load(preset, over)
+
+
+def device_memory_bytes():
+  import jax
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+  except Exception:  # noqa: BLE001 (backends without memory stats)
+    return None
+
+
+def bench_one(cfg, params, batch: int, context: int, steps: int, repeats: int, cache_dtype):
+  """Best seconds per decode step for (batch, context)."""
+  import jax
+  import jax.numpy as jnp
+  from t6_jax.decode.cache import Cache, init_cache
+  from t6_jax.decode.generate import _decode
+
+  kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True, top_k=0,
+            use_top_p=False, stop_tokens=(), valid_vocab=None,
+            factor=cfg.decode.factor_attention)
+  make = jax.jit(lambda: init_cache(cfg.model, batch, context, cache_dtype))
+  cache = make()
+  # The rows look like prompts that end just before the timed steps: every step attends to
+  # (and the roofline counts) nearly the whole cache.
+  start = context - (repeats + 1) * steps - 2
+  if start < 1:
+    raise ValueError(f"context {context} too short for {steps} steps x {repeats + 1} calls")
+  cache = Cache(cache.entries, cache.pad_B, jnp.asarray(start, jnp.int32))
+  logits = jnp.zeros((batch, cfg.model.vocab_size), jnp.float32)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = _decode.lower(params, cache, logits, key, jnp.float32(1), jnp.float32(1),
+                           **kw).compile()
+  compile_s = time.perf_counter() - t0
+  tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.float32(1))
+  tokens.block_until_ready()  # warm-up
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.float32(1))
+    tokens.block_until_ready()
+    best = min(best, (time.perf_counter() - t0) / steps)
+  del cache
+  return best, compile_s
+
+
+def replace_section(path: str, section: str) -> None:
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  lines = text.splitlines(keepends=True)
+  start = next((i for i, l in enumerate(lines) if l.strip() == HEADING), None)
+  if start is None:
+    text = text.rstrip("\n") + "\n\n" + section
+  else:
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+               len(lines))
+    text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines)
+                                               else "")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  import jax
+  from t6_jax.decode import cache_bytes_per_token
+  from t6_jax.model import init_params
+  from t6_jax.model.sizes import param_count
+
+  batches = [int(b) for b in args.batches.split(",")]
+  contexts = [int(c) for c in args.contexts.split(",")]
+  if args.tiny:
+    batches = [b for b in batches if b <= 4] or [1, 2]
+    contexts = [c for c in contexts if c <= 256] or [64, 128]
+    args.steps = min(args.steps, 4)
+  limit = (args.memory_gib * 2**30 if args.memory_gib
+           else 0.85 * (device_memory_bytes() or 100 * 2**30))
+  device = jax.devices()[0]
+  rows, notes = [], []
+  header = ("| model | batch | context | cache GiB | ms/step | tokens/s | GB read/step "
+            "| HBM roofline | compile s |")
+  print(header)
+  print("|" + "---|" * 9, flush=True)
+  t_start = time.perf_counter()
+  for name in args.models.split(","):
+    cfg = model_config(name, args.tiny)
+    params = jax.jit(lambda: init_params(cfg.model, 0))()
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert param_count(cfg.model) * 2 == weight_bytes or args.tiny
+    per_token = cache_bytes_per_token(cfg.model, args.cache_dtype)
+    for batch in batches:
+      for context in contexts:
+        cache_bytes = per_token * batch * context
+        if cache_bytes + weight_bytes > limit:
+          notes.append(f"{name} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
+                       f"does not fit the {limit / 2**30:.0f} GiB limit; skipped")
+          print(f"# skipped: {notes[-1]}", flush=True)
+          continue
+        try:
+          step_s, compile_s = bench_one(cfg, params, batch, context, args.steps, args.repeats,
+                                        args.cache_dtype)
+        except Exception as e:  # noqa: BLE001 (out of memory on one combination)
+          notes.append(f"{name} B={batch} ctx={context}: failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160]})")
+          print(f"# {notes[-1]}", flush=True)
+          continue
+        read = weight_bytes + cache_bytes
+        roofline = read / step_s / (args.hbm_tbps * 1e12)
+        row = (f"| {name} | {batch} | {context} | {cache_bytes / 2**30:.2f} | "
+               f"{step_s * 1e3:.3f} | {batch / step_s:,.0f} | {read / 1e9:.2f} | "
+               f"{roofline:.1%} | {compile_s:.1f} |")
+        rows.append(row)
+        print(row, flush=True)
+    del params
+  elapsed = time.perf_counter() - t_start
+
+  section = [f"{HEADING}\n\n",
+             f"`python bench/decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             f" on {device.device_kind} ({jax.default_backend()}, jax {jax.__version__}); "
+             f"random bf16 weights, {args.cache_dtype} cache of the full context, "
+             f"{args.steps} greedy steps per timed call inside the jitted decode loop (best of "
+             f"{args.repeats}). GB read/step = weights + the whole cache; HBM roofline = that / "
+             f"step time / {args.hbm_tbps} TB/s. Total {elapsed:.0f} s.\n\n",
+             header + "\n", "|" + "---|" * 9 + "\n"] + [r + "\n" for r in rows]
+  if notes:
+    section += ["\n"] + [f"- {n}\n" for n in notes]
+  per_token_lines = []
+  for name in dict.fromkeys(n.split(":")[0] for n in args.models.split(",")):
+    cfg = model_config(name, args.tiny)
+    per_token_lines.append(f"{name} {cache_bytes_per_token(cfg.model, args.cache_dtype):,} B")
+  section.append(f"\nCache bytes per token (all layers, {args.cache_dtype}): "
+                 + ", ".join(per_token_lines) + ".\n")
+  text = "".join(section)
+  print()
+  print(text)
+  if not args.no_write:
+    replace_section(args.out, text)
+    print(f"wrote the {HEADING!r} section of {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

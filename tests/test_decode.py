@@ -1,0 +1,244 @@
+"""Cached decoding: greedy decoding equals the argmax of the teacher-forced forward for every
+attention type, factor-path TPA attention equals the materialised path and a float64 NumPy
+computation, cache sizes of REFERENCE.md section 4, 8 devices == 1, ragged == alone, chunked
+prefill, sampling filters and error cases."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t6_jax import config as config_lib
+from t6_jax.decode import cache_bytes_per_token, generate, sample_logits
+from t6_jax.model import init_params, model_from_params
+from t6_jax.model.attention import TPA, Mask
+from t6_jax.sharding import make_mesh
+
+ATTENTIONS = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
+# Ragged batch (4 rows so the batch splits over data x fsdp = 4 devices).
+PROMPTS = [[3, 17, 250, 9, 41], [7, 7, 100, 2, 64, 33, 201, 5], [99], [1, 2, 3]]
+NEW = 7
+MAX_LEN = 24
+
+
+def tiny_cfg(attention: str, *extra: str) -> config_lib.Config:
+  return config_lib.load("tiny", [
+      f"model.attention={attention}", "model.num_kv_heads=2", "model.mla_q_lora=24",
+      "model.mla_kv_lora=16", "model.mla_nope_dim=8", "model.mla_rope_dim=8",
+      "model.mla_v_dim=12", "model.head_norm=" + str(attention == "tpa").lower(),
+      "model.rope_bf16_tables=false", "decode.cache_dtype=float32", *extra])
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_params(cfg):
+  """Initialised params with the zero-initialised output projections made random, so that
+  attention and MLP move the logits (otherwise every model repeats its last token)."""
+  params = init_params(cfg.model, 0)
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+
+  def perturb(path, x):
+    if any(getattr(k, "key", None) == "c_proj" for k in path):
+      return 0.3 * jax.random.normal(next(keys), x.shape, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+@pytest.fixture(scope="module", params=ATTENTIONS)
+def decoded(request):
+  cfg = tiny_cfg(request.param)
+  params = tiny_params(cfg)
+  return cfg, params, generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+
+
+def teacher_forced_argmax(cfg, params, seqs):
+  """argmax of the full forward at every position, all rows right-padded into one batch."""
+  width = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), width), np.int32)
+  for b, s in enumerate(seqs):
+    tokens[b, :len(s)] = s
+  fwd = jax.jit(lambda p, t: model_from_params(cfg.model, p)(t))
+  return np.asarray(jnp.argmax(fwd(params, jnp.asarray(tokens)), axis=-1))
+
+
+def test_greedy_equals_teacher_forced_argmax(decoded):
+  cfg, params, out = decoded
+  assert [len(o) for o in out] == [NEW] * len(PROMPTS)
+  seqs = [p + o for p, o in zip(PROMPTS, out)]
+  argmax = teacher_forced_argmax(cfg, params, seqs)
+  for b, (p, o) in enumerate(zip(PROMPTS, out)):
+    assert argmax[b, len(p) - 1:len(p) - 1 + NEW].tolist() == o, (cfg.model.attention, b)
+  # Not a degenerate model: the rows do not all just repeat their last token.
+  assert any(len(set(o)) > 1 for o in out)
+
+
+# --------------------------------------------------------------------------------------------
+# Factor-path TPA attention
+
+
+def numpy_tpa_attention(q, e, keep, cfg):
+  """float64: contract Q, K, V from the factors, then masked softmax attention."""
+  f = {k: np.asarray(v, np.float64) for k, v in {**q, **e}.items()}
+  if "q" in f:
+    q_BTHK = f["q"]
+  else:
+    q_BTHK = np.einsum("bthq,btqk->bthk", f["a_q"], f["b_q"]) / cfg.q_rank
+  k_BSHK = np.einsum("bshr,bsrk->bshk", f["a_k"], f["b_k"]) / cfg.k_rank
+  v_BSHK = np.einsum("bshr,bsrk->bshk", f["a_v"], f["b_v"]) / cfg.v_rank
+  logits = np.einsum("bthk,bshk->bths", q_BTHK, k_BSHK) / np.sqrt(cfg.head_dim)
+  logits = np.where(np.asarray(keep)[:, :, None, :], logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("bths,bshk->bthk", w, v_BSHK)
+
+
+@pytest.mark.parametrize("attention,ranks", [("tpa", (6, 2, 2)), ("tpa", (4, 3, 1)),
+                                             ("tpa_kvonly", (1, 2, 3))])
+def test_factor_attention_equals_materialised(attention, ranks):
+  cfg = dataclasses.replace(tiny_cfg(attention).model, q_rank=ranks[0], k_rank=ranks[1],
+                            v_rank=ranks[2], head_norm=False)
+  from flax import nnx
+  attn = TPA(cfg, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  b, t, s, h, k = 2, 3, 11, cfg.num_heads, cfg.head_dim
+
+  def rnd(*shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q = {"q": rnd(b, t, h, k)} if attention == "tpa_kvonly" else {
+      "a_q": rnd(b, t, h, ranks[0]), "b_q": rnd(b, t, ranks[0], k)}
+  e = {"a_k": rnd(b, s, h, ranks[1]), "b_k": rnd(b, s, ranks[1], k),
+       "a_v": rnd(b, s, h, ranks[2]), "b_v": rnd(b, s, ranks[2], k)}
+  keep = jnp.asarray(rng.random((b, t, s)) < 0.6).at[:, :, 4].set(True)
+  mask = Mask(causal=False, keep_BxTxS=keep)
+  both = jax.jit(lambda q, e, mask: (attn.attend_factors(q, e, mask), attn.attend(q, e, mask)))
+  factor, materialised = (np.asarray(y, np.float64) for y in both(q, e, mask))
+  want = numpy_tpa_attention(q, e, keep, cfg)
+  scale = np.abs(want).max()
+  assert np.abs(factor - materialised).max() <= 1e-5 * scale
+  assert np.abs(factor - want).max() <= 1e-5 * scale
+  assert np.abs(materialised - want).max() <= 1e-5 * scale
+
+
+def test_materialising_decode_path_gives_same_tokens():
+  cfg = tiny_cfg("tpa", "decode.factor_attention=false")
+  params = tiny_params(tiny_cfg("tpa"))
+  factor = generate(params, tiny_cfg("tpa"), PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+  assert generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN) == factor
+
+
+# --------------------------------------------------------------------------------------------
+# Cache sizes (REFERENCE.md section 4), from the cache arrays' shapes
+
+
+@pytest.mark.parametrize("preset,per_layer", [
+    ("t6-small", 392), ("tpa_kvonly-small", 344), ("mha-small", 1536), ("mqa-small", 128),
+    ("gqa-small", 256), ("mla-small", 288)])
+def test_cache_bytes_per_token(preset, per_layer):
+  cfg = config_lib.load(preset).model
+  assert cache_bytes_per_token(cfg, "bfloat16") == per_layer * 12 * 2
+  assert cache_bytes_per_token(cfg, "float32") == per_layer * 12 * 4
+
+
+def test_t6_small_cache_is_9408_bytes_per_token():
+  assert cache_bytes_per_token(config_lib.load("t6-small").model) == 9408
+  assert cache_bytes_per_token(config_lib.load("mha-small").model) == 36864
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, meshes, chunks
+
+
+@pytest.fixture(scope="module")
+def tpa_run():
+  cfg = tiny_cfg("tpa")
+  params = tiny_params(cfg)
+  return cfg, params, generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+
+
+def test_ragged_batch_equals_each_prompt_alone(tpa_run):
+  cfg, params, out = tpa_run
+  for p, o in zip(PROMPTS, out):
+    assert generate(params, cfg, [p], max_new_tokens=NEW, max_len=MAX_LEN) == [o]
+
+
+def test_eight_devices_give_the_same_tokens(tpa_run):
+  cfg, params, out = tpa_run
+  assert len(jax.devices()) == 8
+  sharded_cfg = config_lib.apply_overrides(cfg, ["mesh.rules=fsdp_tp"])
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  assert generate(params, sharded_cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN,
+                  mesh=mesh) == out
+
+
+def test_chunked_prefill_equals_one_chunk(tpa_run):
+  cfg, params, out = tpa_run
+  chunked = config_lib.apply_overrides(cfg, ["decode.prefill_chunk=4"])
+  assert generate(params, chunked, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN) == out
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and stop tokens
+
+
+def test_top_k_1_equals_greedy(tpa_run):
+  cfg, params, out = tpa_run
+  assert generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN, temperature=1.5,
+                  top_k=1, seed=3) == out
+
+
+def test_sampling_depends_on_seed_only(tpa_run):
+  cfg, params, _ = tpa_run
+  kw = dict(max_new_tokens=NEW, max_len=MAX_LEN, temperature=1.0, top_p=0.9)
+  a = generate(params, cfg, PROMPTS, seed=1, **kw)
+  assert generate(params, cfg, PROMPTS, seed=1, **kw) == a
+  assert generate(params, cfg, PROMPTS, seed=2, **kw) != a
+
+
+def test_stop_tokens_end_each_row(tpa_run):
+  cfg, params, out = tpa_run
+  stop = out[1][2]
+  got = generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN, stop_tokens=(stop,))
+  for o, g in zip(out, got):
+    want = o[:o.index(stop)] if stop in o else o
+    assert g == want
+
+
+def test_sample_logits_filters_against_numpy():
+  logits = np.log(np.array([[0.05, 0.4, 0.1, 0.3, 0.15]], np.float32))
+  keys = jax.random.split(jax.random.key(0), 2000)
+
+  def draw(**kw):
+    f = jax.vmap(lambda k: sample_logits(jnp.asarray(logits), k, jnp.float32(1.0),
+                                         jnp.float32(kw.get("top_p", 1.0)), greedy=False,
+                                         top_k=kw.get("top_k", 0),
+                                         use_top_p="top_p" in kw)[0])
+    return np.bincount(np.asarray(f(keys)), minlength=5)
+
+  assert set(np.nonzero(draw(top_k=2))[0]) == {1, 3}
+  assert set(np.nonzero(draw(top_p=0.75))[0]) == {1, 3, 4}  # 0.4 + 0.3 < 0.75 <= 0.85
+  assert set(np.nonzero(draw(top_p=0.4))[0]) == {1}
+  counts = draw()
+  np.testing.assert_allclose(counts / counts.sum(), np.exp(logits[0]), atol=0.04)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_errors_name_the_problem():
+  cfg = tiny_cfg("tpa")
+  params = tiny_params(cfg)
+  with pytest.raises(ValueError, match="longest prompt has 20 tokens but the cache holds 24"):
+    generate(params, cfg, [list(range(1, 21))], max_new_tokens=8, max_len=24)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    generate(params, cfg, [[1, 2], []], max_new_tokens=2, max_len=24)
+  with pytest.raises(ValueError, match="token id 256 outside the model's vocab \\[0, 256\\)"):
+    generate(params, cfg, [[1, 256]], max_new_tokens=2, max_len=24)
+  with pytest.raises(ValueError, match="token id -3"):
+    generate(params, cfg, [[-3]], max_new_tokens=2, max_len=24)
+  with pytest.raises(ValueError, match="no prompts"):
+    generate(params, cfg, [], max_new_tokens=2, max_len=24)
+  with pytest.raises(ValueError, match="top_p"):
+    generate(params, cfg, [[1]], max_new_tokens=2, max_len=24, temperature=1.0, top_p=0.0)
