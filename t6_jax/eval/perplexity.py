@@ -22,6 +22,9 @@ from t6_jax.config import Config
 from t6_jax.eval.scoring import mesh_context, shard_params, token_logprobs
 
 
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids")
+
+
 def count_bytes(targets: np.ndarray, tokenizer) -> int:
   """UTF-8 bytes of the text of each row's scored targets (ids < 0 are ignored)."""
   total = 0
@@ -97,7 +100,8 @@ def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str
     for batch in ds:
       if max_batches and steps >= max_batches:
         break
-      batch = _pad_rows({k: np.asarray(v) for k, v in batch.items()}, local_rows)
+      batch = _pad_rows({k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch},
+                        local_rows)
       local_bytes += count_bytes(batch["targets"], tokenizer)
       if mesh is None:
         device_batch = {k: jnp.asarray(v) for k, v in batch.items()}

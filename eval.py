@@ -1,0 +1,162 @@
+"""Evaluate a checkpoint: validation loss, perplexity, bits per byte, multiple-choice tasks.
+
+  python eval.py --workdir runs/demo                 # newest step: loss/ppl/bpb + bundled fixture
+  python eval.py --workdir runs/demo --step 200
+  python eval.py --checkpoint exports/t6-small eval.tasks=paper eval.task_dir=~/mc_tasks
+  python eval.py --workdir RUN eval.tasks=paper eval.task_source=tfds eval.num_fewshot=2
+  python eval.py --workdir RUN --no_loss eval.tasks=arc_easy=arc_easy_test.jsonl
+
+The checkpoint's own config is the base; section.key=value overrides go on top (data.* picks
+the held-out split's source, eval.* the tasks and batch sizes, mesh.* the device mesh). Results
+are printed as a table and written as JSON next to the checkpoint (RUN/eval_step<N>.json, or
+EXPORT/eval.json; --output chooses another file). docs/eval.md has the paper's nine tasks and
+the lm-evaluation-harness route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+  from t6_jax import config as config_lib
+  parser = argparse.ArgumentParser(
+      prog="eval.py", description=__doc__,
+      epilog="settings (section.key = default):\n" + config_lib.help_text(),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--workdir", help="run directory (its newest good step unless --step)")
+  where.add_argument("--checkpoint", help="a step directory or a params export")
+  parser.add_argument("--step", type=int, default=None, help="step of the run to evaluate")
+  parser.add_argument("--output", default="", help="JSON file for the results")
+  parser.add_argument("--no_loss", action="store_true", help="skip loss / perplexity / bpb")
+  parser.add_argument("--no_tasks", action="store_true", help="skip the multiple-choice tasks")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+  return parser.parse_args(argv)
+
+
+def resolve_step(path: str, step: int | None) -> int | None:
+  """The step load_params will read: the given one, the step directory's, or the newest good."""
+  from t6_jax.checkpoint import params as ckpt
+  kind = ckpt._kind(path)  # pylint: disable=protected-access
+  if kind == "export":
+    return None
+  if kind == "step":
+    name = os.path.basename(os.path.normpath(path))
+    return int(name) if name.isdigit() else None
+  checkpoint_dir = os.path.join(path, ckpt.CHECKPOINT_DIR) if kind == "run" else path
+  found, _, _ = ckpt.newest_good(
+      checkpoint_dir, lambda s: ckpt.read_meta(os.path.join(checkpoint_dir, str(s))), step,
+      report=False)
+  return found
+
+
+def default_output(path: str, step: int | None) -> str:
+  from t6_jax.checkpoint import params as ckpt
+  path = os.path.normpath(path)
+  if step is None:
+    return os.path.join(path, "eval.json")
+  run = path
+  if os.path.basename(path) == str(step):  # RUN/checkpoints/<step>
+    run = os.path.dirname(path)
+    if os.path.basename(run) == ckpt.CHECKPOINT_DIR:
+      run = os.path.dirname(run)
+  return os.path.join(run, f"eval_step{step}.json")
+
+
+def loss_table(r: dict) -> str:
+  return "\n".join([
+      f"{'split':<12}{'loss':>9}{'perplexity':>12}{'bits/byte':>11}{'tokens':>12}"
+      f"{'bytes/token':>13}",
+      f"{r['split']:<12}{r['loss']:>9.4f}{r['perplexity']:>12.3f}{r['bits_per_byte']:>11.4f}"
+      f"{r['tokens']:>12,}{r['bytes_per_token']:>13.3f}"])
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from t6_jax import config as config_lib
+  from t6_jax.checkpoint import CheckpointError, load_params, read_config
+
+  path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
+  try:
+    step = resolve_step(path, args.step)
+    saved_cfg, spec = read_config(path, step=step if args.workdir else None)
+    cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
+    cfg.eval.validate()
+  except (CheckpointError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  import jax
+  from t6_jax import sharding as sharding_lib
+  from t6_jax.data import load_tokenizer, tokenizer_from_spec
+  from t6_jax.eval import scoring, tasks
+  from t6_jax.eval.perplexity import evaluate_perplexity
+
+  try:
+    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  except ValueError as e:
+    print(f"error: {e}; set mesh.data/mesh.fsdp/mesh.tensor for this machine", file=sys.stderr)
+    return 2
+  primary = jax.process_index() == 0
+  progress = primary and not args.no_progress
+  start = time.perf_counter()
+  _, params, _ = load_params(path, step=step if args.workdir else None, mesh=mesh,
+                             model=cfg.model, rules=cfg.mesh.rules)
+  tokenizer = tokenizer_from_spec(spec) if spec else load_tokenizer(cfg)
+  if primary:
+    where = f"step {step}" if step is not None else "export"
+    print(f"evaluating {path} ({where}): {cfg.model.attention}, {cfg.model.num_layers} layers, "
+          f"d_model {cfg.model.d_model}; mesh {dict(mesh.shape)}")
+
+  report = {"checkpoint": path, "step": step, "model": dataclasses.asdict(cfg.model),
+            "data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
+  if not args.no_loss:
+    try:
+      loss = evaluate_perplexity(cfg, params, tokenizer, mesh=mesh, progress=progress)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    report["validation"] = loss
+    if primary:
+      print(loss_table(loss))
+
+  if not args.no_tasks:
+    try:
+      task_list = tasks.parse_task_list(cfg.eval.tasks)
+      scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh, progress=progress),
+                                  tokenizer)
+      results = []
+      for name, task_path in task_list:
+        data = tasks.load_task(name, task_path, source=cfg.eval.task_source,
+                               task_dir=os.path.expanduser(cfg.eval.task_dir),
+                               tfds_data_dir=cfg.eval.tfds_data_dir,
+                               num_fewshot=cfg.eval.num_fewshot)
+        results.append(tasks.evaluate_task(data, scorer.loglikelihood,
+                                           num_fewshot=cfg.eval.num_fewshot,
+                                           seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit))
+    except tasks.TaskError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    report["tasks"] = results
+    if primary:
+      print(tasks.format_table(results, cfg.model))
+
+  report["seconds"] = time.perf_counter() - start
+  if primary:
+    out = args.output or default_output(path, step)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"results: {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
