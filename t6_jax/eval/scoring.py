@@ -77,10 +77,11 @@ def token_logprobs(cfg: Config, params, tokens_BxT, targets_BxT, positions_BxT=N
   """Per-position log p(target) and whether it is the argmax; targets < 0 are ignored (0)."""
   model = model_from_params(cfg.model, params)
   logits_BxTxV = model(tokens_BxT, positions_BxT, segment_ids_BxT).astype(jnp.float32)
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   keep_BxT = targets_BxT >= 0
   safe_BxT = jnp.where(keep_BxT, targets_BxT, 0)
-  lp_BxT = jnp.take_along_axis(logp_BxTxV, safe_BxT[..., None], axis=-1)[..., 0]
+  # log p = logit - logsumexp: no second (B, T, V) array for a full log-softmax.
+  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, safe_BxT[..., None], axis=-1)[..., 0]
+  lp_BxT = target_logit_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
   greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == safe_BxT
   return jnp.where(keep_BxT, lp_BxT, 0.0), greedy_BxT | ~keep_BxT
 
