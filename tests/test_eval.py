@@ -253,7 +253,7 @@ def test_bad_task_files_give_clear_errors(tmp_path):
     tasks.parse_task_list("helaswag")
   with pytest.raises(tasks.TaskError, match=r"no test file for task arc_easy"):
     tasks.load_task("arc_easy", task_dir=str(tmp_path))
-  with pytest.raises(tasks.TaskError, match=r"no tfds dataset"):
+  with pytest.raises(tasks.TaskError, match=r"no dataset in the TFDS catalog"):
     tasks.load_tfds(tasks.TASKS["sciq"], "test")
 
 
@@ -364,3 +364,28 @@ def test_adapter_generate_until(tiny):
     (cut,) = adapter.generate_until(
         [FakeRequest((prompt, {"until": [stop], "max_gen_toks": 6}))])
     assert cut == cut_at_stop(text, [stop])
+
+
+def test_tfds_documents_without_download():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  # tfds's mock data: random examples with the builders' real feature layouts, no files.
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    piqa = tasks.load_tfds(tasks.TASKS["piqa"], "validation")
+    obqa = tasks.load_tfds(tasks.TASKS["openbookqa"], "test")
+  assert len(piqa) == 3 and all(d["label"] in (0, 1) for d in piqa)
+  assert all(isinstance(d["goal"], str) for d in piqa)
+  prompt = tasks.build_prompt(tasks.TASKS["openbookqa"], obqa[0])
+  assert len(prompt.requests) == 4 and prompt.requests[0][0] == obqa[0]["question_stem"]
+
+
+def test_report_sets_paper_average_beside_ours():
+  small = config_lib.load("t6-small").model
+  results = [{"task": name, "n": 10, "num_fewshot": 0, "paper_metric": t.paper_metric,
+              "acc": 0.5, "acc_norm": 0.6} for name, t in
+             ((n, tasks.TASKS[n]) for n in tasks.PAPER_TASKS)]
+  table = tasks.format_table(results, small)
+  # acc for boolq, winogrande, mmlu; acc_norm for the other six: (3 * 50 + 6 * 60) / 9.
+  assert f"{(3 * 50 + 6 * 60) / 9:.2f}" in table
+  assert "paper, small, 0-shot (lm-eval 0.4.5): MHA 46.19, T6 46.21; ours (tpa)" in table
+  two_shot = tasks.format_table([dict(r, num_fewshot=2) for r in results], small)
+  assert "paper, small" not in two_shot

@@ -257,22 +257,25 @@ def _to_python(x):
 
 
 def load_tfds(task: Task, split: str, data_dir: str = "") -> list[dict]:
-  """Documents from a prepared tfds dataset (never downloads), in the task's layout."""
+  """Documents from a prepared tfds dataset (ArrayRecord; read without TensorFlow, never
+  downloaded), in the task's layout."""
   if not task.tfds_name:
-    raise TaskError(f"task {task.name} has no tfds dataset in the TFDS catalog; use "
+    raise TaskError(f"task {task.name} has no dataset in the TFDS catalog; use "
                     f"eval.task_source=local with JSONL files of the Hugging Face dataset "
                     f"(docs/eval.md)")
   import tensorflow_datasets as tfds
   tfds_split = dict(task.tfds_splits).get(split, split)
   try:
-    ds = tfds.load(task.tfds_name, split=tfds_split, data_dir=data_dir or None,
-                   download=False)
+    source = tfds.data_source(task.tfds_name, split=tfds_split, data_dir=data_dir or None,
+                              download=False)
+    examples = [source[i] for i in range(len(source))]
   except Exception as e:  # tfds raises assorted types for a dataset that is not prepared
     raise TaskError(f"tfds dataset {task.tfds_name} split {tfds_split} is not prepared"
-                    f"{' under ' + data_dir if data_dir else ''} ({type(e).__name__}: {e}); "
-                    f"prepare it once with `tfds build {task.tfds_name}` on a machine with "
-                    f"internet access, or use local JSONL files") from e
-  docs = [task.from_tfds(_to_python(ex)) for ex in tfds.as_numpy(ds)]
+                    f"{' under ' + data_dir if data_dir else ''} ({type(e).__name__}: "
+                    f"{str(e)[:300]}); prepare it once where it can be downloaded: `tfds build "
+                    f"{task.tfds_name} --file_format array_record` (then set "
+                    f"eval.tfds_data_dir), or use local JSONL files") from e
+  docs = [task.from_tfds(_to_python(ex)) for ex in examples]
   for i, doc in enumerate(docs):
     check_doc(task, doc, f"tfds {task.tfds_name}[{tfds_split}][{i}]")
   return docs
