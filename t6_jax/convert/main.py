@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -83,12 +84,16 @@ def verify(ckpt: str, tokens_path: str, *, logits_path: str | None = None,
   """Compares our fp32 logits with golden ones (returns the Report), or dumps ours."""
   if (logits_path is None) == (dump_path is None):
     raise ConvertError("give exactly one of --logits GOLDEN.npy (check) or --dump OUT.npy")
+  from t6_jax.checkpoint import read_config
+  if not os.path.exists(ckpt):
+    raise ConvertError(f"checkpoint {ckpt} does not exist")
   tokens = load_array(tokens_path, "tokens")
   golden = load_array(logits_path, "golden logits") if logits_path else None
-  cfg, model = load_fp32_model(ckpt, step)
+  cfg, _ = read_config(ckpt, step=step)  # check the inputs before reading any weights
   tokens = check_tokens(tokens, cfg.model.vocab_size)
   if golden is not None:
     check_golden(golden, tokens, cfg.model.vocab_size)
+  cfg, model = load_fp32_model(ckpt, step)
   if tokens.shape[1] > cfg.model.max_seq_len:
     log(f"note: {tokens.shape[1]} tokens per row exceed model.max_seq_len="
         f"{cfg.model.max_seq_len} (RoPE has no hard limit; the model was trained shorter)")
