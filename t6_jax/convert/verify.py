@@ -9,6 +9,7 @@ with our last position only, which is what the reference's forward returns witho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -120,16 +121,20 @@ def load_fp32_model(ckpt: str, step: int | None = None):
   return cfg, model_from_params(model_cfg, params)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens_BxT):
+  return nnx.merge(graphdef, state)(tokens_BxT)
+
+
 def logits_fp32(model, tokens_BxT: np.ndarray, batch_size: int = 8) -> np.ndarray:
   """Full-sequence fp32 logits (B, T, V), `batch_size` rows at a time, fp32 matmuls on GPU/TPU."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
+  batch_size = min(batch_size, tokens_BxT.shape[0])
   out = []
   with jax.default_matmul_precision("float32"):
     for start in range(0, tokens_BxT.shape[0], batch_size):
-      out.append(np.asarray(forward(state, jnp.asarray(tokens_BxT[start:start + batch_size]))))
+      rows = tokens_BxT[start:start + batch_size]
+      padded = np.zeros((batch_size,) + rows.shape[1:], rows.dtype)  # one compiled shape
+      padded[:len(rows)] = rows
+      out.append(np.asarray(_forward(graphdef, state, jnp.asarray(padded)))[:len(rows)])
   return np.concatenate(out)
