@@ -132,9 +132,8 @@ except ImportError:  # lm_eval is optional: the `eval` extra
 
 if _LM is not None:
 
-  @_register_model("t6_jax")
   class T6JaxLM(_LM):
-    """`--model t6_jax --model_args workdir=RUN_DIR[,step=N][,batch_size=32][,mesh=fsdp]`.
+    """`--model t6_jax --model_args workdir=RUN_DIR[,step=N][,batch_size=32][,mesh=false]`.
 
     `workdir` (or `checkpoint`) is anything t6_jax.checkpoint.load_params accepts: a run
     directory (newest step unless `step` is given), a step directory or an export.
@@ -156,7 +155,10 @@ if _LM is not None:
         mesh_obj = make_mesh(data=1, fsdp=-1, tensor=1) if len(jax.devices()) > 1 else None
       self.adapter = T6Adapter.from_checkpoint(
           path, step=_parse_int(step, None), mesh=mesh_obj,
-          batch_size=_parse_int(batch_size, None), max_len=_parse_int(max_length, None),
+          # lm_eval passes its CLI default batch_size=1; that (or "auto") means the config's
+          # eval.mc_batch_size, since one sequence per forward would idle an accelerator.
+          batch_size=None if str(batch_size) == "1" else _parse_int(batch_size, None),
+          max_len=_parse_int(max_length, None),
           max_gen_toks=int(max_gen_toks), progress=True)
 
     @classmethod
@@ -181,6 +183,12 @@ if _LM is not None:
       return "t6_jax"
 
 
+  # Registered by the imported module only (`python -m` first runs this file as __main__,
+  # whose copy of the class must not claim the name too).
+  if __name__ != "__main__":
+    _register_model("t6_jax")(T6JaxLM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """lm_eval's command line with the `t6_jax` model registered first."""
   if _LM is None:
@@ -194,4 +202,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from t6_jax.eval import harness  # the importable module registers `t6_jax`
+  sys.exit(harness.main())
