@@ -338,6 +338,7 @@ def test_adapter_answers_request_objects(tiny):
   (rolled,) = adapter.loglikelihood_rolling([FakeRequest(("nineteen characters",))])
   want = reference_ll(cfg, params, [0], tok.encode("nineteen characters"), 32)[0]
   assert rolled == pytest.approx(want, rel=1e-5)
+  assert adapter.loglikelihood([FakeRequest(("abc", ""))]) == [(0.0, True)]
   assert cut_at_stop("abc\n\ndef", ["\n\n", "x"]) == "abc"
   assert cut_at_stop("abc", []) == "abc"
 

@@ -122,9 +122,11 @@ class Scorer:
   def loglikelihood(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
     """(sum of log p(continuation tokens), continuation is the greedy decode) per pair."""
     rows = []
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
     for i, (context, continuation) in enumerate(pairs):
       if len(continuation) == 0:
-        raise ValueError(f"request {i} has an empty continuation: nothing to score")
+        out[i] = (0.0, True)  # the empty sum, as the harness's own models give
+        continue
       if len(context) == 0:
         raise ValueError(f"request {i} has an empty context; start it with the end-of-text "
                          f"token as lm-evaluation-harness does")
@@ -134,7 +136,6 @@ class Scorer:
       rows.append((i, full, n_cont))
     # Longest first, so each batch's rows have similar lengths and few padded positions.
     rows.sort(key=lambda r: -len(r[1]))
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
     batches = [rows[s:s + self.rows] for s in range(0, len(rows), self.rows)]
     if self.progress and batches:
       from tqdm import tqdm
@@ -195,14 +196,7 @@ class TextScorer:
     self.scorer, self.tokenizer = scorer, tokenizer
 
   def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-    encoded = []
-    for i, (context, continuation) in enumerate(pairs):
-      context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation)
-      if not continuation_ids:
-        raise ValueError(f"request {i}: the continuation {continuation!r} encodes to no "
-                         f"tokens after the context {context[-40:]!r}")
-      encoded.append((context_ids, continuation_ids))
-    return self.scorer.loglikelihood(encoded)
+    return self.scorer.loglikelihood([encode_pair(self.tokenizer, c, x) for c, x in pairs])
 
   def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
     """log p(text | end-of-text) of each whole text, in windows of the scoring length."""
