@@ -4,7 +4,6 @@ acc / acc_norm, task-file errors, loss / bits-per-byte sums, the adapter's reque
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
