@@ -140,6 +140,13 @@ class Scorer:
     if self.progress and batches:
       from tqdm import tqdm
       batches = tqdm(batches, desc="scoring", unit="batch", leave=False)
+
+    def collect(batch, lp, greedy):
+      lp, greedy = np.asarray(lp), np.asarray(greedy)
+      for r, (i, _, _) in enumerate(batch):
+        out[i] = (float(lp[r]), bool(greedy[r]))
+
+    pending = None
     with mesh_context(self.cfg, self.mesh):
       for batch in batches:
         length = next(b for b in self.buckets if b >= len(batch[0][1]) - 1)
@@ -149,11 +156,13 @@ class Scorer:
           n = len(full) - 1
           tokens[r, :n] = full[:-1]
           targets[r, n - n_cont:n] = full[n - n_cont + 1:]
-        lp, greedy = self._score(self.params, to_global(tokens, self.mesh),
-                                 to_global(targets, self.mesh))
-        lp, greedy = np.asarray(lp), np.asarray(greedy)
-        for r, (i, _, _) in enumerate(batch):
-          out[i] = (float(lp[r]), bool(greedy[r]))
+        result = self._score(self.params, to_global(tokens, self.mesh),
+                             to_global(targets, self.mesh))
+        if pending is not None:  # read the previous batch while this one runs
+          collect(*pending)
+        pending = (batch, *result)
+    if pending is not None:
+      collect(*pending)
     return out
 
 
