@@ -274,3 +274,27 @@ def test_safetensors_reader_reads_bf16(tmp_path):
   np.testing.assert_array_equal(got["a"], arrays["a"])
   assert got["b"].dtype == arrays["b"].dtype
   np.testing.assert_array_equal(got["b"].astype(np.float32), arrays["b"].astype(np.float32))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_paper_sizes_read_off_the_shapes(attention):
+  """Every paper preset's reference key list (numpy_ref, at full size but zero-memory arrays)
+  converts back to exactly that preset's model config."""
+  from t6_jax import config as config_lib
+  for size in ("small", "medium", "large", "xl"):
+    want = config_lib.load(f"{'t6' if attention == 'tpa' else attention}-{size}").model
+    dims = ref.Dims(attention, vocab=want.vocab_size, layers=want.num_layers, d=want.d_model,
+                    heads=want.num_heads,
+                    head_dim=want.mla_nope_dim if attention == "mla" else want.head_dim,
+                    q_rank=want.q_rank, k_rank=want.k_rank, v_rank=want.v_rank,
+                    kv_heads=want.kv_heads, q_lora=want.mla_q_lora, kv_lora=want.mla_kv_lora,
+                    rope_dim=want.mla_rope_dim, v_dim=want.mla_v_dim)
+    sd = {k: np.broadcast_to(np.float32(0), s) for k, s in ref.state_dict_shapes(dims).items()}
+    got = layout.model_config(sd, hf_config(dims))
+    fields = ["attention", "vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"]
+    fields += {"tpa": ["head_dim", "q_rank", "k_rank", "v_rank"],
+               "tpa_kvonly": ["head_dim", "k_rank", "v_rank"],
+               "mla": ["mla_q_lora", "mla_kv_lora", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"]
+               }.get(attention, ["head_dim", "kv_heads"])
+    for field in fields:
+      assert getattr(got, field) == getattr(want, field), (size, field)
