@@ -1,0 +1,38 @@
+"""AOT compile of the real train step for a small TPU topology (needs libtpu: the `tpu` extra;
+skipped without it)."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from t6_jax import config as config_lib
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install 't6-jax[tpu]')")
+
+MICRO = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
+         "model.vocab_size=64", "model.max_seq_len=16", "train.seq_len=16",
+         "train.batch_size=8", "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]
+
+
+def test_aot_compile_tiny_for_v5e_2x2():
+  from t6_jax.train import aot
+  cfg = config_lib.load("tiny", MICRO)
+  report = aot.compile_train_step(cfg, "v5e:2x2")
+  assert report.chips == 4 and report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert "v5 lite" in report.device_kind and report.hbm_bytes == 16 * 2**30
+  # params, Adam mu and nu in fp32, split 4 ways (d_model 32 divides by fsdp 4).
+  assert report.argument_bytes >= 3 * 4 * report.params / 4
+  assert report.fits and report.total_bytes < 2**30
+  assert report.model_flops_per_step > 0 and report.min_step_s > 0
+  text = report.text()
+  assert "memory per chip" in text and "lower bound on step time" in text
+  too_small = dataclasses.replace(report, hbm_bytes=1000)
+  assert not too_small.fits and "DOES NOT FIT" in too_small.text()
+
+
+def test_unknown_topology_is_a_clear_error():
+  from t6_jax.train import aot
+  with pytest.raises(ValueError, match="cannot describe TPU topology 'v9x:1x1'"):
+    aot.topology_devices("v9x:1x1")
