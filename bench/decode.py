@@ -40,6 +40,8 @@ def parse_args(argv=None):
                  help="skip combinations whose cache + weights exceed this (default: 85%% of "
                       "the device's memory, or 100 GiB when unknown)")
   p.add_argument("--cache_dtype", default="bfloat16")
+  p.add_argument("--time_budget_s", type=float, default=420.0,
+                 help="skip the remaining combinations (with a note) after this many seconds")
   p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
   p.add_argument("--no_write", action="store_true", help="do not touch docs/benchmarks.md")
   p.add_argument("--out", default=DOC, help="markdown file whose Decoding section is replaced")
@@ -74,8 +76,8 @@ def bench_one(cfg, params, batch: int, context: int, steps: int, repeats: int, c
   from t6_jax.decode.cache import Cache, init_cache
   from t6_jax.decode.generate import _decode
 
-  kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True, top_k=0,
-            use_top_p=False, stop_tokens=(), valid_vocab=None,
+  kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True,
+            use_filters=False, stop_tokens=(), valid_vocab=None,
             factor=cfg.decode.factor_attention)
   make = jax.jit(lambda: init_cache(cfg.model, batch, context, cache_dtype))
   cache = make()
@@ -88,15 +90,15 @@ def bench_one(cfg, params, batch: int, context: int, steps: int, repeats: int, c
   logits = jnp.zeros((batch, cfg.model.vocab_size), jnp.float32)
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  compiled = _decode.lower(params, cache, logits, key, jnp.float32(1), jnp.float32(1),
+  compiled = _decode.lower(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1),
                            **kw).compile()
   compile_s = time.perf_counter() - t0
-  tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.float32(1))
+  tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1))
   tokens.block_until_ready()  # warm-up
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.float32(1))
+    tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1))
     tokens.block_until_ready()
     best = min(best, (time.perf_counter() - t0) / steps)
   del cache
@@ -141,15 +143,24 @@ def main(argv=None) -> int:
   print(header)
   print("|" + "---|" * 9, flush=True)
   t_start = time.perf_counter()
+  models = {}
   for name in args.models.split(","):
     cfg = model_config(name, args.tiny)
     params = jax.jit(lambda: init_params(cfg.model, 0))()
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert param_count(cfg.model) * 2 == weight_bytes or args.tiny
-    per_token = cache_bytes_per_token(cfg.model, args.cache_dtype)
+    models[name] = (cfg, params, weight_bytes)
+  # Context outermost, models innermost: a run cut short by the budget still compares models.
+  for context in contexts:
     for batch in batches:
-      for context in contexts:
+      for name, (cfg, params, weight_bytes) in models.items():
+        per_token = cache_bytes_per_token(cfg.model, args.cache_dtype)
         cache_bytes = per_token * batch * context
+        label = f"{name} (tiny)" if args.tiny else name
+        if time.perf_counter() - t_start > args.time_budget_s:
+          notes.append(f"{label} B={batch} ctx={context}: skipped, past --time_budget_s")
+          print(f"# {notes[-1]}", flush=True)
+          continue
         if cache_bytes + weight_bytes > limit:
           notes.append(f"{name} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
                        f"does not fit the {limit / 2**30:.0f} GiB limit; skipped")
@@ -165,12 +176,12 @@ def main(argv=None) -> int:
           continue
         read = weight_bytes + cache_bytes
         roofline = read / step_s / (args.hbm_tbps * 1e12)
-        row = (f"| {name} | {batch} | {context} | {cache_bytes / 2**30:.2f} | "
+        row = (f"| {label} | {batch} | {context} | {cache_bytes / 2**30:.2f} | "
                f"{step_s * 1e3:.3f} | {batch / step_s:,.0f} | {read / 1e9:.2f} | "
                f"{roofline:.1%} | {compile_s:.1f} |")
         rows.append(row)
         print(row, flush=True)
-    del params
+  del models
   elapsed = time.perf_counter() - t_start
 
   section = [f"{HEADING}\n\n",

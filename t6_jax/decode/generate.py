@@ -38,26 +38,29 @@ MIN_PROMPT_BUCKET = 8
 # Sampling
 
 
-def sample_logits(logits_BxV, key, temperature, top_p, *, greedy: bool, top_k: int,
-                  use_top_p: bool, valid_vocab: int | None = None):
-  """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus."""
+def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
+                  use_filters: bool, valid_vocab: int | None = None):
+  """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus.
+
+  temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
+  recompile; `use_filters` (static) adds the one sort both filters need.
+  """
   logits_BxV = logits_BxV.astype(jnp.float32)
-  if valid_vocab is not None and valid_vocab < logits_BxV.shape[-1]:
+  vocab = logits_BxV.shape[-1]
+  if valid_vocab is not None and valid_vocab < vocab:
     # Rows of the embedding past the tokenizer's vocab (padding to a multiple of 64).
-    ids_V = jnp.arange(logits_BxV.shape[-1])
-    logits_BxV = jnp.where(ids_V < valid_vocab, logits_BxV, -jnp.inf)
+    logits_BxV = jnp.where(jnp.arange(vocab) < valid_vocab, logits_BxV, -jnp.inf)
   if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / temperature
-  if top_k > 0:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  if use_top_p:
-    # Keep the smallest set of top tokens whose probability reaches top_p (always >= 1 token).
+  if use_filters:
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    # top-k: keep logits >= the k-th largest (k = 0 keeps all).
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    # top-p: the smallest prefix of the sorted tokens whose probability reaches p (>= 1).
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    n_keep_Bx1 = jnp.sum(before_BxV < top_p, axis=-1, keepdims=True)
+    n_keep_Bx1 = jnp.minimum(jnp.sum(before_BxV < top_p, axis=-1, keepdims=True), k)
     cut_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_Bx1 - 1, 0), axis=-1)
     logits_BxV = jnp.where(logits_BxV < cut_Bx1, -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
@@ -85,15 +88,15 @@ def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtyp
     return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32)), logits_BxV
 
 
-@partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "top_k",
-                                   "use_top_p", "stop_tokens", "valid_vocab", "factor"),
+@partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
+                                   "stop_tokens", "valid_vocab", "factor"),
          donate_argnames=("cache",))
-def _decode(params, cache: Cache, logits_BxV, key, temperature, top_p, *, model_cfg, rules,
-            steps, greedy, top_k, use_top_p, stop_tokens, valid_vocab, factor):
+def _decode(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *, model_cfg,
+            rules, steps, greedy, use_filters, stop_tokens, valid_vocab, factor):
   with use_rules(rules):
     model = _model(model_cfg, params)
-    sample = partial(sample_logits, temperature=temperature, top_p=top_p, greedy=greedy,
-                     top_k=top_k, use_top_p=use_top_p, valid_vocab=valid_vocab)
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                     greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     batch = logits_BxV.shape[0]
 
@@ -263,9 +266,10 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
   with ctx:
     return _decode(
         params, cache, logits_BxV, jax.random.key(seed),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), model_cfg=cfg.model,
-        rules=cfg.mesh.rules, steps=steps, greedy=greedy, top_k=0 if greedy else int(top_k),
-        use_top_p=not greedy and top_p < 1, stop_tokens=tuple(int(t) for t in stop_tokens),
+        jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
+        model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps, greedy=greedy,
+        use_filters=not greedy and (top_k > 0 or top_p < 1),
+        stop_tokens=tuple(int(t) for t in stop_tokens),
         valid_vocab=valid_vocab, factor=cfg.decode.factor_attention)
 
 

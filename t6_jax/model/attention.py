@@ -191,15 +191,17 @@ class TPA(Attention):
                                 preferred_element_type=f32)
       logits_BxTxHxS = jnp.sum(qb_BxTxHxSxR * a_k_BxHxSxR[:, None], axis=-1)
     else:
-      # The only matmul over d_h is head-shared (R_q x R_k per key); the per-head part is
-      # a small elementwise sum over (R_q, R_k) that XLA fuses into one pass over A_k and P,
-      # so nothing of size h x S x R is written out.
-      p_BxTxQxSxR = jnp.einsum("btqk,bsrk->btqsr", q["b_q"], b_k_BxSxRxK,
-                               preferred_element_type=f32)
+      # Only the head-shared P needs d_h-long dot products (R_q x R_k per key), written as a
+      # reduction over d_h so XLA reads each cached B_k row once, in place; the per-head part
+      # is an elementwise sum over (R_q, R_k) fused into one pass over A_k and P, so nothing
+      # of size h x S x R is written out.
+      p_BxTxSxRxQ = jnp.sum(
+          b_k_BxSxRxK[:, None, :, :, None, :].astype(f32)
+          * q["b_q"][:, :, None, None, :, :].astype(f32), axis=-1)
       a_q_BxTxHxQ = q["a_q"].astype(f32)
       logits_BxTxHxS = jnp.sum(
-          a_q_BxTxHxQ[:, :, :, :, None, None] * p_BxTxQxSxR[:, :, None]
-          * a_k_BxHxSxR[:, None, :, None], axis=(3, 5)) / cfg.q_rank
+          a_q_BxTxHxQ[:, :, :, None, None, :] * p_BxTxSxRxQ[:, :, None]
+          * a_k_BxHxSxR[:, None, :, :, :, None], axis=(4, 5)) / cfg.q_rank
     logits_BxTxHxS = logits_BxTxHxS * (1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank))
     s_len, t_len = a_k_BxSxHxR.shape[1], logits_BxTxHxS.shape[1]
     keep_BxTx1xS = jnp.ones((1, t_len, 1, s_len), bool)
