@@ -82,6 +82,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from t6_jax import config as config_lib
   from t6_jax.checkpoint import CheckpointError, load_params, read_config
+  from t6_jax.eval import tasks
 
   path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
   try:
@@ -89,14 +90,21 @@ def main(argv=None) -> int:
     saved_cfg, spec = read_config(path, step=step if args.workdir else None)
     cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
     cfg.eval.validate()
-  except (CheckpointError, config_lib.ConfigError) as e:
+    task_list = [] if args.no_tasks else tasks.parse_task_list(cfg.eval.tasks)
+    # Task documents are read before the model, so a missing file fails in seconds.
+    task_data = [tasks.load_task(name, task_path, source=cfg.eval.task_source,
+                                 task_dir=os.path.expanduser(cfg.eval.task_dir),
+                                 tfds_data_dir=cfg.eval.tfds_data_dir,
+                                 num_fewshot=cfg.eval.num_fewshot)
+                 for name, task_path in task_list]
+  except (CheckpointError, config_lib.ConfigError, tasks.TaskError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
   import jax
   from t6_jax import sharding as sharding_lib
   from t6_jax.data import load_tokenizer, tokenizer_from_spec
-  from t6_jax.eval import scoring, tasks
+  from t6_jax.eval import scoring
   from t6_jax.eval.perplexity import evaluate_perplexity
 
   try:
@@ -129,15 +137,10 @@ def main(argv=None) -> int:
 
   if not args.no_tasks:
     try:
-      task_list = tasks.parse_task_list(cfg.eval.tasks)
       scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh, progress=progress),
                                   tokenizer)
       results = []
-      for name, task_path in task_list:
-        data = tasks.load_task(name, task_path, source=cfg.eval.task_source,
-                               task_dir=os.path.expanduser(cfg.eval.task_dir),
-                               tfds_data_dir=cfg.eval.tfds_data_dir,
-                               num_fewshot=cfg.eval.num_fewshot)
+      for data in task_data:
         results.append(tasks.evaluate_task(data, scorer.loglikelihood,
                                            num_fewshot=cfg.eval.num_fewshot,
                                            seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit))
