@@ -80,7 +80,7 @@ class T6Adapter:
         prompts.append(ids[-limit:])  # keep the end of a long prompt, as the harness does
       new_tokens = generate(model, self.cfg, prompts, max_new_tokens=max_new,
                             stop_tokens=(self.tokenizer.eot_id,), max_len=self.scorer.max_len,
-                            mesh=self.mesh, **settings)
+                            mesh=self.mesh, valid_vocab=self.tokenizer.vocab_size, **settings)
       for i, ids in zip(indices, new_tokens):
         ids = list(ids)
         if self.tokenizer.eot_id in ids:
