@@ -125,7 +125,7 @@ def test_retention_keeps_latest_and_every_mth(run):
   workdir, saved = run
   assert sorted(saved) == [3, 6, 9, 12]
   ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3, keep=2, keep_every=6),
-                    primary=False)
+                    read_only=True)
   assert ck.all_steps() == [6, 9, 12]  # latest 2 (9, 12) plus every 6th (6, 12)
   assert ck.latest_step() == 12
   assert sorted(os.listdir(ck.directory)) == ["12", "6", "9"]
@@ -134,7 +134,7 @@ def test_retention_keeps_latest_and_every_mth(run):
 
 def test_restore_is_exact_and_resumes_data_order(run):
   workdir, saved = run
-  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), primary=False)
+  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), read_only=True)
   mesh = make_mesh(fsdp=8)
   reference = elements(14)
   for step in (12, 6):
@@ -152,7 +152,7 @@ def test_restore_onto_smaller_mesh_with_tensor_parallelism(run):
   workdir, saved = run
   mesh = make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4])
   target = abstract(CFG, mesh, "fsdp_tp")
-  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), primary=False)
+  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), read_only=True)
   step, state = ck.restore(target, None)
   ck.close()
   assert step == 12
@@ -200,7 +200,7 @@ def test_mismatched_model_names_parameter_and_shapes(run, tmp_path):
   workdir, _ = run
   wide = config_lib.apply_overrides(CFG, ["model.d_model=96"]).validate()
   mesh = make_mesh(fsdp=8)
-  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), primary=False)
+  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), read_only=True)
   with pytest.raises(CheckpointMismatchError) as e:
     ck.restore(abstract(wide, mesh, "fsdp"), None)
   ck.close()
@@ -262,7 +262,7 @@ def test_half_written_step_is_ignored_and_all_damaged_is_an_error(run, tmp_path)
   partial = os.path.join(checkpoints, "15.orbax-checkpoint-tmp-1234")
   shutil.copytree(os.path.join(checkpoints, "12"), partial)
   shutil.rmtree(os.path.join(partial, "meta"))
-  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), primary=False)
+  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), read_only=True)
   assert ck.latest_step() == 12
   ck.close()
   # The resumed trainer reaches step 15 again: its save replaces the leftover.
@@ -296,7 +296,7 @@ def test_preemption_signal_and_forced_save(tmp_path):
 
 
 def test_read_only_view_cannot_save(tmp_path):
-  ck = Checkpointer(str(tmp_path), config_lib.CheckpointConfig(), primary=False)
+  ck = Checkpointer(str(tmp_path), config_lib.CheckpointConfig(), read_only=True)
   assert ck.latest_step() is None
   with pytest.raises(CheckpointError, match="read-only"):
     ck.save(1000, {"w": jnp.zeros(2)}, None, config=CFG, tokenizer_spec=None)

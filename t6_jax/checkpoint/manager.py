@@ -43,13 +43,16 @@ def _distributed_preemption_service() -> bool:
 class Checkpointer:
   """Checkpoints of one run directory (`workdir/checkpoints/<step>`).
 
-  primary=True (the training job): saves, prunes old steps, and catches SIGTERM / SIGINT so
-  that `reached_preemption` turns True at the next step boundary. primary=False: a read-only
-  view (restore, latest_step) for evaluators watching a run; it never writes or deletes.
-  Every process of a multi-host job creates one and calls save / restore together.
+  Every process of a job creates one and calls save / restore / reached_preemption together
+  (each writes its own shards; Orbax's primary host writes the shared files). `primary` is
+  whether this process reports (fallbacks, signals) on the console; pass
+  `jax.process_index() == 0`. SIGTERM / SIGINT are caught so that `reached_preemption` turns
+  True at the next step boundary. read_only=True gives a view for evaluators watching a run
+  (restore, latest_step); it never writes, deletes or takes signals.
   """
 
-  def __init__(self, workdir: str, cfg: CheckpointConfig, *, primary: bool = True):
+  def __init__(self, workdir: str, cfg: CheckpointConfig, *, primary: bool = True,
+               read_only: bool = False):
     if cfg.every <= 0:
       raise CheckpointError(f"checkpoint.every must be positive, got {cfg.every}")
     if cfg.keep <= 0:
@@ -60,6 +63,8 @@ class Checkpointer:
                             f"{cfg.keep_every}")
     self.cfg = cfg
     self.primary = primary
+    self._say = say if primary else (lambda message: None)
+    self.read_only = read_only
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     keep = [policies.LatestN(n=cfg.keep)]
     if cfg.keep_every:
@@ -68,15 +73,15 @@ class Checkpointer:
         save_decision_policy=policies.FixedIntervalPolicy(cfg.every),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=cfg.async_save,
-        cleanup_tmp_directories=primary,  # leftovers of a killed save
-        read_only=not primary,
-        create=primary,
+        cleanup_tmp_directories=not read_only,  # leftovers of a killed save
+        read_only=read_only,
+        create=not read_only,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self.problems: list[str] = []  # messages about damaged steps skipped by the last restore
     self._signal: int | None = None
     self._previous_handlers: dict[int, object] = {}
-    if primary:
+    if not read_only:
       self._install_signal_handlers()
 
   # ------------------------------------------------------------------------------------------
@@ -84,7 +89,7 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     """Committed steps, ascending (a save in flight appears once it has committed)."""
-    if not self.primary:
+    if self.read_only:
       self._manager.reload()
     return sorted(self._manager.all_steps())
 
@@ -105,8 +110,8 @@ class Checkpointer:
     the background; the iterator's state is captured now too. A step already on disk is left
     alone (False).
     """
-    if not self.primary:
-      raise CheckpointError("this Checkpointer is read-only (primary=False); it cannot save")
+    if self.read_only:
+      raise CheckpointError("this Checkpointer is read-only (read_only=True); it cannot save")
     step = int(step)
     if not force and step % self.cfg.every:
       return False
@@ -142,8 +147,8 @@ class Checkpointer:
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
     if data_iter is not None:
       if not meta.get("has_data", True):
-        say(f"checkpoint step {step} holds no data-iterator state; the data order restarts "
-            f"from the beginning of the pipeline")
+        self._say(f"checkpoint step {step} holds no data-iterator state; the data order "
+                  f"restarts from the beginning of the pipeline")
       else:
         _check_data_files(step_dir, step)
         items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
@@ -159,10 +164,11 @@ class Checkpointer:
     older one; a checkpoint of a different model raises CheckpointMismatchError.
     """
     self.wait()
-    if not self.primary:
+    if self.read_only:
       self._manager.reload()
     found, state, self.problems = newest_good(
-        self.directory, lambda s: self._restore_step(s, abstract_state, data_iter), step)
+        self.directory, lambda s: self._restore_step(s, abstract_state, data_iter), step,
+        report=self.primary)
     return found, state
 
   # ------------------------------------------------------------------------------------------
@@ -179,13 +185,13 @@ class Checkpointer:
   def _on_signal(self, signum, frame) -> None:
     name = signal.Signals(signum).name
     if self._signal is not None:  # a second signal: stop now, without a checkpoint
-      say(f"{name} again: exiting without waiting for the checkpoint")
+      self._say(f"{name} again: exiting without waiting for the checkpoint")
       previous = self._previous_handlers.get(signum)
       if callable(previous):
         previous(signum, frame)
       raise KeyboardInterrupt(name)
     self._signal = signum
-    say(f"{name} received: saving a checkpoint at the next step boundary, then exiting "
+    self._say(f"{name} received: saving a checkpoint at the next step boundary, then exiting "
         f"(send it again to exit at once)")
 
   def reached_preemption(self, step: int) -> bool:

@@ -144,7 +144,8 @@ def _kind(path: str) -> str:
       f"{EXPORT_PARAMS}/ and {CONFIG_FILE})")
 
 
-def newest_good(checkpoint_dir: str, load: Callable[[int], Any], step: int | None = None):
+def newest_good(checkpoint_dir: str, load: Callable[[int], Any], step: int | None = None,
+                report: bool = True):
   """Runs `load(step)` on the newest committed step (or `step`); on a damaged step it says
   which step and what is wrong and falls back to the next older one.
 
@@ -175,7 +176,8 @@ def newest_good(checkpoint_dir: str, load: Callable[[int], Any], step: int | Non
       if step is not None:
         raise CheckpointError(problem + "; restore another step or delete this one") from e
       older = candidates[i + 1] if i + 1 < len(candidates) else None
-      say(problem + (f"; falling back to step {older}" if older is not None else ""))
+      if report:
+        say(problem + (f"; falling back to step {older}" if older is not None else ""))
   raise CheckpointError(
       f"every checkpoint in {checkpoint_dir} is damaged or incomplete: "
       + "; ".join(problems) + f". Delete {checkpoint_dir} to start afresh.")
