@@ -126,6 +126,10 @@ class Checkpointer:
       items[DATA] = grain_checkpoint.CheckpointSave(data_iter)
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
+  def saving(self) -> bool:
+    """Whether an async save is still being written."""
+    return bool(self._manager.is_saving_in_progress())
+
   def wait(self) -> None:
     """Blocks until the save in flight (if any) is committed; raises if it failed."""
     self._manager.wait_until_finished()
