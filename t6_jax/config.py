@@ -194,6 +194,8 @@ class CheckpointConfig:
   keep: int = 3
   keep_every: int = 0  # also keep every N-th step permanently (0: none)
   async_save: bool = True
+  resume_from: str = ""  # train.workdir has no checkpoint yet: start from this run/step dir
+  resume_step: int = -1  # resume this step rather than the newest good one (-1)
 
 
 @dataclasses.dataclass(frozen=True)

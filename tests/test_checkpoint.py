@@ -305,3 +305,33 @@ def test_read_only_view_cannot_save(tmp_path):
   ck.close()
   with pytest.raises(CheckpointError, match="not a checkpoint"):
     load_params(str(tmp_path))
+
+
+def test_resume_from_another_run(run, tmp_path):
+  workdir, saved = run
+  mesh = make_mesh(fsdp=8)
+  cfg = config_lib.CheckpointConfig(every=3, resume_from=workdir, resume_step=9)
+  ck = Checkpointer(str(tmp_path / "fork"), cfg)
+  assert ck.latest_step() == 9
+  it = iter(dataset())
+  step, state = ck.restore(abstract(CFG, mesh, "fsdp"), it)
+  assert step == 9
+  assert_equal(state, saved[9])
+  np.testing.assert_array_equal(next(it), elements(10)[9])
+  assert ck.save(12, state, it, config=CFG, tokenizer_spec=None)
+  ck.wait()
+  assert ck.latest_step() == 12  # its own checkpoints come first from now on
+  step, _ = ck.restore(abstract(CFG, mesh, "fsdp"), None)
+  assert step == 12
+  ck.close()
+  step_dir = os.path.join(workdir, "checkpoints", "6")
+  ck = Checkpointer(str(tmp_path / "fork2"),
+                    config_lib.CheckpointConfig(resume_from=step_dir), read_only=True)
+  assert ck.latest_step() == 6
+  step, state = ck.restore(abstract(CFG, mesh, "fsdp"), None)
+  assert step == 6
+  assert_equal(state, saved[6])
+  ck.close()
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    Checkpointer(str(tmp_path / "fork3"), config_lib.CheckpointConfig(
+        resume_from=str(tmp_path)), read_only=True).latest_step()

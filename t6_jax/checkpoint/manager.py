@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, meta_record, newest_good,
-                                      read_meta, saved_state_tree, say)
+from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, committed_steps,
+                                      meta_record, newest_good, read_meta, saved_state_tree, say)
 from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError, check_same_shapes
 from t6_jax.config import CheckpointConfig, Config
 
@@ -94,8 +94,41 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
+    """The newest committed step of this run; if it has none yet, the step a resume would
+    take from checkpoint.resume_from (checkpoint.resume_step, or that run's newest)."""
     steps = self.all_steps()
-    return steps[-1] if steps else None
+    if steps:
+      return steps[-1]
+    source = self._resume_source()
+    if source is None:
+      return None
+    directory, step = source
+    if step is None:
+      found = committed_steps(directory)
+      step = found[-1] if found else None
+    return step
+
+  def _resume_source(self) -> tuple[str, int | None] | None:
+    """(checkpoints directory, step or None) of checkpoint.resume_from, or None if unset."""
+    if not self.cfg.resume_from:
+      return None
+    path = os.path.abspath(self.cfg.resume_from)
+    step = self.cfg.resume_step if self.cfg.resume_step >= 0 else None
+    name = os.path.basename(path.rstrip("/"))
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+      directory = os.path.join(path, CHECKPOINT_DIR)
+    elif name.isdigit() and os.path.isdir(os.path.join(path, STATE)):
+      directory, step = os.path.dirname(path), int(name)  # a step directory
+    elif committed_steps(path):
+      directory = path
+    else:
+      raise CheckpointError(
+          f"checkpoint.resume_from={self.cfg.resume_from!r} holds no checkpoint; give a run "
+          f"directory (with {CHECKPOINT_DIR}/<step>/), its {CHECKPOINT_DIR}/ folder or one "
+          f"step's directory")
+    if os.path.realpath(directory) == os.path.realpath(self.directory):
+      return None  # our own directory: nothing to start from yet
+    return directory, step
 
   # ------------------------------------------------------------------------------------------
   # Saving
@@ -137,17 +170,13 @@ class Checkpointer:
   # ------------------------------------------------------------------------------------------
   # Restoring
 
-  def _check_compatible(self, step: int, abstract_state: dict) -> None:
-    step_dir = os.path.join(self.directory, str(step))
-    saved = saved_state_tree(step_dir)
-    check_same_shapes(abstract_state, saved, where=f"checkpoint step {step} ({step_dir})",
+  def _restore_step(self, manager, step: int, abstract_state: dict, data_iter):
+    step_dir = os.path.join(str(manager.directory), str(step))
+    meta = read_meta(step_dir)
+    check_same_shapes(abstract_state, saved_state_tree(step_dir),
+                      where=f"checkpoint step {step} ({step_dir})",
                       fix="train with the model and optimizer settings of that run, or start "
                           "a new run directory")
-
-  def _restore_step(self, step: int, abstract_state: dict, data_iter):
-    step_dir = os.path.join(self.directory, str(step))
-    meta = read_meta(step_dir)
-    self._check_compatible(step, abstract_state)
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
     if data_iter is not None:
       if not meta.get("has_data", True):
@@ -156,7 +185,7 @@ class Checkpointer:
       else:
         _check_data_files(step_dir, step)
         items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE]
 
   def restore(self, abstract_state: dict, data_iter, step: int | None = None) -> tuple[int, dict]:
@@ -166,13 +195,30 @@ class Checkpointer:
     arrays are resharded while reading). `data_iter`, if given, is set to the saved position.
     A damaged step is reported (naming the step and the problem) and skipped for the next
     older one; a checkpoint of a different model raises CheckpointMismatchError.
+    While this run has no checkpoint, checkpoint.resume_from (and resume_step) say where to
+    start from instead.
     """
     self.wait()
     if self.read_only:
       self._manager.reload()
-    found, state, self.problems = newest_good(
-        self.directory, lambda s: self._restore_step(s, abstract_state, data_iter), step,
-        report=self.primary)
+    manager = self._manager
+    source = None if committed_steps(self.directory) else self._resume_source()
+    if source is not None:
+      directory, resume_step = source
+      step = resume_step if step is None else step
+      manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False))
+      self._say(f"starting from {directory} "
+                f"({'newest good step' if step is None else f'step {step}'}; "
+                f"checkpoint.resume_from)")
+    try:
+      found, state, self.problems = newest_good(
+          str(manager.directory),
+          lambda s: self._restore_step(manager, s, abstract_state, data_iter), step,
+          report=self.primary)
+    finally:
+      if manager is not self._manager:
+        manager.close()
     return found, state
 
   # ------------------------------------------------------------------------------------------
