@@ -14,6 +14,7 @@ and (unless --no_write) replace the "## Decoding" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
 import os
 import sys
@@ -40,6 +41,7 @@ def parse_args(argv=None):
                  help="skip combinations whose cache + weights exceed this (default: 85%% of "
                       "the device's memory, or 100 GiB when unknown)")
   p.add_argument("--cache_dtype", default="bfloat16")
+  p.add_argument("--compile_threads", type=int, default=8)
   p.add_argument("--time_budget_s", type=float, default=420.0,
                  help="skip the remaining combinations (with a note) after this many seconds")
   p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
@@ -69,40 +71,56 @@ def device_memory_bytes():
     return None
 
 
-def bench_one(cfg, params, batch: int, context: int, steps: int, repeats: int, cache_dtype):
-  """Best seconds per decode step for (batch, context)."""
+def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache_dtype,
+          abstract: bool):
+  """Arguments of the jitted decode loop: real arrays, or their shapes (for compiling)."""
   import jax
   import jax.numpy as jnp
-  from t6_jax.decode.cache import Cache, init_cache
-  from t6_jax.decode.generate import _decode
+  from t6_jax.decode.cache import Cache, entry_shapes
 
-  kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True,
-            use_filters=False, stop_tokens=(), valid_vocab=None,
-            factor=cfg.decode.factor_attention)
-  make = jax.jit(lambda: init_cache(cfg.model, batch, context, cache_dtype))
-  cache = make()
+  shapes = entry_shapes(cfg.model, batch, context, cache_dtype)
   # The rows look like prompts that end just before the timed steps: every step attends to
   # (and the roofline counts) nearly the whole cache.
   start = context - (repeats + 1) * steps - 2
   if start < 1:
     raise ValueError(f"context {context} too short for {steps} steps x {repeats + 1} calls")
-  cache = Cache(cache.entries, cache.pad_B, jnp.asarray(start, jnp.int32))
-  logits = jnp.zeros((batch, cfg.model.vocab_size), jnp.float32)
-  key = jax.random.key(0)
-  t0 = time.perf_counter()
-  compiled = _decode.lower(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1),
-                           **kw).compile()
-  compile_s = time.perf_counter() - t0
-  tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1))
+  if abstract:
+    spec = jax.ShapeDtypeStruct
+    entries = shapes
+    cache = Cache(entries, spec((batch,), jnp.int32), spec((), jnp.int32))
+    logits = spec((batch, cfg.model.vocab_size), jnp.float32)
+    params = jax.tree.map(lambda x: spec(x.shape, x.dtype), params)
+  else:
+    entries = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
+    cache = Cache(entries, jnp.zeros((batch,), jnp.int32), jnp.asarray(start, jnp.int32))
+    logits = jnp.zeros((batch, cfg.model.vocab_size), jnp.float32)
+  return (params, cache, logits, jax.random.key(0), jnp.float32(1), jnp.int32(0),
+          jnp.float32(1))
+
+
+def lower_one(cfg, params, batch, context, steps, repeats, cache_dtype):
+  from t6_jax.decode.generate import _decode
+  kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True,
+            use_filters=False, stop_tokens=(), valid_vocab=None,
+            factor=cfg.decode.factor_attention)
+  args = _args(cfg, params, batch, context, steps, repeats, cache_dtype, abstract=True)
+  return _decode.lower(*args, **kw)
+
+
+def run_one(compiled, cfg, params, batch, context, steps, repeats, cache_dtype) -> float:
+  """Best seconds per decode step (the cache is donated from call to call)."""
+  params, cache, *rest = _args(cfg, params, batch, context, steps, repeats, cache_dtype,
+                               abstract=False)
+  tokens, cache = compiled(params, cache, *rest)
   tokens.block_until_ready()  # warm-up
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    tokens, cache = compiled(params, cache, logits, key, jnp.float32(1), jnp.int32(0), jnp.float32(1))
+    tokens, cache = compiled(params, cache, *rest)
     tokens.block_until_ready()
     best = min(best, (time.perf_counter() - t0) / steps)
   del cache
-  return best, compile_s
+  return best
 
 
 def replace_section(path: str, section: str) -> None:
@@ -139,7 +157,7 @@ def main(argv=None) -> int:
   device = jax.devices()[0]
   rows, notes = [], []
   header = ("| model | batch | context | cache GiB | ms/step | tokens/s | GB read/step "
-            "| HBM roofline | compile s |")
+            "| HBM roofline | compile s (parallel) |")
   print(header)
   print("|" + "---|" * 9, flush=True)
   t_start = time.perf_counter()
@@ -151,37 +169,67 @@ def main(argv=None) -> int:
     assert param_count(cfg.model) * 2 == weight_bytes or args.tiny
     models[name] = (cfg, params, weight_bytes)
   # Context outermost, models innermost: a run cut short by the budget still compares models.
+  combos = []
   for context in contexts:
     for batch in batches:
       for name, (cfg, params, weight_bytes) in models.items():
-        per_token = cache_bytes_per_token(cfg.model, args.cache_dtype)
-        cache_bytes = per_token * batch * context
+        cache_bytes = cache_bytes_per_token(cfg.model, args.cache_dtype) * batch * context
         label = f"{name} (tiny)" if args.tiny else name
-        if time.perf_counter() - t_start > args.time_budget_s:
-          notes.append(f"{label} B={batch} ctx={context}: skipped, past --time_budget_s")
-          print(f"# {notes[-1]}", flush=True)
-          continue
         if cache_bytes + weight_bytes > limit:
-          notes.append(f"{name} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
+          notes.append(f"{label} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
                        f"does not fit the {limit / 2**30:.0f} GiB limit; skipped")
-          print(f"# skipped: {notes[-1]}", flush=True)
-          continue
-        try:
-          step_s, compile_s = bench_one(cfg, params, batch, context, args.steps, args.repeats,
-                                        args.cache_dtype)
-        except Exception as e:  # noqa: BLE001 (out of memory on one combination)
-          notes.append(f"{name} B={batch} ctx={context}: failed ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160]})")
           print(f"# {notes[-1]}", flush=True)
           continue
-        read = weight_bytes + cache_bytes
-        roofline = read / step_s / (args.hbm_tbps * 1e12)
-        row = (f"| {label} | {batch} | {context} | {cache_bytes / 2**30:.2f} | "
-               f"{step_s * 1e3:.3f} | {batch / step_s:,.0f} | {read / 1e9:.2f} | "
-               f"{roofline:.1%} | {compile_s:.1f} |")
-        rows.append(row)
-        print(row, flush=True)
-  del models
+        combos.append((label, cfg, params, weight_bytes, batch, context, cache_bytes))
+
+  # Trace here, then compile everything in parallel threads (XLA releases the GIL).
+  lowered_at = time.perf_counter()
+  lowered_all = []
+  for label, cfg, params, _, batch, context, _ in combos:
+    try:
+      lowered_all.append(lower_one(cfg, params, batch, context, args.steps, args.repeats,
+                                   args.cache_dtype))
+    except Exception as e:  # noqa: BLE001 (reported per combination)
+      lowered_all.append(e)
+
+  def compile_one(lowered):
+    t0 = time.perf_counter()
+    if isinstance(lowered, Exception):
+      return lowered, 0.0
+    try:
+      return lowered.compile(), time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 (reported per combination)
+      return e, time.perf_counter() - t0
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_threads)) as pool:
+    compiled_all = list(pool.map(compile_one, lowered_all))
+  print(f"# compiled {len(combos)} decode loops in {time.perf_counter() - lowered_at:.0f} s",
+        flush=True)
+
+  for combo, (compiled, compile_s) in zip(combos, compiled_all):
+    label, cfg, params, weight_bytes, batch, context, cache_bytes = combo
+    if time.perf_counter() - t_start > args.time_budget_s:
+      notes.append(f"{label} B={batch} ctx={context}: skipped, past --time_budget_s")
+      print(f"# {notes[-1]}", flush=True)
+      continue
+    try:
+      if isinstance(compiled, Exception):
+        raise compiled
+      step_s = run_one(compiled, cfg, params, batch, context, args.steps, args.repeats,
+                       args.cache_dtype)
+    except Exception as e:  # noqa: BLE001 (out of memory on one combination)
+      notes.append(f"{label} B={batch} ctx={context}: failed ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:160]})")
+      print(f"# {notes[-1]}", flush=True)
+      continue
+    read = weight_bytes + cache_bytes
+    roofline = read / step_s / (args.hbm_tbps * 1e12)
+    row = (f"| {label} | {batch} | {context} | {cache_bytes / 2**30:.2f} | "
+           f"{step_s * 1e3:.3f} | {batch / step_s:,.0f} | {read / 1e9:.2f} | "
+           f"{roofline:.1%} | {compile_s:.1f} |")
+    rows.append(row)
+    print(row, flush=True)
+  del models, compiled_all
   elapsed = time.perf_counter() - t_start
 
   section = [f"{HEADING}\n\n",
