@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from t6_jax import config as config_lib
-from t6_jax.decode import cache_bytes_per_token, generate, sample_logits
+from t6_jax.decode import (cache_bytes_per_token, decode, generate, prefill,
+                           sample_logits)
 from t6_jax.model import init_params, model_from_params
 from t6_jax.model.attention import TPA, Mask
 from t6_jax.sharding import make_mesh
@@ -165,6 +166,19 @@ def test_ragged_batch_equals_each_prompt_alone(tpa_run):
     assert generate(params, cfg, [p], max_new_tokens=NEW, max_len=MAX_LEN) == [o]
 
 
+def test_prefill_then_decode_api(tpa_run):
+  cfg, params, out = tpa_run
+  tokens = np.zeros((len(PROMPTS), 10), np.int32)  # right-padded, as users hold them
+  for b, p in enumerate(PROMPTS):
+    tokens[b, :len(p)] = p
+  cache, logits = prefill(cfg, params, tokens, [len(p) for p in PROMPTS], max_len=MAX_LEN)
+  assert cache.max_len == MAX_LEN and int(cache.length) == 8
+  assert np.asarray(cache.pad_B).tolist() == [8 - len(p) for p in PROMPTS]
+  assert np.asarray(jnp.argmax(logits, -1)).tolist() == [o[0] for o in out]
+  new, cache = decode(cfg, params, cache, logits, steps=NEW)
+  assert np.asarray(new).tolist() == out and int(cache.length) == 8 + NEW - 1
+
+
 def test_eight_devices_give_the_same_tokens(tpa_run):
   cfg, params, out = tpa_run
   assert len(jax.devices()) == 8
@@ -243,5 +257,8 @@ def test_errors_name_the_problem():
     generate(params, cfg, [[-3]], max_new_tokens=2, max_len=24)
   with pytest.raises(ValueError, match="no prompts"):
     generate(params, cfg, [], max_new_tokens=2, max_len=24)
+  with pytest.raises(ValueError, match="decode.cache_dtype='int8'"):
+    generate(params, config_lib.apply_overrides(cfg, ["decode.cache_dtype=int8"]), [[1]],
+             max_new_tokens=2, max_len=24)
   with pytest.raises(ValueError, match="top_p"):
     generate(params, cfg, [[1]], max_new_tokens=2, max_len=24, temperature=1.0, top_p=0.0)

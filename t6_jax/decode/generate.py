@@ -159,6 +159,14 @@ def shard_params(cfg: Config, params, mesh):
   return jax.device_put(params, shardings)
 
 
+def _check_settings(cfg: Config):
+  if cfg.decode.cache_dtype not in ("bfloat16", "float32", "float16"):
+    raise ValueError(f"decode.cache_dtype={cfg.decode.cache_dtype!r}; use bfloat16, float32 "
+                     f"or float16")
+  if cfg.decode.prefill_chunk < 1:
+    raise ValueError(f"decode.prefill_chunk={cfg.decode.prefill_chunk} must be positive")
+
+
 def _check_sampling(temperature, top_k, top_p):
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
@@ -225,6 +233,7 @@ def prefill(cfg: Config, params, tokens_BxT, lengths_B, *, max_len: int | None =
 
 
 def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
+  _check_settings(cfg)
   prompts = check_prompts(prompts, cfg.model.vocab_size)
   max_len = max_len or cfg.decode.max_len
   longest = max(len(p) for p in prompts)
