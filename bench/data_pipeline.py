@@ -33,16 +33,18 @@ def measure(cfg, batch: int, seq_len: int, seconds: float) -> dict:
   next(it)
   first = time.time() - t0
   n = rows = real = 0
-  t0 = time.time()
+  t0, c0 = time.time(), time.process_time()
   while time.time() - t0 < seconds or rows < 2 * batch:
     b = next(it)
     real += int((b["targets"] >= 0).sum())
     n += b["targets"].size
     rows += b["targets"].shape[0]
   rate = real / (time.time() - t0)
+  per_cpu_s = real / max(time.process_time() - c0, 1e-9)  # this process, all its threads
   if hasattr(it, "close"):
     it.close()
-  return {"tokens_per_s": rate, "first_batch_s": first, "padding": 1 - real / n}
+  return {"tokens_per_s": rate, "tokens_per_cpu_s": per_cpu_s, "first_batch_s": first,
+          "padding": 1 - real / n}
 
 
 def main(argv=None) -> int:
@@ -76,8 +78,9 @@ def main(argv=None) -> int:
         run_cfg = config_lib.from_dict({"data": data}, cfg)
         r = measure(run_cfg, args.batch, args.seq_len, args.seconds)
         rows.append((case, packing, workers, r))
-        print(f"{case:9s} {packing:9s} workers={workers}: {r['tokens_per_s'] / 1e3:9.0f}k "
+        print(f"{case:9s} {packing:9s} workers={workers}: {r['tokens_per_s'] / 1e3:7.0f}k "
               f"tokens/s ({r['tokens_per_s'] / H200_T6_SMALL:5.1f}x one H200 on T6-small), "
+              f"{r['tokens_per_cpu_s'] / 1e3:.0f}k per CPU-second of this process, "
               f"first batch {r['first_batch_s']:.1f}s, padding {100 * r['padding']:.1f}%",
               flush=True)
   if args.out:
@@ -102,17 +105,20 @@ def _write(args, rows) -> None:
       f"`python bench/data_pipeline.py` on {platform.machine()} with {cpus} CPU cores "
       f"(load average {load:.1f} when written), batch {args.batch} x {args.seq_len}, "
       f"the 4096-token BPE of the bundled corpus, {args.seconds:.0f} s per case. "
-      "Tokens/s counts real target tokens (padding excluded). One H200 trains T6-small at "
+      "Tokens/s counts real target tokens (padding excluded); tokens per CPU-second (the main "
+      "process's CPU time, without workers) is what one busy core delivers, less sensitive to "
+      "other load on the machine. One H200 trains T6-small at "
       f"about {H200_T6_SMALL // 1000}k tokens/s (REFERENCE.md section 8).",
       "",
       "| source | packing | worker processes | tokens/s | x one H200 (T6-small) | "
-      "first batch | padding |",
-      "|---|---|---|---|---|---|---|",
+      "tokens per CPU-second (0 workers) | first batch | padding |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for case, packing, workers, r in rows:
+    per_cpu = f"{r['tokens_per_cpu_s'] / 1e3:,.0f}k" if workers == 0 else "-"
     lines.append(f"| {case} | {packing} | {workers} | {r['tokens_per_s'] / 1e3:,.0f}k | "
-                 f"{r['tokens_per_s'] / H200_T6_SMALL:.1f} | {r['first_batch_s']:.1f} s | "
-                 f"{100 * r['padding']:.1f}% |")
+                 f"{r['tokens_per_s'] / H200_T6_SMALL:.1f} | {per_cpu} | "
+                 f"{r['first_batch_s']:.1f} s | {100 * r['padding']:.1f}% |")
   lines += ["", "`cached`: tokens read from the tokenized cache (.npy; the reference's .bin "
             "shards read the same way). `streamed`: local text through the tfds builder, "
             "tokenized in the pipeline (tfds / text sources). Worker processes each run the "

@@ -57,6 +57,10 @@ class FlatTokens:
   def __getstate__(self):
     return {"entries": self.entries, "eot_id": self.eot_id, "name": self.name, "_arrays": None}
 
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    _ = self.arrays  # map the files before reader threads start
+
   @property
   def arrays(self) -> list[np.ndarray]:
     if self._arrays is None:
@@ -159,6 +163,12 @@ class TextDocuments:
     state["_source"] = None
     return state
 
+  def __setstate__(self, state):
+    # Unpickled in a worker's main thread: open now, before Grain's reader threads start
+    # (importing tfds lazily from two threads at once deadlocks in etils' lazy imports).
+    self.__dict__.update(state)
+    _ = self.source
+
   @property
   def source(self):
     if self._source is None:
@@ -195,6 +205,10 @@ class TokenDocuments:
     state = dict(self.__dict__)
     state["_source"] = None
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    _ = self.source  # open in the unpickling (main) thread, as TextDocuments
 
   @property
   def source(self):
