@@ -145,7 +145,7 @@ def test_kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, cap
   if moment == "during_async_save":
     kill_step = rng.choice(range(2 * EVERY, STEPS, EVERY))  # a checkpoint exists before it
   else:
-    kill_step = rng.choice([s for s in range(2 * EVERY + 1, STEPS - 1) if s % EVERY])
+    kill_step = rng.choice([s for s in range(2 * EVERY + 1, STEPS - 2) if s % EVERY])
   # Both subprocesses compile the same step: the second reads it from a persistent cache.
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=str(compile_cache),
