@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     return 2
 
   if args.aot_topology:
+    # Compile-only TPU devices come from libtpu's topology description; no backend needed.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from t6_jax.train import aot
     try:
       report = aot.compile_train_step(cfg, args.aot_topology)
@@ -79,8 +81,10 @@ def main(argv=None) -> int:
     print(f"validation loss: {last:.4f}")
   if cfg.train.sample_tokens > 0:
     from t6_jax.decode import sample_text
+    d = cfg.decode
     text = sample_text(cfg, summary["state"]["params"], summary["tokenizer"],
-                       [cfg.train.sample_prompt], cfg.train.sample_tokens)[0]
+                       [cfg.train.sample_prompt], cfg.train.sample_tokens,
+                       temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, seed=d.seed)[0]
     print(f"sample:\n{cfg.train.sample_prompt}{text}")
   return 0
 

@@ -9,6 +9,7 @@ and the end of the run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -95,6 +96,23 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
                      f"{rows} x {cfg.train.seq_len} tokens; lower train.batch_size or "
                      f"train.seq_len, or give the data source a validation split")
   return batches
+
+
+def first_logged(workdir: str, key: str) -> float | None:
+  """The earliest value of `key` in the run's metrics.jsonl (the first validation loss of a
+  resumed run), or None."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record.get(key), (int, float)):
+        return float(record[key])
+  return None
 
 
 def evaluate(step_fn: step_lib.TrainStep, params, batches) -> float:
@@ -223,6 +241,8 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
   try:
     if start == 0:
       validate_now(0)
+    else:
+      summary["first_val_loss"] = first_logged(workdir, "val_loss")
     pending = None
     t_train = time.time()
     for n in range(start + 1, t.steps + 1):
@@ -234,7 +254,10 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
       if pending is not None:
         read(*pending)  # step n-1, while step n runs
       pending = (n, step_metrics)
-      preempted = ckpt.reached_preemption(n)
+      # Several processes agree on preemption through a collective, which waits for the
+      # step in flight: check every log_every steps there, every step on one process.
+      check = jax.process_count() == 1 or n % t.log_every == 0 or n % cfg.checkpoint.every == 0
+      preempted = check and ckpt.reached_preemption(n)
       last = n == t.steps
       evaluate_now = n % t.eval_every == 0 or last
       if preempted or last or evaluate_now or n % cfg.checkpoint.every == 0:
