@@ -212,7 +212,8 @@ def test_mismatched_model_names_parameter_and_shapes(run, tmp_path):
                      r"\(2, 64, 4, 2\) in checkpoint .* expects \(2, 96, 4, 2\)"):
     load_params(workdir, model=wide.model)
   mla = config_lib.apply_overrides(CFG, ["model.attention=mla"]).validate()
-  with pytest.raises(CheckpointMismatchError, match=r"params\.blocks\.attn\.\w+ (is missing|has shape)"):
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"params\.blocks\.attn\.\w+ (is missing|has shape)"):
     load_params(workdir, model=mla.model)
   with pytest.raises(CheckpointMismatchError, match="do not fit config.model"):
     export_params(str(tmp_path / "bad"), host(fresh(CFG, mesh, "fsdp")["params"]), wide, None)

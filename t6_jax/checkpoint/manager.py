@@ -17,9 +17,7 @@ import threading
 
 import grain.checkpoint as grain_checkpoint
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, committed_steps,
@@ -28,16 +26,6 @@ from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError, ch
 from t6_jax.config import CheckpointConfig, Config
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _distributed_preemption_service() -> bool:
-  """True when jax.distributed runs a preemption service: it owns SIGTERM and syncs a save step
-  across hosts (reached_preemption_sync_point), so we must not take SIGTERM from it."""
-  try:
-    from jax._src import distributed
-    return distributed.global_state.client is not None
-  except (ImportError, AttributeError):
-    return False
 
 
 class Checkpointer:
@@ -227,9 +215,12 @@ class Checkpointer:
   def _install_signal_handlers(self) -> None:
     if threading.current_thread() is not threading.main_thread():
       return  # signal handlers can only be set from the main thread
+    if jax.process_count() > 1:
+      # jax.distributed's preemption service owns SIGTERM and makes every host stop at the
+      # same step (reached_preemption_sync_point); a flag of our own could stop hosts at
+      # different steps and hang the save's collectives.
+      return
     for sig in _SIGNALS:
-      if sig == signal.SIGTERM and _distributed_preemption_service():
-        continue
       self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
   def _on_signal(self, signum, frame) -> None:
@@ -242,17 +233,14 @@ class Checkpointer:
       raise KeyboardInterrupt(name)
     self._signal = signum
     self._say(f"{name} received: saving a checkpoint at the next step boundary, then exiting "
-        f"(send it again to exit at once)")
+              f"(send it again to exit at once)")
 
   def reached_preemption(self, step: int) -> bool:
-    """True once SIGTERM / SIGINT was received, or when Orbax's multi-host preemption sync
-    point (TPU maintenance events through jax.distributed) is reached at `step`. Call it at
-    every step boundary on every process; on True, save with force=True and stop."""
-    local = self._signal is not None
-    if jax.process_count() > 1:
-      # Every host must stop at the same step, or the save's collectives would hang.
-      local = bool(np.any(multihost_utils.process_allgather(np.int32(local))))
-    return local or bool(self._manager.reached_preemption(int(step)))
+    """True once SIGTERM / SIGINT was received (one process), or when the multi-host
+    preemption sync point of jax.distributed is reached at `step` (Orbax's check: a SIGTERM
+    or TPU maintenance notice on any host, agreed by all). Call it at every step boundary on
+    every process; on True, save with force=True and stop."""
+    return self._signal is not None or bool(self._manager.reached_preemption(int(step)))
 
   @property
   def signal_received(self) -> str | None:
