@@ -109,7 +109,7 @@ def _decode(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *,
       logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
                                          kv_len=cache.max_len, factor_attention=factor)
       nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
-      nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (fed as token 0, masked)
+      nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (and are fed token 0)
       out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
       done_B = done_B | jnp.isin(nxt_B, stops)
       return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)

@@ -294,6 +294,34 @@ class MLA(Attention):
     scale = 1.0 / math.sqrt(self.cfg.mla_nope_dim + self.cfg.mla_rope_dim)
     return dot_attention(q_BxTxHxE, k_BxSxHxE, v_BxSxHxV, mask, scale, self.cfg.attention_impl)
 
+  def attend_factors(self, q_BxTxHxE, e, mask: Mask):
+    """`attend` in the latent space (decoding): kv_b is absorbed into the query and the output
+    instead of expanding every cached latent to per-head K/V each step.
+
+      logit[t,h,s] = <q_nope[t,h] kv_b_nope[:,h]^T, latent[s]> + <q_pe[t,h], k_pe[s]>
+      out[t,h]     = (sum_s alpha[t,h,s] latent[s]) kv_b_v[:,h]
+    FLOPs per cached key: h (kv_lora + d_r) + h kv_lora (vs h kv_lora (d_n + d_v) expanding).
+    """
+    cfg, f32 = self.cfg, jnp.float32
+    n = cfg.mla_nope_dim
+    q_nope_BxTxHxN, q_pe_BxTxHxR = q_BxTxHxE[..., :n], q_BxTxHxE[..., n:]
+    q_lat_BxTxHxL = self._proj(q_nope_BxTxHxN, self.kv_b_nope, "bthn,lhn->bthl")
+    logits_BxTxHxS = (
+        jnp.einsum("bthl,bsl->bths", q_lat_BxTxHxL, e["latent"].astype(self.dtype),
+                   preferred_element_type=f32)
+        + jnp.einsum("bthr,bsr->bths", q_pe_BxTxHxR, e["k_pe"].astype(self.dtype),
+                     preferred_element_type=f32)) / math.sqrt(n + cfg.mla_rope_dim)
+    s_len, t_len = e["latent"].shape[1], q_BxTxHxE.shape[1]
+    keep_BxTx1xS = jnp.ones((1, t_len, 1, s_len), bool)
+    if mask.causal:
+      keep_BxTx1xS = jnp.tril(jnp.ones((t_len, s_len), bool))[None, :, None, :]
+    if mask.keep_BxTxS is not None:
+      keep_BxTx1xS = keep_BxTx1xS & mask.keep_BxTxS[:, :, None, :]
+    probs_BxTxHxS = jax.nn.softmax(jnp.where(keep_BxTx1xS, logits_BxTxHxS, -jnp.inf), axis=-1)
+    ctx_BxTxHxL = jnp.einsum("bths,bsl->bthl", probs_BxTxHxS.astype(self.dtype),
+                             e["latent"].astype(self.dtype), preferred_element_type=f32)
+    return self._proj(ctx_BxTxHxL, self.kv_b_v, "bthl,lhv->bthv")
+
 
 def make_attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
   if cfg.attention in ("tpa", "tpa_kvonly"):
