@@ -116,8 +116,14 @@ class T6LocalText(tfds.core.GeneratorBasedBuilder):
 
 def prepared_builder(files: Sequence[str], data_dir: str, **config) -> T6LocalText:
   """The builder for these files, prepared to ArrayRecord under `data_dir` if not yet."""
-  builder = T6LocalText(config=LocalTextConfig(files=files, **config), data_dir=data_dir,
-                      file_format="array_record")
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # not "Using custom data configuration" each time
+  try:
+    builder = T6LocalText(config=LocalTextConfig(files=files, **config), data_dir=data_dir,
+                          file_format="array_record")
+  finally:
+    absl_logging.set_verbosity(verbosity)
   if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     builder.download_and_prepare()
   return builder
