@@ -219,7 +219,6 @@ class EvalConfig:
 
   batch_size: int = 8
   max_batches: int = 0  # 0: the whole split
-
   seq_len: int = 0  # validation window for loss/bpb; 0: train.seq_len
   tasks: str = "fixture"  # comma list: fixture, paper (the 9), arc_easy, ..., NAME=FILE.jsonl
   task_source: str = "local"  # local (JSONL under task_dir) | tfds (prepared tfds datasets)
@@ -241,6 +240,7 @@ class EvalConfig:
     if self.task_source not in ("local", "tfds"):
       raise ConfigError(f"eval.task_source={self.task_source!r}; use local or tfds")
 
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
@@ -252,7 +252,10 @@ class Config:
   eval: EvalConfig = EvalConfig()
 
   def validate(self) -> "Config":
-    self.model.validate()
+    for section in dataclasses.fields(self):
+      check = getattr(getattr(self, section.name), "validate", None)
+      if check is not None:
+        check()
     return self
 
   def to_dict(self) -> dict[str, Any]:
