@@ -169,6 +169,9 @@ def test_tfds_builder_on_local_corpus(tmp_path, text_corpus):
   assert sorted([train[i] for i in range(len(train))] +
                 [val[i] for i in range(len(val))]) == sorted(CORPUS)
   assert os.path.isdir(tmp_path / "cache" / "tfds" / "t6_local_text")
+  # Workers unpickle sources in their main thread and must open them there (a lazy tfds import
+  # from two reader threads at once deadlocks).
+  assert pickle.loads(pickle.dumps(val))._source is not None  # pylint: disable=protected-access
   # Segments from the text source: every target is a real token of some document.
   batches = list(make_dataset(cfg, "validation", batch_size=2, seq_len=24, shuffle=False,
                               num_epochs=1, process_index=0, process_count=1))
