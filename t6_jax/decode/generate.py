@@ -201,6 +201,18 @@ def prompt_bucket(longest: int, room: int, chunk: int) -> int:
   return max(longest, min(width, room))
 
 
+SCORES_BYTES = 2 << 30  # prefill materialises (B, H, chunk, S) fp32 attention scores
+
+
+def prefill_chunk(cfg: Config, batch: int, max_len: int) -> int:
+  """decode.prefill_chunk, halved (down to 16) until one chunk's attention scores against
+  the whole cache fit SCORES_BYTES: long prompts in big batches would not fit otherwise."""
+  chunk = cfg.decode.prefill_chunk
+  while chunk > 16 and batch * cfg.model.num_heads * chunk * max_len * 4 > SCORES_BYTES:
+    chunk //= 2
+  return chunk
+
+
 def left_align(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens (B, width) with each prompt at the right end, pad (B,) leading slots)."""
   tokens = np.zeros((len(prompts), width), np.int32)
@@ -242,13 +254,14 @@ def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
     raise ValueError(f"the longest prompt has {longest} tokens but the cache holds {max_len} "
                      f"({max_len - room} kept free for new tokens); raise max_len / "
                      f"decode.max_len or shorten the prompt")
-  tokens, pad = left_align(prompts, prompt_bucket(longest, room, cfg.decode.prefill_chunk))
+  chunk = prefill_chunk(cfg, len(prompts), max_len)
+  tokens, pad = left_align(prompts, prompt_bucket(longest, room, chunk))
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
     return _prefill(params, _put_batch(tokens, mesh),
                     _put_batch(pad, mesh), model_cfg=cfg.model, rules=cfg.mesh.rules,
                     max_len=max_len, cache_dtype=cfg.decode.cache_dtype,
-                    chunk=cfg.decode.prefill_chunk)
+                    chunk=chunk)
 
 
 def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, temperature=0.,
