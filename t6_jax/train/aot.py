@@ -10,6 +10,7 @@ FLOPs imply at the chip's peak. A step that does not fit raises `DoesNotFit`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -28,6 +29,9 @@ class DoesNotFit(RuntimeError):
 
 def topology_devices(name: str, **kwargs):
   """Compile-only devices of a TPU topology such as v5p:8x8x8, v5e:16x16, v6e:16x16."""
+  # libtpu otherwise takes a machine-wide lock meant for real TPUs, which any other JAX process
+  # that probed the TPU backend may hold; describing a topology needs no exclusive access.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     return topologies.get_topology_desc(name, "tpu", **kwargs).devices

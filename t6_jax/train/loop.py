@@ -180,7 +180,7 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
                                 fail=cfg.mesh.fail_on_replicated, log=log)
 
   keys = _batch_keys(cfg)
-  step_fn = step_lib.TrainStep(cfg, mesh, shardings, keys)
+  step_fn = step_lib.TrainStep(cfg, mesh, batch_keys=keys)
   tokens_per_step = step_lib.tokens_per_step(cfg)
   flops_per_token = flops_lib.train_flops_per_token(cfg.model, t.seq_len)
   log(f"model: {cfg.model.attention}, {n_params:,} parameters; "

@@ -248,26 +248,40 @@ def abstract_batch(cfg: Config, mesh, keys=("inputs", "targets")) -> dict:
           for k, s in batch_shardings(cfg, mesh, keys).items()}
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_steps(cfg: Config, mesh, batch_keys: tuple[str, ...]):
+  """(train step, eval step) jitted for this config and mesh; cached so that a second run in
+  the same process (a resume, a test) reuses the compiled programs."""
+  return _jit_steps(cfg, mesh, state_shardings(cfg, mesh), batch_keys)
+
+
+def _jit_steps(cfg: Config, mesh, shardings: dict, batch_keys: tuple[str, ...]):
+  replicated = NamedSharding(mesh, P())
+  batch_in = batch_shardings(cfg, mesh, batch_keys)
+  train = jax.jit(functools.partial(train_step, cfg=cfg),
+                  in_shardings=(shardings, batch_in), out_shardings=(shardings, replicated),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, cfg=cfg),
+                     in_shardings=(shardings["params"], batch_in), out_shardings=replicated)
+  return train, evaluate
+
+
 class TrainStep:
   """The jitted step bound to a mesh: `state, metrics = step(state, batch)`.
 
-  The mesh and rules table are entered around every call so that tracing (first call, or
-  `lower`) sees them; compiled calls pay only the context switch.
+  In and out shardings are explicit (the state's from `state_shardings` unless given, the
+  batch split over the data-parallel axes) and the state is donated. The mesh and rules table
+  are entered around every call so that tracing (first call, or `lower`) sees them; compiled
+  calls pay only the context switch.
   """
 
-  def __init__(self, cfg: Config, mesh, shardings: dict, batch_keys=("inputs", "targets")):
+  def __init__(self, cfg: Config, mesh, shardings: dict | None = None,
+               batch_keys=("inputs", "targets")):
     self.cfg, self.mesh = cfg, mesh
-    replicated = NamedSharding(mesh, P())
-    batch_in = batch_shardings(cfg, mesh, batch_keys)
-    self.jitted = jax.jit(
-        functools.partial(train_step, cfg=cfg),
-        in_shardings=(shardings, batch_in),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0)
-    self.eval_jitted = jax.jit(
-        functools.partial(eval_step, cfg=cfg),
-        in_shardings=(shardings["params"], batch_in),
-        out_shardings=replicated)
+    if shardings is None:
+      self.jitted, self.eval_jitted = _jitted_steps(cfg, mesh, tuple(batch_keys))
+    else:
+      self.jitted, self.eval_jitted = _jit_steps(cfg, mesh, shardings, tuple(batch_keys))
 
   def __call__(self, state, batch):
     with sharding_lib.activate(self.mesh, self.cfg.mesh.rules):

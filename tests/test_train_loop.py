@@ -1,0 +1,49 @@
+"""A few-step run of the training loop on the bundled corpus: validation, metrics files,
+a preemption that saves and exits cleanly, and a rerun that resumes from that checkpoint."""
+
+import json
+import os
+
+import pytest
+
+from t6_jax import config as config_lib
+from t6_jax.checkpoint import Checkpointer
+from t6_jax.train import loop
+
+MICRO = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
+         "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=8", "train.steps=6",
+         "train.warmup_steps=1", "train.lr=1e-2", "train.min_lr=1e-2",
+         "train.schedule=constant", "train.log_every=2", "train.eval_every=2",
+         "train.eval_batches=1", "checkpoint.every=2", "checkpoint.async_save=false"]
+
+
+def test_preempt_then_resume(tmp_path, monkeypatch):
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}"])
+  real = Checkpointer.reached_preemption
+  monkeypatch.setattr(Checkpointer, "reached_preemption",
+                      lambda self, step: step == 3 or real(self, step))
+  first = loop.train(cfg)
+  assert first.get("preempted") and first["final_step"] == 3 and not first["resumed"]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "3"]
+
+  monkeypatch.setattr(Checkpointer, "reached_preemption", real)
+  second = loop.train(cfg)
+  assert second["resumed"] and second["start_step"] == 3 and second["final_step"] == 6
+  assert second["first_val_loss"] == first["first_val_loss"]  # read back from metrics.jsonl
+  assert second["last_val_loss"] < first["first_val_loss"]
+
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6]
+  train_records = [r for r in records if "loss" in r]
+  # Each run's first step (compilation, or the first after a resume) starts the clock.
+  assert [r["step"] for r in train_records] == [2, 6]
+  assert all(r["tokens_per_s"] > 0 and r["lr"] == pytest.approx(1e-2) for r in train_records)
+  assert os.path.exists(tmp_path / "run" / "config.yaml")
+  assert os.listdir(tmp_path / "run" / "tb")
+
+
+def test_restart_refuses_a_folder_that_is_not_a_run(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="does not look like a run directory"):
+    loop.clear_run_dir(str(tmp_path))
