@@ -185,36 +185,36 @@ class TPA(Attention):
     cfg = self.cfg
     f32 = jnp.float32
     a_k_BxSxHxR, b_k_BxSxRxK = e["a_k"], e["b_k"]
-    a_k_BxHxSxR = jnp.transpose(a_k_BxSxHxR, (0, 2, 1, 3)).astype(f32)
+    # Everything stays in the cache's own (S, H) order: transposing A_k / A_v to (H, S) each
+    # step would copy the biggest cache entries (measured 1.45x slower on an H200).
     if "q" in q:
-      qb_BxTxHxSxR = jnp.einsum("bthk,bsrk->bthsr", q["q"], b_k_BxSxRxK,
+      qb_BxTxSxHxR = jnp.einsum("bthk,bsrk->btshr", q["q"], b_k_BxSxRxK.astype(q["q"].dtype),
                                 preferred_element_type=f32)
-      logits_BxTxHxS = jnp.sum(qb_BxTxHxSxR * a_k_BxHxSxR[:, None], axis=-1)
+      logits_BxTxSxH = jnp.einsum("btshr,bshr->btsh", qb_BxTxSxHxR, a_k_BxSxHxR.astype(f32))
+      scale = 1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank)
     else:
-      # Only the head-shared P needs d_h-long dot products (R_q x R_k per key), written as a
-      # reduction over d_h so XLA reads each cached B_k row once, in place; the per-head part
-      # is an elementwise sum over (R_q, R_k) fused into one pass over A_k and P, so nothing
-      # of size h x S x R is written out.
-      p_BxTxSxRxQ = jnp.sum(
-          b_k_BxSxRxK[:, None, :, :, None, :].astype(f32)
-          * q["b_q"][:, :, None, None, :, :].astype(f32), axis=-1)
-      a_q_BxTxHxQ = q["a_q"].astype(f32)
-      logits_BxTxHxS = jnp.sum(
-          a_q_BxTxHxQ[:, :, :, None, None, :] * p_BxTxSxRxQ[:, :, None]
-          * a_k_BxHxSxR[:, None, :, :, :, None], axis=(4, 5)) / cfg.q_rank
-    logits_BxTxHxS = logits_BxTxHxS * (1.0 / (math.sqrt(cfg.head_dim) * cfg.k_rank))
-    s_len, t_len = a_k_BxSxHxR.shape[1], logits_BxTxHxS.shape[1]
-    keep_BxTx1xS = jnp.ones((1, t_len, 1, s_len), bool)
+      # Head-shared P: one batched GEMM over the cached B_k rows (R_q x R_k per key).
+      p_BxTxSxRxQ = jnp.einsum("bsrk,btqk->btsrq", b_k_BxSxRxK,
+                               q["b_q"].astype(b_k_BxSxRxK.dtype), preferred_element_type=f32)
+      logits_BxTxSxH = jnp.einsum("bshr,btsrq,bthq->btsh", a_k_BxSxHxR.astype(f32),
+                                  p_BxTxSxRxQ, q["a_q"].astype(f32))
+      scale = 1.0 / (math.sqrt(cfg.head_dim) * cfg.q_rank * cfg.k_rank)
+    s_len, t_len = a_k_BxSxHxR.shape[1], logits_BxTxSxH.shape[1]
+    keep_BxTxSx1 = jnp.ones((1, t_len, s_len, 1), bool)
     if mask.causal:
-      keep_BxTx1xS = jnp.tril(jnp.ones((t_len, s_len), bool))[None, :, None, :]
+      keep_BxTxSx1 = jnp.tril(jnp.ones((t_len, s_len), bool))[None, :, :, None]
     if mask.keep_BxTxS is not None:
-      keep_BxTx1xS = keep_BxTx1xS & mask.keep_BxTxS[:, :, None, :]
-    logits_BxTxHxS = jnp.where(keep_BxTx1xS, logits_BxTxHxS, -jnp.inf)
-    probs_BxTxHxS = jax.nn.softmax(logits_BxTxHxS, axis=-1)
-    w_BxTxHxSxR = (probs_BxTxHxS[..., None] * jnp.transpose(e["a_v"], (0, 2, 1, 3))[:, None]
-                   ).astype(e["b_v"].dtype)
-    y_BxTxHxK = jnp.einsum("bthsr,bsrk->bthk", w_BxTxHxSxR, e["b_v"],
-                           preferred_element_type=f32) / cfg.v_rank
+      keep_BxTxSx1 = keep_BxTxSx1 & mask.keep_BxTxS[..., None]
+    logits_BxTxSxH = jnp.where(keep_BxTxSx1, logits_BxTxSxH * scale, -jnp.inf)
+    probs_BxTxSxH = jax.nn.softmax(logits_BxTxSxH, axis=2)
+    # out[h] = sum_u sum_s (alpha[h, s] A_v[s, h, u]) B_v[s, u]: one GEMM per value rank, each
+    # contracting S in place (no (H, S, R) copy).
+    y_BxTxHxK = 0.0
+    for u in range(cfg.v_rank):
+      w_BxTxSxH = (probs_BxTxSxH * e["a_v"][:, None, :, :, u].astype(f32)).astype(e["b_v"].dtype)
+      y_BxTxHxK = y_BxTxHxK + jnp.einsum("btsh,bsk->bthk", w_BxTxSxH, e["b_v"][:, :, u, :],
+                                         preferred_element_type=f32)
+    y_BxTxHxK = y_BxTxHxK / cfg.v_rank
     return self.head_norm(y_BxTxHxK.astype(self.dtype))
 
 
