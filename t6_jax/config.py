@@ -82,8 +82,10 @@ class ModelConfig:
       need(self.num_heads * self.head_dim == self.d_model,
            f"mha needs model.num_heads * model.head_dim == model.d_model, got "
            f"{self.num_heads} * {self.head_dim} = {self.num_heads * self.head_dim} != "
-           f"{self.d_model}; set model.head_dim={self.d_model // self.num_heads} or change "
-           f"model.num_heads")
+           f"{self.d_model}; " + (
+               f"set model.head_dim={self.d_model // self.num_heads}"
+               if self.d_model % self.num_heads == 0 else
+               f"model.num_heads must divide model.d_model={self.d_model}"))
     if self.attention == "gqa":
       need(self.num_kv_heads > 0,
            "gqa needs model.num_kv_heads > 0 (the paper's GQA uses 2)")
@@ -266,9 +268,11 @@ class Config:
 # Building configs from dicts, files and overrides
 
 
-def _closest(name: str, options) -> str:
+def _closest(name: str, options, prefix: str = "") -> str:
   near = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-  return f"; did you mean {' or '.join(near)}?" if near else f"; valid keys: {', '.join(options)}"
+  if near:
+    return f"; did you mean {' or '.join(prefix + n for n in near)}?"
+  return f"; valid keys: {', '.join(prefix + o for o in options)}"
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -318,7 +322,7 @@ def _section_from_dict(cls, values: dict[str, Any], base, prefix: str):
   updates = {}
   for key, value in values.items():
     if key not in names:
-      raise ConfigError(f"unknown key {prefix}.{key}{_closest(key, names)}")
+      raise ConfigError(f"unknown key {prefix}.{key}{_closest(key, names, prefix + '.')}")
     updates[key] = _coerce(value, hints[key], f"{prefix}.{key}")
   return dataclasses.replace(base, **updates)
 
@@ -370,7 +374,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                         f"e.g. model.num_layers=4")
     key, raw = item.split("=", 1)
     if "." not in key:
-      raise ConfigError(f"override key {key!r} must name a section, e.g. train.{key}")
+      owners = [f.name for f in dataclasses.fields(Config)
+                if key in {g.name for g in dataclasses.fields(typing.get_type_hints(Config)[f.name])}]
+      hint = f"; did you mean {' or '.join(o + '.' + key for o in owners)}?" if owners else (
+          f"; sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
+      raise ConfigError(f"override key {key!r} must name a section (section.key=value){hint}")
     section, name = key.split(".", 1)
     try:
       value = yaml.safe_load(raw) if raw != "" else ""
