@@ -78,10 +78,10 @@ def compile_once():
   steps, states = {}, {}
   original_step, original_init = step_lib.TrainStep, step_lib.init_state
 
-  def train_step(cfg, mesh, shardings, keys=("inputs", "targets")):
-    key = (_same_run(cfg), mesh, tuple(keys))
+  def train_step(cfg, mesh, shardings=None, batch_keys=("inputs", "targets")):
+    key = (_same_run(cfg), mesh, shardings is None, tuple(batch_keys))
     if key not in steps:
-      steps[key] = original_step(cfg, mesh, shardings, keys)
+      steps[key] = original_step(cfg, mesh, shardings, batch_keys=batch_keys)
     return steps[key]
 
   def init_state(cfg, mesh):
@@ -98,7 +98,25 @@ def compile_once():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, compile_once):
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module: the training subprocesses load the
+  executables this process compiled instead of compiling them again."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (path, 0.0, -1)):
+    jax.config.update(name, value)
+  cc.reset_cache()
+  yield path
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, compile_once, compile_cache):
   workdir = str(tmp_path_factory.mktemp("reference"))
   with pytest.MonkeyPatch.context() as monkeypatch:
     summary, losses = run_train(make_cfg(workdir), monkeypatch)
@@ -132,9 +150,6 @@ def _wait_for(predicate, proc, what, timeout=300.0):
   raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
 
 
 @pytest.mark.parametrize("moment", ["during_async_save", "between_saves"])
@@ -146,9 +161,8 @@ def test_kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, cap
     kill_step = rng.choice(range(2 * EVERY, STEPS, EVERY))  # a checkpoint exists before it
   else:
     kill_step = rng.choice([s for s in range(2 * EVERY + 1, STEPS - 2) if s % EVERY])
-  # Both subprocesses compile the same step: the second reads it from a persistent cache.
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+             JAX_COMPILATION_CACHE_DIR=compile_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   log = open(tmp_path / "train.log", "w")
