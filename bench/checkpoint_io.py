@@ -67,16 +67,13 @@ def main(argv=None) -> int:
   t = time.perf_counter()
   _, state, shardings = step_lib.init_state(cfg, mesh)
 
-  def trained_like(state):
-    # Adam's moments start at zero, which compresses to nothing; a trained state does not.
-    leaves, tree = jax.tree.flatten(state["opt_state"])
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [jax.random.normal(k, x.shape, x.dtype) * 1e-3
-              if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) and x.ndim else x
-              for k, x in zip(keys, leaves)]
-    return dict(state, opt_state=jax.tree.unflatten(tree, leaves))
-
-  state = jax.jit(trained_like, out_shardings=shardings, donate_argnums=0)(state)
+  # Adam's moments start at zero, which compresses to nothing; a trained state's do not.
+  noise = np.random.default_rng(1)
+  state["opt_state"] = jax.tree.map(
+      lambda x, s: jax.device_put(
+          noise.standard_normal(x.shape, np.float32).astype(x.dtype) * 1e-3, s)
+      if np.issubdtype(x.dtype, np.floating) and x.ndim else x,
+      state["opt_state"], shardings["opt_state"])
   jax.block_until_ready(state)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))

@@ -237,6 +237,9 @@ def test_restore_onto_fsdp_tp_mesh_of_4_devices(reference):
   np.testing.assert_allclose(loss_sum / count, ref_losses[11], rtol=2e-6)
 
 
+# Orbax abandons TensorStore reads of the damaged file when it gives up on the step; their
+# late callbacks hit a closed event loop ("Event loop is closed"), which pytest reports.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_newest_step_and_other_model(reference, tmp_path, capsys):
   from t6_jax import sharding as sharding_lib
   from t6_jax.train import step as step_lib
