@@ -1,16 +1,15 @@
-"""Meshes from config, parameter and optimizer-state shardings from the rules table, the
-replicated-parameter guard, and a train state created sharded."""
+"""Meshes from config, parameter and optimizer-state shardings from the rules table, and the
+replicated-parameter guard. (A train state created sharded on 8 devices: test_train_loop.py;
+shard shapes of a state on a 2x2x2 mesh: test_train_step.py.)"""
 
 import dataclasses
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from t6_jax import config as config_lib
 from t6_jax import sharding
-from t6_jax.model import param_axes
 from t6_jax.train import step as step_lib
 
 MICRO = ["model.num_layers=1", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
@@ -102,22 +101,3 @@ def test_replicated_guard():
   abstract = step_lib.abstract_state(cfg, mesh)["params"]
   assert not sharding.replicated_params(abstract, jax.tree.map(lambda x: x.sharding, abstract),
                                         min_size=1000)
-
-
-@needs8
-def test_init_state_creates_sharded_arrays():
-  cfg = cfg_with(config_lib.MeshConfig(2, 2, 2, "fsdp_tp"))
-  mesh = sharding.mesh_from_config(cfg.mesh)
-  _, state, shardings = step_lib.init_state(cfg, mesh)
-  axes = param_axes(cfg.model)
-  for (path, x), s, names in zip(jax.tree_util.tree_leaves_with_path(state["params"]),
-                                 jax.tree.leaves(shardings["params"]),
-                                 jax.tree.leaves(axes, is_leaf=lambda v: isinstance(v, tuple))):
-    assert x.sharding == s, path
-    want_shape = tuple(n // (mesh.shape[a] if isinstance(a, str) else 1)
-                       for n, a in zip(x.shape, s.spec))
-    assert x.addressable_shards[0].data.shape == want_shape, (path, names)
-  assert state["params"]["embed"]["wte"].addressable_shards[0].data.shape == (32, 16)
-  count = state["opt_state"][1][0].count
-  assert len(count.sharding.device_set) == 8 and int(count) == 0
-  np.testing.assert_array_equal(np.asarray(state["opt_state"][1][0].mu["embed"]["wte"]), 0)

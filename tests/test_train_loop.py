@@ -4,6 +4,7 @@ a preemption that saves and exits cleanly, and a rerun that resumes from that ch
 import json
 import os
 
+import jax
 import pytest
 
 from t6_jax import config as config_lib
@@ -25,6 +26,10 @@ def test_preempt_then_resume(tmp_path, monkeypatch):
                       lambda self, step: step == 3 or real(self, step))
   first = loop.train(cfg)
   assert first.get("preempted") and first["final_step"] == 3 and not first["resumed"]
+  # Created sharded: fsdp=-1 spans the 8 forced host devices, d_model 32 splits 8 ways.
+  wte = first["state"]["params"]["embed"]["wte"]
+  assert len(wte.sharding.device_set) == jax.device_count()
+  assert wte.addressable_shards[0].data.shape == (256, 32 // jax.device_count())
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "3"]
 
   monkeypatch.setattr(Checkpointer, "reached_preemption", real)

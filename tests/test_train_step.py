@@ -160,9 +160,12 @@ def numpy_cross_entropy(logits, targets):
 def test_loss_ignores_targets(one):
   batch = make_batch(4, ignore_frac=0.5)
   params = one.host_state["params"]
-  logits = jax.jit(lambda p, x: model_from_params(one.cfg.model, p)(x))(params, batch["inputs"])
+
+  def logits_and_sums(p, b):
+    return model_from_params(one.cfg.model, p)(b["inputs"]), step_lib.loss_sums(p, one.cfg, b)
+
+  logits, (got_sum, got_count) = jax.jit(logits_and_sums)(params, batch)
   want_sum, want_count = numpy_cross_entropy(np.asarray(logits), batch["targets"])
-  got_sum, got_count = jax.jit(lambda p, b: step_lib.loss_sums(p, one.cfg, b))(params, batch)
   assert int(got_count) == want_count
   np.testing.assert_allclose(float(got_sum), want_sum, rtol=1e-5)
 
@@ -178,13 +181,14 @@ def test_optimizer_is_numpy_adamw():
   params = {"a": rng.standard_normal((3, 4)).astype(np.float32),
             "b": {"c": rng.standard_normal(5).astype(np.float32)}}
   state = opt.init(params)
+  update = jax.jit(opt.update)
   p_np = jax.tree.map(lambda x: x.astype(np.float64), params)
   m_np = jax.tree.map(np.zeros_like, p_np)
   v_np = jax.tree.map(np.zeros_like, p_np)
   for i, grad_scale in enumerate([3.0, 0.05, 1.0]):  # first one is clipped, second is not
     grads = jax.tree.map(lambda x: (grad_scale * rng.standard_normal(x.shape)).astype(np.float32),
                          params)
-    updates, state = opt.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
     g_np = jax.tree.map(lambda x: x.astype(np.float64), grads)
     norm = np.sqrt(sum((g * g).sum() for g in jax.tree.leaves(g_np)))
