@@ -124,7 +124,7 @@ def reference(tmp_path_factory, compile_once, compile_cache):
   return workdir, losses, host(summary["state"])
 
 
-def test_stop_at_10_resume_equals_straight_run(reference, tmp_path, monkeypatch, capsys):
+def stop_at_10_then_resume(reference, tmp_path, monkeypatch, capsys):
   _, ref_losses, ref_state = reference
   cfg = make_cfg(str(tmp_path))
   first, losses = run_train(cfg, monkeypatch, stop_after=9)
@@ -152,8 +152,7 @@ def _wait_for(predicate, proc, what, timeout=300.0):
 
 
 
-@pytest.mark.parametrize("moment", ["during_async_save", "between_saves"])
-def test_kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, capsys, moment):
+def kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, capsys, moment):
   _, ref_losses, ref_state = reference
   workdir = str(tmp_path / "run")
   rng = random.Random()
@@ -209,7 +208,7 @@ def test_kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, cap
   assert_equal(host(summary["state"]), ref_state)
 
 
-def test_restore_onto_fsdp_tp_mesh_of_4_devices(reference):
+def restore_onto_fsdp_tp_mesh_of_4_devices(reference):
   from t6_jax import data as data_lib
   from t6_jax import sharding as sharding_lib
   from t6_jax.train import step as step_lib
@@ -237,10 +236,7 @@ def test_restore_onto_fsdp_tp_mesh_of_4_devices(reference):
   np.testing.assert_allclose(loss_sum / count, ref_losses[11], rtol=2e-6)
 
 
-# Orbax abandons TensorStore reads of the damaged file when it gives up on the step; their
-# late callbacks hit a closed event loop ("Event loop is closed"), which pytest reports.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_damaged_newest_step_and_other_model(reference, tmp_path, capsys):
+def damaged_newest_step_and_other_model(reference, tmp_path, capsys):
   from t6_jax import sharding as sharding_lib
   from t6_jax.train import step as step_lib
   workdir, _, ref_state = reference
@@ -263,3 +259,19 @@ def test_damaged_newest_step_and_other_model(reference, tmp_path, capsys):
                      r"checkpoint step 15 .* expects \(2, 96, 4, 2\)"):
     ck.restore(step_lib.abstract_state(wide, mesh), None)
   ck.close()
+
+
+# One test, so that pytest-xdist cannot split these stages (and the reference run and its
+# compile) over two workers.
+# Orbax abandons TensorStore reads of a damaged file when it gives up on the step; their late
+# callbacks hit a closed event loop ("Event loop is closed"), which pytest would report.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_end_to_end(reference, compile_cache, tmp_path, monkeypatch, capsys):
+  stages = ["stop", "during_async_save", "between_saves", "damaged"]
+  for name in stages:
+    (tmp_path / name).mkdir()
+  stop_at_10_then_resume(reference, tmp_path / "stop", monkeypatch, capsys)
+  for moment in ("during_async_save", "between_saves"):
+    kill_9_then_resume(reference, compile_cache, tmp_path / moment, monkeypatch, capsys, moment)
+  restore_onto_fsdp_tp_mesh_of_4_devices(reference)
+  damaged_newest_step_and_other_model(reference, tmp_path / "damaged", capsys)
