@@ -26,6 +26,7 @@ from flax import nnx
 from t6_jax.config import ModelConfig
 from t6_jax.model.layers import (RMSNorm, apply_rope, fan_in_param, param, uniform_init,
                                  zeros_init)
+from t6_jax.model.tpa_decode_kernel import query_for_kernel, tpa_decode_attention
 from t6_jax.sharding import constrain
 
 
@@ -216,6 +217,16 @@ class TPA(Attention):
                                          preferred_element_type=f32)
     y_BxTxHxK = y_BxTxHxK / cfg.v_rank
     return self.head_norm(y_BxTxHxK.astype(self.dtype))
+
+  def attend_factors_kernel(self, q, cache, layer, pad_B, pos, kv_len: int):
+    """`attend_factors` for one query token (T == 1) by the Pallas kernel, reading layer
+    `layer` of the stacked cache {name: (layers, B, S, ...)} in place (tpa_decode_kernel)."""
+    cfg = self.cfg
+    q_BxHxK = query_for_kernel(q, cfg.q_rank, cfg.k_rank, cfg.head_dim)
+    y_BxHxK = tpa_decode_attention(
+        q_BxHxK, cache["a_k"], cache["b_k"], cache["a_v"], cache["b_v"], layer, pad_B, pos,
+        kv_len=kv_len, interpret=jax.default_backend() != "gpu")
+    return self.head_norm(y_BxHxK[:, None].astype(self.dtype))
 
 
 class GQA(Attention):

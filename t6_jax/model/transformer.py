@@ -17,6 +17,7 @@ from flax import nnx
 from t6_jax.config import ModelConfig
 from t6_jax.model.attention import Mask, make_attention, segment_mask
 from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
+from t6_jax.model.tpa_decode_kernel import use_kernel
 from t6_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -103,7 +104,7 @@ class Transformer(nnx.Module):
     return constrain(logits, ("batch", "length", "act_vocab"))
 
   def extend(self, tokens_BxT, entries, pad_B, start, *, kv_len: int,
-             factor_attention: bool = False):
+             factor_attention: bool = False, attention_kernel: str = "auto"):
     """Runs T new tokens against a decode cache (prefill chunks and decode steps).
 
     entries: {name: (layers, B, S, ...)} as `attn.entries()` returns per layer; the tokens go
@@ -111,7 +112,9 @@ class Transformer(nnx.Module):
     RoPE positions are slot - pad_B[b]. Each layer writes its new entries into the cache,
     then its queries attend to slots [0, kv_len) (static) of that layer's cache under an
     explicit mask, with the attention class's own `attend` (or, for TPA with
-    `factor_attention`, `attend_factors`). Returns (fp32 logits (B, V) of the last token,
+    `factor_attention`, `attend_factors`; for one-token TPA steps `attention_kernel` (auto |
+    xla | pallas, see decode.attention_kernel) may run the Pallas kernel on the stacked cache
+    instead, which copies no per-layer slice). Returns (fp32 logits (B, V) of the last token,
     updated entries). The cache is carried through the layer scan so it is updated in place.
     """
     _, t_len = tokens_BxT.shape
@@ -124,6 +127,7 @@ class Transformer(nnx.Module):
     mask = Mask(causal=False, keep_BxTxS=keep_BxTxS)
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"))
     compute = jnp.dtype(self.cfg.dtype)
+    kernel = factor_attention and use_kernel(attention_kernel, self.cfg.attention, t_len)
 
     def layer(block, carry, i):
       x_BxTxD, entries = carry
@@ -135,9 +139,14 @@ class Transformer(nnx.Module):
               cache, new[name].astype(cache.dtype)[None],
               (i, 0, start) + (0,) * (cache.ndim - 3))
           for name, cache in entries.items()}
+      q = attn.queries(h_BxTxD, rope)
+      if kernel:
+        y = attn.attend_factors_kernel(q, entries, i, pad_B, start, kv_len)
+        x_BxTxD = x_BxTxD + attn.out(y).astype(x_BxTxD.dtype)
+        x_BxTxD = x_BxTxD + block.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+        return (constrain(x_BxTxD, ("batch", "length", "act_embed")), entries), None
       view = {name: jax.lax.dynamic_index_in_dim(cache, i, keepdims=False)[:, :kv_len]
               .astype(compute) for name, cache in entries.items()}
-      q = attn.queries(h_BxTxD, rope)
       if factor_attention and hasattr(attn, "attend_factors"):
         y = attn.attend_factors(q, view, mask)
       else:

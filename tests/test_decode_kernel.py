@@ -1,0 +1,102 @@
+"""The Pallas TPA decode kernel (interpret mode on CPU) against float64 NumPy, and wired into
+`Transformer.extend` against the XLA factor path."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from t6_jax import config as config_lib
+from t6_jax.decode.cache import entry_shapes
+from t6_jax.model import init_params, model_from_params
+from t6_jax.model.tpa_decode_kernel import query_for_kernel, tpa_decode_attention, use_kernel
+
+
+def numpy_attention(a_q, b_q, q_full, cache, layer, pad, pos, ranks, head_dim):
+  """Equations of REFERENCE.md section 1 in float64: P = B_q B_k^T, logits, softmax, values."""
+  a_k, b_k, a_v, b_v = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)[layer]
+                        for x in cache]
+  q_rank, k_rank, v_rank = ranks
+  if q_full is None:
+    p = np.einsum("bsrk,bqk->bsqr", b_k, b_q)
+    logits = np.einsum("bshr,bhq,bsqr->bhs", a_k, a_q, p) / (np.sqrt(head_dim) * q_rank * k_rank)
+  else:
+    logits = np.einsum("bshr,bhk,bsrk->bhs", a_k, q_full, b_k) / (np.sqrt(head_dim) * k_rank)
+  s = np.arange(a_k.shape[1])
+  keep = ((s[None] >= pad[:, None]) & (s[None] <= pos)) | (s[None] == pos)
+  logits = np.where(keep[:, None], logits, -np.inf)
+  alpha = np.exp(logits - logits.max(-1, keepdims=True))
+  alpha /= alpha.sum(-1, keepdims=True)
+  return np.einsum("bhs,bshu,bsuk->bhk", alpha, a_v, b_v) / v_rank
+
+
+@pytest.mark.parametrize("full_query,heads,ranks,head_dim,block,splits", [
+    (False, 5, (6, 2, 3), 16, 16, None),   # H, R_q and R_v not powers of two, several splits
+    (True, 3, (1, 2, 2), 24, 32, 1),       # TPA-KVonly (a full query), d_h 24; flat A rows
+])
+def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits):
+  layers, batch, slots = 2, 3, 40
+  q_rank, k_rank, v_rank = ranks
+  rng = np.random.default_rng(heads + head_dim)
+  rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
+  cache = [jnp.asarray(x, jnp.bfloat16) for x in (
+      rnd(layers, batch, slots, heads, k_rank), rnd(layers, batch, slots, k_rank, head_dim),
+      rnd(layers, batch, slots, heads, v_rank), rnd(layers, batch, slots, v_rank, head_dim))]
+  a_q, b_q, q_full = rnd(batch, heads, q_rank), rnd(batch, q_rank, head_dim), None
+  if full_query:
+    q_full = rnd(batch, heads, head_dim)
+    q = {"q": jnp.asarray(q_full)[:, None]}
+  else:
+    q = {"a_q": jnp.asarray(a_q)[:, None], "b_q": jnp.asarray(b_q)[:, None]}
+  pad, pos, layer = np.array([0, 7, 30]), 33, 1  # ragged left padding; slots > pos unused
+  q_BxHxK = query_for_kernel(q, q_rank, k_rank, head_dim)
+  got = tpa_decode_attention(q_BxHxK, *cache, jnp.int32(layer), jnp.asarray(pad),
+                             jnp.int32(pos), kv_len=slots, block=block, splits=splits,
+                             interpret=True)
+  want = numpy_attention(a_q.astype(np.float64), b_q.astype(np.float64),
+                         None if q_full is None else q_full.astype(np.float64),
+                         cache, layer, pad, pos, ranks, head_dim)
+  assert got.shape == want.shape
+  # The value weights alpha * A_v go through bf16 (as in the XLA path): ~2^-9 relative.
+  np.testing.assert_allclose(np.asarray(got), want, atol=4e-3 * np.abs(want).max())
+  # The padding row (30 leading pad slots) only sees slots 30..33.
+  assert np.abs(want[2]).max() > 0
+
+
+def test_use_kernel_setting():
+  assert not use_kernel("xla", "tpa", 1)
+  assert use_kernel("pallas", "tpa", 1)
+  assert not use_kernel("pallas", "tpa", 4)  # prefill chunks stay on XLA
+  assert not use_kernel("pallas", "mha", 1)
+  assert use_kernel("auto", "tpa", 1) == (jax.default_backend() == "gpu"
+                                          and jax.device_count() == 1)
+  with pytest.raises(ValueError, match="attention_kernel"):
+    use_kernel("triton", "tpa", 1)
+
+
+def test_extend_step_kernel_equals_xla_path():
+  """One decode step of a tiny bf16 model: the kernel path gives the XLA path's logits."""
+  cfg = config_lib.load("tiny", ["model.num_heads=3", "model.num_layers=2",
+                                 "model.dtype=bfloat16"]).model
+  rng = np.random.default_rng(0)
+  rnd = lambda s, scale: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype)
+  # Random weights (no init compile; the zero-initialised projections would hide attention).
+  params = jax.tree.map(lambda s: rnd(s, 0.15), jax.eval_shape(lambda: init_params(cfg)))
+  batch, slots, pos = 2, 24, 9
+  entries = {name: rnd(s, 1.0)  # a random past
+             for name, s in entry_shapes(cfg, batch, slots).items()}
+  pad_B = jnp.array([0, 5], jnp.int32)
+  step = jnp.array([[3], [7]], jnp.int32)
+  def run(params, entries, kernel):
+    return model_from_params(cfg, params).extend(step, entries, pad_B, jnp.int32(pos),
+                                                 kv_len=slots, factor_attention=True,
+                                                 attention_kernel=kernel)
+
+  outs = [jax.jit(run, static_argnums=2)(params, entries, k) for k in ("xla", "pallas")]
+  np.testing.assert_allclose(np.asarray(outs[1][0]), np.asarray(outs[0][0]),
+                             atol=2e-2 * float(jnp.abs(outs[0][0]).max()))
+  # Layer 0's new entries do not depend on attention; both paths write them to slot `pos`.
+  for name in entries:
+    np.testing.assert_array_equal(np.asarray(outs[1][1][name][0]),
+                                  np.asarray(outs[0][1][name][0]))
