@@ -16,8 +16,7 @@ online (max, sum, acc) per head; a small XLA combine merges the splits. The kern
 cache arrays in place, with the layer index as an operand: no per-layer slice is copied.
 Triton wants power-of-two tensors, so heads and d_h are padded to powers of two by clamping
 the gather indices or masking whole A_k / A_v rows (padded heads compute junk that is sliced
-off), and only blocks that hold a
-valid slot of the row ([pad_B[b], pos]) are read.
+off), and only blocks that hold a valid slot of the row ([pad_B[b], pos]) are read.
 """
 
 from __future__ import annotations
