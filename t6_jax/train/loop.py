@@ -98,21 +98,21 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
   return batches
 
 
-def first_logged(workdir: str, key: str) -> float | None:
-  """The earliest value of `key` in the run's metrics.jsonl (the first validation loss of a
-  resumed run), or None."""
+def logged(workdir: str, key: str) -> list[float]:
+  """Every value of `key` in the run's metrics.jsonl, in order (e.g. the validation losses of
+  the runs before a resume)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record.get(key), (int, float)):
-        return float(record[key])
-  return None
+  values = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(record.get(key), (int, float)):
+          values.append(float(record[key]))
+  return values
 
 
 def evaluate(step_fn: step_lib.TrainStep, params, batches) -> float:
@@ -242,7 +242,12 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
     if start == 0:
       validate_now(0)
     else:
-      summary["first_val_loss"] = first_logged(workdir, "val_loss")
+      before = logged(workdir, "val_loss")
+      summary["first_val_loss"] = before[0] if before else None
+      summary["last_val_loss"] = before[-1] if before else None
+      if start >= t.steps:
+        say(f"the run in {workdir} is complete at step {start} (train.steps={t.steps}); "
+            f"raise train.steps to continue or pass --restart to start over")
     pending = None
     t_train = time.time()
     for n in range(start + 1, t.steps + 1):
