@@ -102,7 +102,7 @@ def lower_one(cfg, params, batch, context, steps, repeats, cache_dtype):
   from t6_jax.decode.generate import _decode
   kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True,
             use_filters=False, stop_tokens=(), valid_vocab=None,
-            factor=cfg.decode.factor_attention)
+            factor=cfg.decode.factor_attention, kernel=cfg.decode.attention_kernel)
   args = _args(cfg, params, batch, context, steps, repeats, cache_dtype, abstract=True)
   return _decode.lower(*args, **kw)
 

@@ -89,10 +89,11 @@ def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtyp
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
-                                   "stop_tokens", "valid_vocab", "factor"),
+                                   "stop_tokens", "valid_vocab", "factor", "kernel"),
          donate_argnames=("cache",))
 def _decode(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *, model_cfg,
-            rules, steps, greedy, use_filters, stop_tokens, valid_vocab, factor):
+            rules, steps, greedy, use_filters, stop_tokens, valid_vocab, factor,
+            kernel="auto"):
   with use_rules(rules):
     model = _model(model_cfg, params)
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -107,7 +108,8 @@ def _decode(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *,
     def step(state, i):
       entries, length, tok_B, done_B, out_BxN = state
       logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
-                                         kv_len=cache.max_len, factor_attention=factor)
+                                         kv_len=cache.max_len, factor_attention=factor,
+                                         attention_kernel=kernel)
       nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
       nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (and are fed token 0)
       out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
@@ -292,7 +294,8 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
         model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps, greedy=greedy,
         use_filters=not greedy and (top_k > 0 or top_p < 1),
         stop_tokens=tuple(int(t) for t in stop_tokens),
-        valid_vocab=valid_vocab, factor=cfg.decode.factor_attention)
+        valid_vocab=valid_vocab, factor=cfg.decode.factor_attention,
+        kernel=cfg.decode.attention_kernel)
 
 
 def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
