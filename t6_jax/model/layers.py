@@ -116,7 +116,9 @@ class Embed(nnx.Module):
                             ("vocab", "embed"), cfg)
 
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-    return jnp.take(self.wte[...], tokens_BxT, axis=0)
+    # Gather from a table whole along the vocab: a vocab-sharded gather would make XLA
+    # rematerialise the full table anyway, with a warning, under tensor parallelism.
+    return jnp.take(constrain(self.wte[...], (None, "embed")), tokens_BxT, axis=0)
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     """fp32 logits from compute-dtype operands."""
