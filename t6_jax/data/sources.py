@@ -150,13 +150,12 @@ def reference_tokens(path: str, split: str) -> FlatTokens:
 # Documents at random access
 
 
-class TextDocuments:
-  """Text documents of a tfds data source (by name, or our builder for local files)."""
+class _OpenedOnUnpickle:
+  """Pickles without its open reader and reopens it at once when unpickled: in a worker's
+  main thread, before Grain's reader threads start (importing tfds lazily from two threads at
+  once deadlocks in etils' lazy imports)."""
 
-  def __init__(self, opener: tuple, text_key: str, name: str):
-    self.opener, self.text_key, self.name = opener, text_key, name
-    self._source = None
-    self._len = len(self.source)
+  _source = None
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -164,10 +163,20 @@ class TextDocuments:
     return state
 
   def __setstate__(self, state):
-    # Unpickled in a worker's main thread: open now, before Grain's reader threads start
-    # (importing tfds lazily from two threads at once deadlocks in etils' lazy imports).
     self.__dict__.update(state)
     _ = self.source
+
+  def __len__(self) -> int:
+    return self._len
+
+
+class TextDocuments(_OpenedOnUnpickle):
+  """Text documents of a tfds data source (by name, or our builder for local files)."""
+
+  def __init__(self, opener: tuple, text_key: str, name: str):
+    self.opener, self.text_key, self.name = opener, text_key, name
+    self._source = None
+    self._len = len(self.source)
 
   @property
   def source(self):
@@ -184,16 +193,13 @@ class TextDocuments:
                                         download=False, try_gcs=False)
     return self._source
 
-  def __len__(self) -> int:
-    return self._len
-
   def __getitem__(self, i: int) -> str:
     record = self.source[i]
     text = record[self.text_key] if isinstance(record, dict) else record
     return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
-class TokenDocuments:
+class TokenDocuments(_OpenedOnUnpickle):
   """Tokenized documents, one ArrayRecord record each (written by `t6_jax.data.prepare`)."""
 
   def __init__(self, path: str, dtype: str, name: str = ""):
@@ -201,24 +207,12 @@ class TokenDocuments:
     self._source = None
     self._len = len(self.source)
 
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_source"] = None
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    _ = self.source  # open in the unpickling (main) thread, as TextDocuments
-
   @property
   def source(self):
     if self._source is None:
       import grain
       self._source = grain.sources.ArrayRecordDataSource([self.path])
     return self._source
-
-  def __len__(self) -> int:
-    return self._len
 
   def __getitem__(self, i: int) -> np.ndarray:
     return np.frombuffer(self.source[i], dtype=self.dtype)
