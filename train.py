@@ -2,7 +2,7 @@
 
   python train.py                                   # the demo: configs/demo.yaml -> runs/demo
   python train.py --config configs/t6-small.yaml data.path=DIR/fineweb_*.bin
-  python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512 \
+  python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512 \\
       mesh.data=8 mesh.fsdp=64     # compile for a 512-chip v5p slice, print memory
 
 A rerun with the same train.workdir resumes from its newest checkpoint; --restart starts over.
