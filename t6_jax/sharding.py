@@ -147,15 +147,17 @@ def activate(mesh, rules: str | dict):
     yield table
 
 
-def param_specs(axes_tree, abstract_tree, mesh, rules: str | dict) -> dict:
-  """PartitionSpec of every parameter from its logical axes (`t6_jax.model.param_axes`)."""
-  table = rules_table(rules) if isinstance(rules, str) else rules
+def param_specs(axes_tree, abstract_tree, mesh, rules: str | dict | None = None) -> dict:
+  """PartitionSpec of every parameter from its logical axes (`t6_jax.model.param_axes`);
+  rules None means the active table."""
+  table = active_rules() if rules is None else (
+      rules_table(rules) if isinstance(rules, str) else rules)
   return jax.tree.map(
       lambda axes, x: logical_to_spec(axes, x.shape, mesh, table), axes_tree, abstract_tree,
       is_leaf=lambda v: isinstance(v, tuple) and all(isinstance(a, (str, type(None))) for a in v))
 
 
-def param_shardings(axes_tree, abstract_tree, mesh, rules: str | dict) -> dict:
+def param_shardings(axes_tree, abstract_tree, mesh, rules: str | dict | None = None) -> dict:
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                       param_specs(axes_tree, abstract_tree, mesh, rules),
                       is_leaf=lambda v: isinstance(v, P))

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import ModelConfig
@@ -92,14 +92,7 @@ def abstract_params(cfg: ModelConfig) -> dict:
 def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
   """NamedShardings of every parameter on `mesh` from its logical axes and the rules table."""
   from t6_jax.model import param_axes
-  table = sharding_lib.active_rules() if rules is None else (
-      sharding_lib.RULES[rules] if isinstance(rules, str) else rules)
-  shapes = abstract_params(cfg)
-  axes = param_axes(cfg)
-  return jax.tree.map(
-      lambda names, leaf: NamedSharding(
-          mesh, sharding_lib.logical_to_spec(names, leaf.shape, mesh, table)),
-      axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return sharding_lib.param_shardings(param_axes(cfg), abstract_params(cfg), mesh, rules)
 
 
 def restore_target(cfg: ModelConfig, mesh=None, rules=None) -> dict:

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
 from t6_jax.model import model_from_params, param_axes
-from t6_jax.sharding import BATCH, logical_to_spec, use_rules
+from t6_jax.sharding import BATCH, param_shardings, use_rules
 
 MIN_PROMPT_BUCKET = 8
 
@@ -153,12 +153,8 @@ def shard_params(cfg: Config, params, mesh):
   """Places params on `mesh` by their logical axes under cfg.mesh.rules (no-op without mesh)."""
   if mesh is None:
     return params
-  axes = param_axes(cfg.model)
-  with use_rules(cfg.mesh.rules):
-    shardings = jax.tree.map(
-        lambda ax, x: NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh)), axes, params,
-        is_leaf=lambda v: isinstance(v, tuple))
-  return jax.device_put(params, shardings)
+  return jax.device_put(
+      params, param_shardings(param_axes(cfg.model), params, mesh, cfg.mesh.rules))
 
 
 def _check_settings(cfg: Config):

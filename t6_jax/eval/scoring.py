@@ -24,8 +24,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax.config import Config
-from t6_jax.model import model_from_params, param_axes
-from t6_jax.sharding import BATCH, logical_to_spec, use_rules
+from t6_jax.model import model_from_params
+from t6_jax.decode.generate import shard_params
+from t6_jax.sharding import BATCH, use_rules
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
@@ -37,17 +38,6 @@ def bucket_lengths(max_len: int, min_len: int = 16) -> list[int]:
     lengths.append(n)
     n *= 2
   return lengths + [max_len]
-
-
-def shard_params(cfg: Config, params, mesh):
-  """Places `params` on `mesh` by their logical axes and the config's rules table."""
-  if mesh is None:
-    return params
-  with use_rules(cfg.mesh.rules):
-    shardings = jax.tree.map(
-        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
-        param_axes(cfg.model), params, is_leaf=lambda v: isinstance(v, tuple))
-  return jax.device_put(params, shardings)
 
 
 def batch_shards(mesh) -> int:
