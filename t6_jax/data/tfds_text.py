@@ -22,8 +22,6 @@ from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-TEXT_DOCS = ("file", "paragraphs", "lines")
-
 
 def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
   """The documents that form the validation split: a deterministic, order-free choice."""

@@ -1,5 +1,6 @@
 """Tokenizers behind one interface: GPT-2 (tiktoken), Hugging Face JSON, sentencepiece, and a
-byte-level BPE trained on the corpus (Hugging Face `tokenizers`).
+byte-level BPE trained on the corpus (Hugging Face `tokenizers`); and `build_tokenizer`, the
+tokenizer a data config names (training and caching the BPE when it names `bpe`).
 
 Every tokenizer has `encode(text) -> list[int]` (no special tokens added), `decode(ids)`,
 `vocab_size`, `eot_id` (the end-of-text id put before every document) and `spec()`, a
@@ -15,11 +16,21 @@ import base64
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from typing import Iterable, Sequence
+import time
+import zlib
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from t6_jax.data import corpus
+from t6_jax.data import sources as src
+from t6_jax.data.files import save_json
 
 EOT_TOKEN = "<|endoftext|>"
-GPT2_EOT_ID = 50256
+# Encoded by every tokenizer that writes or reads prepared data: equal ids = same tokenizer.
+PROBE = "The quick brown fox, 1234 times: ÆØÅ ünïcödé\n\tspaces   and <tags>!"
 # tiktoken's GPT-2 pre-tokenisation pattern (r50k), equivalent to the original GPT-2 regex.
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
                 r"""\s+(?!\S)|\s""")
@@ -120,6 +131,7 @@ class TiktokenTokenizer(Tokenizer):
   def __init__(self, ranks: dict[bytes, int], *, name: str, path: str = "", embed: bool = False):
     import tiktoken
     self._name, self._path, self._embed = name, path, embed
+    self._ranks = ranks
     eot = max(ranks.values()) + 1  # GPT-2: 50256
     self._enc = tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                   special_tokens={EOT_TOKEN: eot})
@@ -136,7 +148,7 @@ class TiktokenTokenizer(Tokenizer):
     return self._enc.decode([int(i) for i in ids])
 
   def ranks(self) -> dict[bytes, int]:
-    return self._enc._mergeable_ranks  # pylint: disable=protected-access
+    return self._ranks
 
   def spec(self) -> dict:
     if self._embed:
@@ -232,13 +244,20 @@ def gpt2_tokenizer(path: str = "") -> TiktokenTokenizer:
   if all(_cached(u) for u in _GPT2_URLS["r50k"]) or all(_cached(u) for u in _GPT2_URLS["data_gym"]):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")  # served from the cache checked above
-    return TiktokenTokenizer(dict(enc._mergeable_ranks), name="gpt2")  # pylint: disable=protected-access
+    return TiktokenTokenizer(encoding_ranks(enc), name="gpt2")
   raise TokenizerError(
       "the GPT-2 BPE files are not available offline (looked in tiktoken's cache "
       f"{_tiktoken_cache_dir()!r}, set by TIKTOKEN_CACHE_DIR). Provide them in one of two ways: "
       "(1) on a machine with internet run `python -m t6_jax.data.prepare --export-gpt2 "
       "gpt2.tiktoken`, copy the file here and set data.tokenizer=gpt2:/path/to/gpt2.tiktoken; "
       "or (2) copy a filled tiktoken cache directory here and set TIKTOKEN_CACHE_DIR to it")
+
+
+def encoding_ranks(enc) -> dict[bytes, int]:
+  """The merge ranks of a tiktoken Encoding, read back token by token through its public API
+  (the ranks of a BPE are its ordinary token ids)."""
+  special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+  return {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in special}
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:
@@ -325,3 +344,70 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str = "bpe") -> Ti
   ranks = {bytes(chars[c] for c in piece): r
            for r, piece in enumerate(sorted(vocab, key=vocab.get))}
   return TiktokenTokenizer(ranks, name=name, embed=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer of a data config
+
+
+def bpe_training_texts(d, max_bytes: int) -> Iterator[str]:
+  """Train-split documents of a text source in a fixed pseudo-random order, up to max_bytes."""
+  if d.source not in corpus.TEXT_SOURCES:
+    raise src.DataError(f"data.tokenizer=bpe trains on the text of the corpus, but "
+                        f"data.source={d.source!r} holds tokens; name the tokenizer those "
+                        f"tokens were made with (data.tokenizer=gpt2 for the reference's shards)")
+  docs = corpus.documents(d, "train")
+  if len(docs) == 0:
+    raise src.DataError(f"the {d.source} corpus has no training documents to train a BPE on")
+  # A fixed pseudo-random order over (at most 100k evenly spaced) documents.
+  candidates = (range(len(docs)) if len(docs) <= 100_000 else
+                np.unique(np.linspace(0, len(docs) - 1, 100_000).astype(np.int64)).tolist())
+  order = sorted(candidates, key=lambda i: zlib.crc32(str(i).encode()))
+  total = 0
+  for i in order:
+    text = docs[i]
+    yield text
+    total += len(text.encode("utf-8", errors="replace"))
+    if total >= max_bytes:
+      return
+
+
+def _cached_bpe(d, vocab_size: int) -> Tokenizer:
+  """The BPE of the corpus, trained once and kept under data.cache_dir/tokenizers/."""
+  name = f"bpe-{corpus.corpus_id(d)}-v{vocab_size}-b{d.bpe_train_bytes}"
+  path = os.path.join(d.cache_dir, "tokenizers", name + ".json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return tokenizer_from_spec(json.load(f))
+  t0 = time.time()
+  tok = train_bpe(bpe_training_texts(d, d.bpe_train_bytes), vocab_size, name=name)
+  save_json(path, tok.spec())
+  print(f"trained a byte-level BPE of {tok.vocab_size} tokens on the {d.source} corpus in "
+        f"{time.time() - t0:.1f}s -> {path}", file=sys.stderr)
+  return tok
+
+
+def build_tokenizer(d, model_vocab: int) -> Tokenizer:
+  """The tokenizer of DataConfig `d` (see `t6_jax.data.load_tokenizer`)."""
+  if d.tokenizer == "bpe":
+    if d.source == "arrayrecord":
+      tok = tokenizer_from_spec(src.read_prepared_meta(d.path)["tokenizer"])
+    elif d.source == "reference_bin":
+      raise TokenizerError("the reference's shards hold GPT-2 tokens: set data.tokenizer=gpt2 "
+                           "(or gpt2:FILE.tiktoken offline)")
+    else:
+      tok = _cached_bpe(d, min(d.bpe_vocab_size or model_vocab, model_vocab))
+  else:
+    tok = load_named(d.tokenizer, eot_token=d.eot_token)
+    if d.source == "arrayrecord":
+      meta = src.read_prepared_meta(d.path)
+      if tok.encode(PROBE) != meta["probe_ids"] or tok.eot_id != meta["eot_id"]:
+        raise TokenizerError(f"data.tokenizer={d.tokenizer!r} is not the tokenizer "
+                             f"{d.path} was prepared with ({meta['tokenizer'].get('name')!r}); "
+                             f"set data.tokenizer=bpe to use the recorded one")
+  if tok.vocab_size > model_vocab:
+    need = -(-tok.vocab_size // 64) * 64
+    raise TokenizerError(f"tokenizer {tok.spec().get('name')!r} has {tok.vocab_size} tokens but "
+                         f"model.vocab_size={model_vocab}; set model.vocab_size={need} (or "
+                         f"more), or a smaller data.bpe_vocab_size")
+  return tok
