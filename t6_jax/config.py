@@ -415,8 +415,3 @@ def help_text() -> str:
       lines.append(f"    {section.name}.{f.name} = {f.default!r}")
   return "\n".join(lines)
 
-
-def dtype(name: str):
-  import jax.numpy as jnp
-  return jnp.dtype(name)
-

@@ -274,6 +274,10 @@ def test_safetensors_reader_reads_bf16(tmp_path):
   np.testing.assert_array_equal(got["a"], arrays["a"])
   assert got["b"].dtype == arrays["b"].dtype
   np.testing.assert_array_equal(got["b"].astype(np.float32), arrays["b"].astype(np.float32))
+  damaged = tmp_path / "damaged.safetensors"
+  damaged.write_bytes((tmp_path / "x.safetensors").read_bytes()[:-3])
+  with pytest.raises(ConvertError, match="damaged.safetensors is not a readable safetensors"):
+    torch_io.read_safetensors(str(damaged))
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)

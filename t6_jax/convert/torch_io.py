@@ -6,7 +6,8 @@
   installed they are read by `torch.load(weights_only=True)`; without it, by a restricted
   unpickler that only rebuilds tensors from those raw storages (it refuses every other global,
   so a malicious pickle cannot run code).
-- safetensors are read by parsing the header directly, so bf16 tensors load without torch.
+- safetensors are read and written by the `safetensors` package on raw bytes (its numpy
+  helpers do not know bf16), so bf16 tensors load without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import collections
 import json
 import os
 import pickle
-import struct
 import zipfile
 from typing import Any
 
@@ -50,20 +50,19 @@ def have_torch() -> bool:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  import safetensors
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    base = 8 + n
-  data = np.memmap(path, dtype=np.uint8, mode="r")
+    blob = f.read()
+  try:
+    tensors = safetensors.deserialize(blob)
+  except safetensors.SafetensorError as e:
+    raise ConvertError(f"{path} is not a readable safetensors file ({e}); is it complete?") from e
+  del blob
   out = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
+  for key, info in tensors:
     if info["dtype"] not in _ST_DTYPES:
       raise ConvertError(f"{path}: tensor {key} has dtype {info['dtype']}, not supported")
-    start, stop = info["data_offsets"]
-    raw = np.asarray(data[base + start:base + stop])
-    out[key] = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+    out[key] = np.frombuffer(info["data"], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
   return out
 
 
