@@ -1,4 +1,4 @@
-"""The reference's PyTorch state-dict layout <-> our params (REFERENCE.md section 7).
+"""The reference's PyTorch state-dict layout <-> our params (docs/model.md section 7).
 
 nn.Linear stores (out, in); our params store (in, ...) with the flattened side split into its
 named axes, so for every linear `ours = ref.T.reshape(our_shape)` and back
