@@ -109,7 +109,7 @@ def logits_from_embeddings(cfg, params, x_TxD):
   t = x_TxD.shape[0]
   rope = model.rope(jnp.arange(t)[None])
   mask = segment_mask(None)
-  x, _ = model.apply_blocks(x_TxD[None], lambda block, x, _: (block(x, rope, mask), None))
+  x, _ = model.apply_blocks(x_TxD[None], lambda block, x, _: block(x, rope, mask))
   return model.embed.logits(rms_norm(x))[0]
 
 
