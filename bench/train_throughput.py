@@ -90,8 +90,8 @@ def main(argv=None) -> int:
   step = step_lib.TrainStep(cfg, mesh, shardings)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         step_lib.batch_shardings(cfg, mesh))
+  batch = sharding_lib.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh,
+                                 cfg.mesh.rules)
 
   t0 = time.perf_counter()
   state, metrics = step(state, batch)

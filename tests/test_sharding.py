@@ -152,3 +152,27 @@ def test_put_batch_shards_over_the_rules_batch_axes():
   # Without a mesh: plain device arrays.
   np.testing.assert_array_equal(np.asarray(sharding.put_batch(batch, None, "fsdp")["inputs"]),
                                 batch["inputs"])
+
+
+@needs8
+def test_users_own_jit_of_the_model_uses_the_models_rules():
+  """No hidden global table: the rules travel with the model into any jax.jit of it."""
+  from t6_jax.model import init_params, model_from_params
+  cfg = cfg_with(config_lib.MeshConfig(1, 4, 2, "fsdp_tp"))
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  params = jax.eval_shape(lambda: init_params(cfg.model))
+  tokens = jax.ShapeDtypeStruct((8, 16), np.int32)
+
+  def hlo(rules):
+    model = model_from_params(cfg.model, params, rules)
+    assert model.rules is sharding.RULES[rules]
+    with jax.set_mesh(mesh):
+      return jax.jit(lambda m, x: m(x)).lower(model, tokens).as_text()
+
+  def constrained_on_tensor(text):
+    return [line for line in text.splitlines()
+            if "sharding_constraint" in line and '{"tensor"}' in line]
+
+  # Only fsdp_tp puts activations (heads, MLP, vocab) on the tensor axis.
+  assert constrained_on_tensor(hlo("fsdp_tp"))
+  assert not constrained_on_tensor(hlo("fsdp"))
