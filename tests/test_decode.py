@@ -1,6 +1,6 @@
 """Cached decoding: greedy decoding equals the argmax of the teacher-forced forward for every
 attention type, factor-path TPA attention equals the materialised path and a float64 NumPy
-computation, cache sizes of REFERENCE.md section 4, 8 devices == 1, ragged == alone, chunked
+computation, cache sizes of docs/model.md, 8 devices == 1, ragged == alone, chunked
 prefill, sampling filters and error cases."""
 
 import dataclasses

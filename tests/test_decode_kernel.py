@@ -16,7 +16,7 @@ from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
 
 
 def numpy_attention(a_q, b_q, q_full, cache, layer, pad, pos, ranks, head_dim):
-  """Equations of REFERENCE.md section 1 in float64: P = B_q B_k^T, logits, softmax, values."""
+  """The FlashTPA equations (docs/model.md) in float64: P = B_q B_k^T, logits, softmax, values."""
   a_k, b_k, a_v, b_v = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)[layer]
                         for x in cache]
   q_rank, k_rank, v_rank = ranks

@@ -32,7 +32,7 @@ from flax import nnx
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.kernels import Mask, training_mask  # noqa: F401  (Mask is part of this interface)
+from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
 from t6_jax.model.layers import (RMSNorm, apply_rope, fan_in_param, param, uniform_init,
                                  zeros_init)
 from t6_jax.sharding import Rules, constrain
@@ -57,11 +57,6 @@ jax.tree_util.register_dataclass(FullQueries, data_fields=["q_BxTxHxK"], meta_fi
 jax.tree_util.register_dataclass(TPAQueries, data_fields=["a_q_BxTxHxQ", "b_q_BxTxQxK"],
                                  meta_fields=[])
 Queries = FullQueries | TPAQueries
-
-
-def segment_mask(segment_ids_BxT: jax.Array | None) -> Mask:
-  """The training mask: causal, packed documents kept apart by their segment ids."""
-  return training_mask(segment_ids_BxT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,9 +289,10 @@ class TPA(Attention):
   def attend_kernel(self, q: Queries, cache: LayerCache, entries: dict):
     """`attend_factors` for one query token (T == 1) by the fused decode kernel, reading
     layer `cache.layer` of the stacked cache in place (no per-layer slice is copied)."""
-    y_BxHxK = kernels.tpa_decode(
-        kernel_query(q, self.cfg.q_rank, self.cfg.k_rank, self.cfg.head_dim), entries["a_k"], entries["b_k"], entries["a_v"], entries["b_v"],
-        cache.layer, cache.pad_B, cache.start, kv_len=cache.kv_len)
+    q_BxHxK = kernel_query(q, self.cfg.q_rank, self.cfg.k_rank, self.cfg.head_dim)
+    y_BxHxK = kernels.tpa_decode(q_BxHxK, entries["a_k"], entries["b_k"], entries["a_v"],
+                                 entries["b_v"], cache.layer, cache.pad_B, cache.start,
+                                 kv_len=cache.kv_len)
     return self.head_norm(y_BxHxK[:, None].astype(self.dtype))
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.model.attention import LayerCache, Mask, make_attention, segment_mask
+from t6_jax.model.attention import LayerCache, Mask, make_attention
 from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
 from t6_jax.sharding import Rules, constrain, rules_table
 
@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     rope = self.rope(positions_BxT)
-    mask = segment_mask(segment_ids_BxT)
+    mask = kernels.training_mask(segment_ids_BxT)
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
 
     def layer(block, x, _):
