@@ -108,7 +108,7 @@ def main(argv=None) -> int:
   from t6_jax.eval.perplexity import evaluate_perplexity
 
   try:
-    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding_lib.mesh_from_config(cfg.mesh)
   except ValueError as e:
     print(f"error: {e}; set mesh.data/mesh.fsdp/mesh.tensor for this machine", file=sys.stderr)
     return 2

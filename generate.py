@@ -121,7 +121,7 @@ def main(argv=None) -> int:
   mesh = None
   if len(jax.devices()) > 1:
     m = cfg.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, rules=m.rules)
 
   batch = args.batch_size or len(ids)
   outputs, new_tokens, decode_s, prefill_s = [], 0, 0.0, 0.0

@@ -99,12 +99,12 @@ def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache
 
 
 def lower_one(cfg, params, batch, context, steps, repeats, cache_dtype):
-  from t6_jax.decode.generate import _decode
+  from t6_jax.decode import decode_loop
   kw = dict(model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps + 1, greedy=True,
             use_filters=False, stop_tokens=(), valid_vocab=None,
             factor=cfg.decode.factor_attention, kernel=cfg.decode.attention_kernel)
   args = _args(cfg, params, batch, context, steps, repeats, cache_dtype, abstract=True)
-  return _decode.lower(*args, **kw)
+  return decode_loop.lower(*args, **kw)
 
 
 def run_one(compiled, cfg, params, batch, context, steps, repeats, cache_dtype) -> float:

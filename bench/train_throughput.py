@@ -9,7 +9,7 @@ Runs the real jitted train step (AdamW, donated state, the mesh over every local
 fixed random batch, so the input pipeline is not measured. After compiling and `--warmup`
 steps, `--steps` steps are dispatched back to back and timed to the last one's completion.
 MFU is reported twice: with the FLOPs counted for the attention type (t6_jax/train/flops.py)
-and with the reference's 6N + 12*L*h*d_h*T, which REFERENCE.md section 8's figures use.
+and with the reference's 6N + 12*L*h*d_h*T, which the reference's published figures use.
 Results are printed and appended to `--out` (docs/benchmarks.md) under their own heading.
 """
 
@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REFERENCE = {  # REFERENCE.md section 8: one H200, bf16 autocast, T = 1024, batch 64
+REFERENCE = {  # the reference measured on one H200, bf16 autocast, T = 1024, batch 64
     "t6-small": "315k tokens/s, 34.0% MFU (6N+12LhdT vs 989 TFLOP/s), 62.7 GiB",
     "mha-small": "514k tokens/s, 44.4% MFU (6N+12LhdT vs 989 TFLOP/s), 52.9 GiB",
 }
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
   step = step_lib.TrainStep(cfg, mesh, shardings)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         step_lib.batch_shardings(cfg, mesh))
+  batch = sharding_lib.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh,
+                                 cfg.mesh.rules)
 
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     print(f"  {name:45s} {value}")
   preset = os.path.basename(args.config).removesuffix(".yaml")
   if preset in REFERENCE:
-    print(f"  reference (REFERENCE.md section 8): {REFERENCE[preset]}")
+    print(f"  reference (measured, same setup): {REFERENCE[preset]}")
 
   if args.out:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         "|---|---|",
     ] + [f"| {name} | {value} |" for name, value in rows]
     if preset in REFERENCE:
-      lines.append(f"| reference, REFERENCE.md section 8 | {REFERENCE[preset]} |")
+      lines.append(f"| reference (measured, same setup) | {REFERENCE[preset]} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     new_file = not os.path.exists(args.out)
     with open(args.out, "a") as f:

@@ -230,7 +230,7 @@ def restore_onto_fsdp_tp_mesh_of_4_devices(reference):
   assert_equal(host(state["params"]), host(params_10))
   # Step 11's loss (the train step reports the loss before its update) on the new mesh.
   step_fn = step_lib.TrainStep(cfg, mesh, step_lib.state_shardings(cfg, mesh))
-  batch = data_lib.global_batch(next(train_iter), mesh)
+  batch = sharding_lib.put_batch(next(train_iter), mesh, cfg.mesh.rules)
   loss_sum, count = jax.device_get(step_fn.eval(state["params"], batch))
   # Another mesh sums in another order: equal to float32 rounding, not bitwise.
   np.testing.assert_allclose(loss_sum / count, ref_losses[11], rtol=2e-6)

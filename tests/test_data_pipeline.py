@@ -179,17 +179,3 @@ def test_empty_and_too_short_sources(tmp_path):
   with pytest.raises(src.DataError, match="fewer than one window"):
     pipeline.window_batches(src.FlatTokens([("npy", str(tmp_path / "short.npy"))], EOT),
                             batch_size=1, seq_len=T)
-
-
-def test_global_batch_shards_over_data_and_fsdp():
-  import jax
-  from t6_jax.sharding import make_mesh
-  mesh = make_mesh(data=2, fsdp=4)
-  batch = {"inputs": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
-  out = pipeline.global_batch(batch, mesh)
-  assert out["inputs"].shape == (8, 4)
-  np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])
-  assert out["inputs"].sharding.spec[0] == ("data", "fsdp")
-  assert len({s.device for s in out["inputs"].addressable_shards}) == len(jax.devices())
-  with pytest.raises(ValueError, match="multiple"):
-    pipeline.global_batch({"inputs": np.zeros((3, 4), np.int32)}, mesh)

@@ -1,6 +1,6 @@
 """Cached decoding: greedy decoding equals the argmax of the teacher-forced forward for every
 attention type, factor-path TPA attention equals the materialised path and a float64 NumPy
-computation, cache sizes of REFERENCE.md section 4, 8 devices == 1, ragged == alone, chunked
+computation, cache sizes of docs/model.md, 8 devices == 1, ragged == alone, chunked
 prefill, sampling filters and error cases."""
 
 import dataclasses
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from t6_jax import config as config_lib
-from t6_jax.decode import (cache_bytes_per_token, decode, generate, prefill,
+from t6_jax.decode import (cache_bytes, cache_bytes_per_token, decode, generate, prefill,
                            sample_logits)
 from t6_jax.model import init_params, model_from_params
-from t6_jax.model.attention import TPA, Mask
-from t6_jax.sharding import make_mesh
+from t6_jax.model.attention import TPA, FullQueries, Mask, TPAQueries
+from t6_jax.sharding import RULES, make_mesh
 
 ATTENTIONS = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
 # Ragged batch (4 rows so the batch splits over data x fsdp = 4 devices).
@@ -103,7 +103,7 @@ def test_factor_attention_equals_materialised(attention, ranks):
   cfg = dataclasses.replace(tiny_cfg(attention).model, q_rank=ranks[0], k_rank=ranks[1],
                             v_rank=ranks[2], head_norm=False)
   from flax import nnx
-  attn = nnx.eval_shape(lambda: TPA(cfg, nnx.Rngs(0)))  # no weights are read: no RNG work
+  attn = nnx.eval_shape(lambda: TPA(cfg, nnx.Rngs(0), RULES["fsdp"]))  # no weights read
   rng = np.random.default_rng(0)
   b, t, s, h, k = 2, 3, 11, cfg.num_heads, cfg.head_dim
 
@@ -116,10 +116,49 @@ def test_factor_attention_equals_materialised(attention, ranks):
   keep = jnp.asarray(rng.random((b, t, s)) < 0.6).at[:, :, 4].set(True)
   mask = Mask(causal=False, keep_BxTxS=keep)
   both = jax.jit(lambda q, e, mask: (attn.attend_factors(q, e, mask), attn.attend(q, e, mask)))
-  factor, materialised = (np.asarray(y, np.float64) for y in both(q, e, mask))
+  factor, materialised = (np.asarray(y, np.float64) for y in both(typed(q), e, mask))
   want = numpy_tpa_attention(q, e, keep, cfg)
   scale = np.abs(want).max()
   assert np.abs(factor - materialised).max() <= 1e-5 * scale
+  assert np.abs(factor - want).max() <= 1e-5 * scale
+  assert np.abs(materialised - want).max() <= 1e-5 * scale
+
+
+def typed(q: dict):
+  return FullQueries(q["q"]) if "q" in q else TPAQueries(q["a_q"], q["b_q"])
+
+
+@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly"])
+def test_factor_attention_with_fewer_queries_than_keys(attention):
+  """T = 3 queries at key positions 6..8 of S = 11 keys, causal with segments: the one mask
+  helper offsets the causal part by the query start (a plain tril would not)."""
+  cfg = dataclasses.replace(tiny_cfg(attention).model, head_norm=False)
+  from flax import nnx
+  attn = nnx.eval_shape(lambda: TPA(cfg, nnx.Rngs(0), RULES["fsdp"]))
+  rng = np.random.default_rng(1)
+  b, t, s, h, k, start = 2, 3, 11, cfg.num_heads, cfg.head_dim, 6
+
+  def rnd(*shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q = {"q": rnd(b, t, h, k)} if attention == "tpa_kvonly" else {
+      "a_q": rnd(b, t, h, cfg.q_rank), "b_q": rnd(b, t, cfg.q_rank, k)}
+  e = {"a_k": rnd(b, s, h, cfg.k_rank), "b_k": rnd(b, s, cfg.k_rank, k),
+       "a_v": rnd(b, s, h, cfg.v_rank), "b_v": rnd(b, s, cfg.v_rank, k)}
+  kv_seg = np.array([[0] * 4 + [1] * 7, [0] * 8 + [1] * 3], np.int32)
+  q_seg = kv_seg[:, start:start + t]
+  mask = Mask(causal=True, q_start=jnp.int32(start), segment_ids_BxT=jnp.asarray(q_seg),
+              kv_segment_ids_BxS=jnp.asarray(kv_seg))
+  # Built independently: key s visible to query i when s <= start + i, same segment.
+  keep = np.zeros((b, t, s), bool)
+  for bb in range(b):
+    for i in range(t):
+      for j in range(s):
+        keep[bb, i, j] = j <= start + i and kv_seg[bb, j] == q_seg[bb, i]
+  np.testing.assert_array_equal(np.broadcast_to(np.asarray(mask.keep(t, s)), keep.shape), keep)
+  both = jax.jit(lambda q, e, mask: (attn.attend_factors(q, e, mask), attn.attend(q, e, mask)))
+  factor, materialised = (np.asarray(y, np.float64) for y in both(typed(q), e, mask))
+  want = numpy_tpa_attention(q, e, keep, cfg)
+  scale = np.abs(want).max()
   assert np.abs(factor - want).max() <= 1e-5 * scale
   assert np.abs(materialised - want).max() <= 1e-5 * scale
 
@@ -132,7 +171,7 @@ def test_materialising_decode_path_gives_same_tokens():
 
 
 # --------------------------------------------------------------------------------------------
-# Cache sizes (REFERENCE.md section 4), from the cache arrays' shapes
+# Cache sizes (docs/model.md), checked against the cache arrays' shapes
 
 
 @pytest.mark.parametrize("preset,per_layer", [
@@ -142,6 +181,8 @@ def test_cache_bytes_per_token(preset, per_layer):
   cfg = config_lib.load(preset).model
   assert cache_bytes_per_token(cfg, "bfloat16") == per_layer * 12 * 2
   assert cache_bytes_per_token(cfg, "float32") == per_layer * 12 * 4
+  # The formula is what the real cache arrays take.
+  assert cache_bytes_per_token(cfg, "bfloat16") == cache_bytes(cfg, 1, 1, "bfloat16")
 
 
 def test_t6_small_cache_is_9408_bytes_per_token():

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 from t6_jax import config as config_lib
 from t6_jax.decode.cache import entry_shapes
 from t6_jax.model import init_params, model_from_params
-from t6_jax.model.tpa_decode_kernel import query_for_kernel, tpa_decode_attention, use_kernel
+from t6_jax import kernels
+from t6_jax.kernels.tpa_decode_gpu import tpa_decode_attention
+from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
 
 
 def numpy_attention(a_q, b_q, q_full, cache, layer, pad, pos, ranks, head_dim):
-  """Equations of REFERENCE.md section 1 in float64: P = B_q B_k^T, logits, softmax, values."""
+  """The FlashTPA equations (docs/model.md) in float64: P = B_q B_k^T, logits, softmax, values."""
   a_k, b_k, a_v, b_v = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)[layer]
                         for x in cache]
   q_rank, k_rank, v_rank = ranks
@@ -46,11 +48,11 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits)
   a_q, b_q, q_full = rnd(batch, heads, q_rank), rnd(batch, q_rank, head_dim), None
   if full_query:
     q_full = rnd(batch, heads, head_dim)
-    q = {"q": jnp.asarray(q_full)[:, None]}
+    q = FullQueries(jnp.asarray(q_full)[:, None])
   else:
-    q = {"a_q": jnp.asarray(a_q)[:, None], "b_q": jnp.asarray(b_q)[:, None]}
+    q = TPAQueries(jnp.asarray(a_q)[:, None], jnp.asarray(b_q)[:, None])
   pad, pos, layer = np.array([0, 7, 30]), 33, 1  # ragged left padding; slots > pos unused
-  q_BxHxK = query_for_kernel(q, q_rank, k_rank, head_dim)
+  q_BxHxK = kernel_query(q, q_rank, k_rank, head_dim)
   got = tpa_decode_attention(q_BxHxK, *cache, jnp.int32(layer), jnp.asarray(pad),
                              jnp.int32(pos), kv_len=slots, block=block, splits=splits,
                              interpret=True)
@@ -65,14 +67,31 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits)
 
 
 def test_use_kernel_setting():
-  assert not use_kernel("xla", "tpa", 1)
-  assert use_kernel("pallas", "tpa", 1)
-  assert not use_kernel("pallas", "tpa", 4)  # prefill chunks stay on XLA
-  assert not use_kernel("pallas", "mha", 1)
-  assert use_kernel("auto", "tpa", 1) == (jax.default_backend() == "gpu"
-                                          and jax.device_count() == 1)
+  use_kernel = kernels.use_decode_kernel
+  assert not use_kernel("xla", "tpa", 1, "bfloat16")
+  assert use_kernel("pallas", "tpa", 1, "bfloat16")
+  assert not use_kernel("pallas", "tpa", 4, "bfloat16")  # prefill chunks stay on XLA
+  assert not use_kernel("pallas", "mha", 1, "bfloat16")
+  assert use_kernel("auto", "tpa", 1, "bfloat16") == (jax.default_backend() == "gpu"
+                                                      and jax.device_count() == 1)
   with pytest.raises(ValueError, match="attention_kernel"):
-    use_kernel("triton", "tpa", 1)
+    use_kernel("triton", "tpa", 1, "bfloat16")
+
+
+def test_auto_kernel_falls_back_for_a_float32_cache(monkeypatch):
+  """On one GPU, auto takes the kernel for a 16-bit cache only; float32 stays on XLA (the
+  kernel raises for it), and an explicit pallas still reaches the kernel's own error."""
+  monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(kernels.jax, "device_count", lambda: 1)
+  assert kernels.use_decode_kernel("auto", "tpa", 1, "bfloat16")
+  assert kernels.use_decode_kernel("auto", "tpa_kvonly", 1, jnp.float16)
+  assert not kernels.use_decode_kernel("auto", "tpa", 1, "float32")
+  assert kernels.use_decode_kernel("pallas", "tpa", 1, "float32")
+  cache = [jnp.zeros((1, 1, 16, 2, 2), jnp.float32), jnp.zeros((1, 1, 16, 2, 8), jnp.float32)]
+  with pytest.raises(ValueError, match="bfloat16/float16 cache"):
+    tpa_decode_attention(jnp.zeros((1, 2, 8)), cache[0], cache[1], cache[0], cache[1],
+                         jnp.int32(0), jnp.zeros((1,), jnp.int32), jnp.int32(0), kv_len=16,
+                         interpret=True)
 
 
 def test_extend_step_kernel_equals_xla_path():

@@ -1,6 +1,6 @@
-"""The model against REFERENCE.md: parameter counts, forward parity with an independent float64
-NumPy forward (tests/numpy_ref.py) for every attention type, causality by gradient, RoPE
-relative-position invariance, and the initialisation of section 2."""
+"""The model against its specification (docs/model.md): parameter counts, forward parity with
+an independent float64 NumPy forward (tests/numpy_ref.py) for every attention type, causality
+by gradient, RoPE relative-position invariance, and the initialisation."""
 
 import dataclasses
 import functools
@@ -16,13 +16,13 @@ import numpy_ref as ref
 from t6_jax import config as config_lib
 from t6_jax.convert import layout
 from t6_jax.model import init_params, model_from_params
-from t6_jax.model.attention import segment_mask
+from t6_jax.kernels import training_mask
 from t6_jax.model.layers import rms_norm
 from t6_jax.model.sizes import param_count
 
 ATTENTIONS = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
 
-# REFERENCE.md section 4, exact (tied embedding counted once).
+# The paper's sizes (docs/model.md), exact (tied embedding counted once).
 PAPER_COUNTS = {
     "tpa": (124_342_272, 353_992_704, 773_698_560, 1_555_814_400),
     "tpa_kvonly": (124_379_136, 353_157_120, 773_053_440, 1_559_500_800),
@@ -108,8 +108,8 @@ def logits_from_embeddings(cfg, params, x_TxD):
   model = model_from_params(cfg, params)
   t = x_TxD.shape[0]
   rope = model.rope(jnp.arange(t)[None])
-  mask = segment_mask(None)
-  x, _ = model.apply_blocks(x_TxD[None], lambda block, x, _: (block(x, rope, mask), None))
+  mask = training_mask(None)
+  x, _ = model.apply_blocks(x_TxD[None], lambda block, x, _: block(x, rope, mask))
   return model.embed.logits(rms_norm(x))[0]
 
 
@@ -141,7 +141,7 @@ def test_rope_depends_only_on_relative_position(attention):
 
 
 # --------------------------------------------------------------------------------------------
-# Initialisation (REFERENCE.md section 2). The bounds do not depend on the PRNG; "rbg" keys
+# Initialisation (docs/model.md). The bounds do not depend on the PRNG; "rbg" keys
 # compile in a quarter of threefry's time on CPU, which dominates these tests otherwise.
 
 

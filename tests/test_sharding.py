@@ -5,6 +5,7 @@ shard shapes of a state on a 2x2x2 mesh: test_train_step.py.)"""
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -31,7 +32,8 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced host
 
 @needs8
 def test_mesh_sizes_and_errors():
-  mesh = sharding.mesh_from_config(config_lib.MeshConfig(data=2, fsdp=-1, tensor=2))
+  mesh = sharding.mesh_from_config(config_lib.MeshConfig(data=2, fsdp=-1, tensor=2,
+                                                         rules="fsdp_tp"))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   mesh = sharding.mesh_from_config(config_lib.MeshConfig(data=1, fsdp=-1, tensor=1))
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -47,7 +49,8 @@ def test_mesh_sizes_and_errors():
 
 @needs8
 def test_param_specs_follow_each_rules_table():
-  mesh = sharding.mesh_from_config(config_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = sharding.mesh_from_config(config_lib.MeshConfig(data=2, fsdp=2, tensor=2,
+                                                         rules="fsdp_tp"))
   # MLP hidden 85 (odd): no axis splits it, so c_fc1's mlp dimension stays whole.
   want = {
       "dp": {"wte": P(None, None), "W_A_q": P(None, None, None, None),
@@ -101,3 +104,75 @@ def test_replicated_guard():
   abstract = step_lib.abstract_state(cfg, mesh)["params"]
   assert not sharding.replicated_params(abstract, jax.tree.map(lambda x: x.sharding, abstract),
                                         min_size=1000)
+
+
+@needs8
+def test_mesh_axis_no_rule_uses_is_refused():
+  # The tensor axis under a table without tensor rules would only repeat work.
+  for rules in ("fsdp", "dp"):
+    with pytest.raises(ValueError, match=f"mesh.tensor=2 but mesh.rules={rules} .*"
+                                         "use mesh.rules=fsdp_tp"):
+      sharding.mesh_from_config(config_lib.MeshConfig(data=1, fsdp=-1, tensor=2, rules=rules))
+  with pytest.raises(ValueError, match="mesh.tensor=4"):
+    sharding.make_mesh(1, 2, 4, rules="fsdp")
+  # Every table splits the batch over data and fsdp, so those axes are always used.
+  for rules in sharding.RULES:
+    sharding.mesh_from_config(config_lib.MeshConfig(data=2, fsdp=-1, tensor=1, rules=rules))
+  assert sharding.make_mesh(1, 4, 2).shape["tensor"] == 2  # no rules given: no check
+
+
+def test_rules_are_hashable_and_carry_the_batch_axes():
+  rules = sharding.rules_table("fsdp_tp")
+  assert rules is sharding.RULES["fsdp_tp"] and hash(rules) == hash(sharding.rules_table(rules))
+  assert rules.batch == ("data", "fsdp")
+  assert rules.mesh_axes("heads") == ("tensor",) and rules.mesh_axes("length") == ()
+  edited = sharding.Rules.make("mine", {"batch": "data", "embed": "fsdp"})
+  assert sharding.logical_to_spec(("batch", "embed"), edited) == P("data", "fsdp")
+
+
+@needs8
+def test_put_batch_shards_over_the_rules_batch_axes():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  batch = {"inputs": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
+  out = sharding.put_batch(batch, mesh, "fsdp")
+  assert out["inputs"].shape == (8, 4)
+  np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])
+  assert out["inputs"].sharding.spec[0] == ("data", "fsdp")
+  assert len({s.device for s in out["inputs"].addressable_shards}) == len(jax.devices())
+  with pytest.raises(ValueError, match="multiple"):
+    sharding.put_batch({"inputs": np.zeros((3, 4), np.int32)}, mesh, "fsdp")
+  # The same rows on every process (prompts): split when they divide, replicated otherwise.
+  whole = sharding.put_batch(np.zeros((3, 4), np.int32), mesh, "fsdp",
+                             same_on_every_process=True)
+  assert whole.shape == (3, 4) and whole.sharding.spec == P()
+  # A table's own batch entry decides the axes.
+  only_data = sharding.Rules.make("only_data", {"batch": "data", "embed": "fsdp"})
+  out = sharding.put_batch(batch, mesh, only_data)
+  assert out["inputs"].sharding.spec[0] == "data"
+  # Without a mesh: plain device arrays.
+  np.testing.assert_array_equal(np.asarray(sharding.put_batch(batch, None, "fsdp")["inputs"]),
+                                batch["inputs"])
+
+
+@needs8
+def test_users_own_jit_of_the_model_uses_the_models_rules():
+  """No hidden global table: the rules travel with the model into any jax.jit of it."""
+  from t6_jax.model import init_params, model_from_params
+  cfg = cfg_with(config_lib.MeshConfig(1, 4, 2, "fsdp_tp"))
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  params = jax.eval_shape(lambda: init_params(cfg.model))
+  tokens = jax.ShapeDtypeStruct((8, 16), np.int32)
+
+  def hlo(rules):
+    model = model_from_params(cfg.model, params, rules)
+    assert model.rules is sharding.RULES[rules]
+    with jax.set_mesh(mesh):
+      return jax.jit(lambda m, x: m(x)).lower(model, tokens).as_text()
+
+  def constrained_on_tensor(text):
+    return [line for line in text.splitlines()
+            if "sharding_constraint" in line and '{"tensor"}' in line]
+
+  # Only fsdp_tp puts activations (heads, MLP, vocab) on the tensor axis.
+  assert constrained_on_tensor(hlo("fsdp_tp"))
+  assert not constrained_on_tensor(hlo("fsdp"))

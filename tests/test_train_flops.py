@@ -3,6 +3,8 @@ device peaks and MFU, and the learning-rate schedules at chosen steps."""
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,3 +107,35 @@ def test_validate_names_the_fix():
     step_lib.validate(cfg)
   with pytest.raises(ValueError, match="train.schedule"):
     step_lib.validate(config_lib.load("tiny", ["train.schedule=linear"]))
+
+
+def numpy_schedule(t, counts):
+  """The learning-rate formula in float64 NumPy, written out per count."""
+  warmup = max(t.warmup_steps, 0)
+  decay_steps = max(t.steps - warmup, 1)
+  decay_start = t.steps - max(int(round(t.decay_fraction * t.steps)), 1)
+  out = []
+  for c in counts:
+    if c < warmup:
+      out.append(t.lr * (c + 1) / max(warmup, 1))
+    elif t.schedule == "cosine":
+      p = min(max((c - warmup) / decay_steps, 0.0), 1.0)
+      out.append(t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + np.cos(np.pi * p)))
+    elif t.schedule == "wsd":
+      p = min(max((c - decay_start) / max(t.steps - decay_start, 1), 0.0), 1.0)
+      out.append(t.lr + (t.min_lr - t.lr) * p)
+    else:
+      out.append(t.lr)
+  return np.asarray(out, np.float64)
+
+
+@pytest.mark.parametrize("schedule,warmup,steps,fraction", [
+    ("cosine", 10, 110, 0.2), ("cosine", 0, 50, 0.2), ("cosine", 1, 7, 0.2),
+    ("wsd", 10, 100, 0.2), ("wsd", 0, 40, 0.5), ("wsd", 30, 40, 0.5), ("wsd", 5, 20, 0.0),
+    ("constant", 10, 100, 0.2), ("constant", 0, 10, 0.2)])
+def test_schedules_match_the_formula_at_every_step(schedule, warmup, steps, fraction):
+  t = config_lib.TrainConfig(lr=6e-4, min_lr=6e-5, warmup_steps=warmup, steps=steps,
+                             schedule=schedule, decay_fraction=fraction)
+  counts = np.arange(steps + 20)
+  got = np.asarray(jax.vmap(step_lib.make_schedule(t))(jnp.asarray(counts)), np.float64)
+  np.testing.assert_allclose(got, numpy_schedule(t, counts), rtol=2e-6, atol=1e-12)

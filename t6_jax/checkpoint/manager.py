@@ -2,7 +2,7 @@
 exact resume (train state + Grain iterator state), fallback past damaged steps, preemption.
 
 One step is three Orbax items saved together (ocp.args.Composite):
-  state  StandardSave of {"step", "params", "opt_state", "rng"}   (each process its shards)
+  state  StandardSave of {"step", "params", "opt_state"}   (each process its shards)
   data   Grain's CheckpointSave of the DatasetIterator              (per-process JSON state)
   meta   JsonSave of the resolved config and tokenizer spec        (what load_params reads)
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only when

@@ -202,12 +202,12 @@ def _restore_params(item_dir: epath.Path, target: dict, *, nested_under: str | N
 
 
 def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelConfig | None = None,
-                rules: str | dict | None = None) -> tuple[Config, dict, dict | None]:
+                rules="fsdp") -> tuple[Config, dict, dict | None]:
   """(config, params, tokenizer_spec) from a run, step or export directory.
 
   A run directory gives its newest good step (or `step`), falling back past damaged steps with
   a message. With `mesh`, params are restored sharded by their logical axes and `rules` (a name
-  in sharding.RULES or a table; default the active table); without, onto one device.
+  in sharding.RULES or a sharding.Rules); without, onto one device.
   `model`, if given, is the model the caller will run: a checkpoint of a different shape is a
   CheckpointMismatchError naming the first mismatched parameter and both shapes.
   """

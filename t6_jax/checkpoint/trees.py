@@ -7,15 +7,14 @@ expected abstract tree first, so the error names the first mismatched parameter 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from t6_jax import sharding as sharding_lib
 from t6_jax.config import ModelConfig
+from t6_jax.model.placement import abstract_params, param_shardings  # noqa: F401
 
 
 class CheckpointError(RuntimeError):
@@ -81,21 +80,7 @@ def check_same_shapes(expected, saved, *, prefix: str = "", where: str = "the ch
         f"({len(extra)} unexpected in all); {cause}{tail}")
 
 
-@functools.lru_cache(maxsize=16)
-def abstract_params(cfg: ModelConfig) -> dict:
-  """ShapeDtypeStructs of `init_params(cfg)` without allocating anything (cached: tracing the
-  model takes a moment and configs are frozen)."""
-  from t6_jax.model import init_params
-  return jax.eval_shape(lambda: init_params(cfg, 0))
-
-
-def param_shardings(cfg: ModelConfig, mesh, rules=None) -> dict:
-  """NamedShardings of every parameter on `mesh` from its logical axes and the rules table."""
-  from t6_jax.model import param_axes
-  return sharding_lib.param_shardings(param_axes(cfg), abstract_params(cfg), mesh, rules)
-
-
-def restore_target(cfg: ModelConfig, mesh=None, rules=None) -> dict:
+def restore_target(cfg: ModelConfig, mesh=None, rules="fsdp") -> dict:
   """Abstract params with the sharding they should be restored with (one device if no mesh)."""
   shapes = abstract_params(cfg)
   if mesh is None:

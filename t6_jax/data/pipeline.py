@@ -364,20 +364,3 @@ class _FlatDocuments:
     f, s, e = self.spans[i]
     return np.asarray(self.tokens.arrays[f][s:e], dtype=np.int32)
 
-
-def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
-  """Process-local batches -> global jax.Arrays, batch dim sharded over ("data", "fsdp")."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from t6_jax.sharding import BATCH
-  axes = tuple(a for a in BATCH if a in mesh.shape)
-  sharding = NamedSharding(mesh, P(axes))
-  out = {}
-  for k, v in batch.items():
-    try:
-      out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
-    except ValueError as e:
-      raise ValueError(f"batch[{k!r}] of shape {np.shape(v)} cannot be split over mesh axes "
-                       f"{axes} ({[mesh.shape[a] for a in axes]}): the per-process batch "
-                       f"must be a multiple of this process's share of those devices; {e}") from e
-  return out

@@ -1,6 +1,8 @@
 """Cached decoding: the factor cache, prefill, the jitted token loop, sampling."""
 
-from t6_jax.decode.cache import (Cache, cache_bytes, cache_bytes_per_token,  # noqa: F401
-                                 entry_axes, entry_shapes, init_cache)
-from t6_jax.decode.generate import (decode, generate, prefill, sample_logits,  # noqa: F401
-                                    sample_text, shard_params)
+from t6_jax.decode.cache import (Cache, cache_bytes, entry_axes, entry_shapes,  # noqa: F401
+                                 init_cache)
+from t6_jax.decode.generate import (decode, decode_loop, generate, prefill,  # noqa: F401
+                                    sample_logits, sample_text)
+from t6_jax.model.placement import shard_params  # noqa: F401
+from t6_jax.model.sizes import cache_bytes_per_token  # noqa: F401

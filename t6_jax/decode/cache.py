@@ -21,7 +21,7 @@ from flax import nnx
 
 from t6_jax.config import ModelConfig
 from t6_jax.model.attention import make_attention
-from t6_jax.sharding import constrain
+from t6_jax.sharding import RULES, Rules, constrain, rules_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,6 @@ class Cache:
   def max_len(self) -> int:
     return next(iter(self.entries.values())).shape[2]
 
-  @property
-  def batch(self) -> int:
-    return self.pad_B.shape[0]
-
 
 jax.tree_util.register_dataclass(Cache, data_fields=["entries", "pad_B", "length"],
                                  meta_fields=[])
@@ -47,7 +43,7 @@ jax.tree_util.register_dataclass(Cache, data_fields=["entries", "pad_B", "length
 
 def entry_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
   """Logical axis names of every cache array, the attention class's ENTRY_AXES + `layers`."""
-  cls = type(nnx.eval_shape(lambda: make_attention(cfg, nnx.Rngs(0))))
+  cls = type(nnx.eval_shape(lambda: make_attention(cfg, nnx.Rngs(0), RULES["fsdp"])))
   return {name: ("layers",) + tuple(axes) for name, axes in cls.ENTRY_AXES.items()}
 
 
@@ -55,7 +51,7 @@ def entry_shapes(cfg: ModelConfig, batch: int, max_len: int,
                  dtype: str = "bfloat16") -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of the cache arrays, read off the attention class's own `entries()` (no memory)."""
   def one_layer():
-    attn = make_attention(cfg, nnx.Rngs(0))
+    attn = make_attention(cfg, nnx.Rngs(0), RULES["fsdp"])
     x_BxSxD = jnp.zeros((batch, max_len, cfg.d_model), jnp.float32)
     dim = cfg.mla_rope_dim if cfg.attention == "mla" else cfg.head_dim
     rope = (jnp.zeros((batch, max_len, dim // 2)),) * 2
@@ -66,18 +62,13 @@ def entry_shapes(cfg: ModelConfig, batch: int, max_len: int,
           for name, s in per_layer.items()}
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> Cache:
-  """An empty cache (zeros), sharded by the active rules when traced under a mesh."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16",
+               rules: str | Rules = "fsdp") -> Cache:
+  """An empty cache (zeros), sharded by `rules` when traced under a mesh."""
   axes = entry_axes(cfg)
-  entries = {name: constrain(jnp.zeros(s.shape, s.dtype), axes[name])
+  entries = {name: constrain(jnp.zeros(s.shape, s.dtype), axes[name], rules_table(rules))
              for name, s in entry_shapes(cfg, batch, max_len, dtype).items()}
   return Cache(entries, jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
-  """Bytes one past token takes in the cache over all layers, from the arrays' real shapes."""
-  shapes = entry_shapes(cfg, 1, 1, dtype)
-  return sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes.values())
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> int:

@@ -15,7 +15,6 @@ The whole token loop is one jitted function: `lax.scan` over a fixed number of t
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from functools import partial
 from typing import Sequence
@@ -24,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
-from t6_jax.model import model_from_params, param_axes
-from t6_jax.sharding import BATCH, param_shardings, use_rules
+from t6_jax.model import model_from_params
+from t6_jax.model.placement import shard_params
+from t6_jax.sharding import put_batch
 
 MIN_PROMPT_BUCKET = 8
 
@@ -70,65 +69,72 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
 # Jitted kernels (module level so jax's compile cache is shared by every call)
 
 
-def _model(model_cfg: ModelConfig, params):
-  return model_from_params(model_cfg, params)
+def _model(model_cfg: ModelConfig, params, rules: str):
+  """The model with its block weights cast to the compute dtype once, outside the loops."""
+  return model_from_params(model_cfg, params, rules).in_compute_dtype()
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "max_len", "cache_dtype", "chunk"))
 def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtype, chunk):
-  with use_rules(rules):
-    model = _model(model_cfg, params)
-    batch, t_len = tokens_BxT.shape
-    cache = init_cache(model_cfg, batch, max_len, cache_dtype)
-    entries = cache.entries
-    for start in range(0, t_len, chunk):  # long prompts in chunks, each against the cache
-      stop = min(t_len, start + chunk)
-      logits_BxV, entries = model.extend(tokens_BxT[:, start:stop], entries, pad_B, start,
-                                         kv_len=stop, factor_attention=False)
-    return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32)), logits_BxV
+  model = _model(model_cfg, params, rules)
+  batch, t_len = tokens_BxT.shape
+  cache = init_cache(model_cfg, batch, max_len, cache_dtype, rules)
+  entries = cache.entries
+  for start in range(0, t_len, chunk):  # long prompts in chunks, each against the cache
+    stop = min(t_len, start + chunk)
+    logits_BxV, entries = model.extend(tokens_BxT[:, start:stop], entries, pad_B, start,
+                                       kv_len=stop, factor_attention=False)
+  return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32)), logits_BxV
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
                                    "stop_tokens", "valid_vocab", "factor", "kernel"),
          donate_argnames=("cache",))
-def _decode(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *, model_cfg,
-            rules, steps, greedy, use_filters, stop_tokens, valid_vocab, factor,
-            kernel="auto"):
-  with use_rules(rules):
-    model = _model(model_cfg, params)
-    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                     greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
-    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-    batch = logits_BxV.shape[0]
+def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *,
+                model_cfg, rules, steps, greedy, use_filters, stop_tokens, valid_vocab,
+                factor, kernel="auto"):
+  """The jitted token loop (the cache is donated): `steps` tokens after `logits_BxV`.
 
-    tok_B = sample(logits_BxV, jax.random.fold_in(key, 0))
-    out_BxN = jnp.full((batch, steps), -1, jnp.int32).at[:, 0].set(tok_B)
-    done_B = jnp.isin(tok_B, stops)
+  Returns (tokens (B, steps) int32, -1 after a row's first stop token; the new Cache).
+  Static: model_cfg, rules (a table name), steps, greedy, use_filters (top-k / top-p),
+  stop_tokens (a tuple), valid_vocab, factor (decode.factor_attention), kernel
+  (decode.attention_kernel). `decode` is the checked entry point; this is the program it
+  runs (benchmarks lower it directly).
+  """
+  model = _model(model_cfg, params, rules)
+  sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                   greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
+  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+  batch = logits_BxV.shape[0]
 
-    def step(state, i):
-      entries, length, tok_B, done_B, out_BxN = state
-      logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
-                                         kv_len=cache.max_len, factor_attention=factor,
-                                         attention_kernel=kernel)
-      nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
-      nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (and are fed token 0)
-      out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
-      done_B = done_B | jnp.isin(nxt_B, stops)
-      return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)
+  tok_B = sample(logits_BxV, jax.random.fold_in(key, 0))
+  out_BxN = jnp.full((batch, steps), -1, jnp.int32).at[:, 0].set(tok_B)
+  done_B = jnp.isin(tok_B, stops)
 
-    state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
-    if stop_tokens:
-      def cond(carry):
-        i, state = carry
-        return (i < steps) & ~jnp.all(state[3])
+  def step(state, i):
+    entries, length, tok_B, done_B, out_BxN = state
+    logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
+                                       kv_len=cache.max_len, factor_attention=factor,
+                                       attention_kernel=kernel)
+    nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
+    nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (and are fed token 0)
+    out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
+    done_B = done_B | jnp.isin(nxt_B, stops)
+    return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)
 
-      _, state = jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1], c[0])),
-                                    (jnp.asarray(1, jnp.int32), state))
-    else:
-      state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
-                              jnp.arange(1, steps, dtype=jnp.int32))
-    entries, length, _, _, out_BxN = state
-    return out_BxN, Cache(entries, cache.pad_B, length)
+  state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
+  if stop_tokens:
+    def cond(carry):
+      i, state = carry
+      return (i < steps) & ~jnp.all(state[3])
+
+    _, state = jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1], c[0])),
+                                  (jnp.asarray(1, jnp.int32), state))
+  else:
+    state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
+                            jnp.arange(1, steps, dtype=jnp.int32))
+  entries, length, _, _, out_BxN = state
+  return out_BxN, Cache(entries, cache.pad_B, length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,12 +155,8 @@ def _as_params(model_or_pair):
                   f"{type(model_or_pair).__name__}")
 
 
-def shard_params(cfg: Config, params, mesh):
-  """Places params on `mesh` by their logical axes under cfg.mesh.rules (no-op without mesh)."""
-  if mesh is None:
-    return params
-  return jax.device_put(
-      params, param_shardings(param_axes(cfg.model), params, mesh, cfg.mesh.rules))
+def _placed(cfg: Config, model_or_params, mesh) -> dict:
+  return shard_params(_as_params(model_or_params), cfg.model, mesh, cfg.mesh.rules)
 
 
 def _check_settings(cfg: Config):
@@ -221,14 +223,6 @@ def left_align(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.nda
   return tokens, pad
 
 
-def _put_batch(x, mesh):
-  if mesh is None:
-    return jnp.asarray(x)
-  parallel = math.prod(mesh.shape[a] for a in BATCH)
-  spec = P(BATCH) if x.shape[0] % parallel == 0 else P()
-  return jax.device_put(x, NamedSharding(mesh, spec))
-
-
 def prefill(cfg: Config, params, tokens_BxT, lengths_B, *, max_len: int | None = None,
             mesh=None) -> tuple[Cache, jax.Array]:
   """Fills a new cache with right-padded prompts (tokens_BxT, lengths_B).
@@ -238,7 +232,7 @@ def prefill(cfg: Config, params, tokens_BxT, lengths_B, *, max_len: int | None =
   """
   tokens_BxT, lengths_B = np.asarray(tokens_BxT), np.asarray(lengths_B)
   prompts = [list(tokens_BxT[b, :int(n)]) for b, n in enumerate(lengths_B)]
-  return _prefill_prompts(cfg, shard_params(cfg, _as_params(params), mesh), prompts,
+  return _prefill_prompts(cfg, _placed(cfg, params, mesh), prompts,
                           max_len=max_len, room=None, mesh=mesh)
 
 
@@ -256,8 +250,8 @@ def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
   tokens, pad = left_align(prompts, prompt_bucket(longest, room, chunk))
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
-    return _prefill(params, _put_batch(tokens, mesh),
-                    _put_batch(pad, mesh), model_cfg=cfg.model, rules=cfg.mesh.rules,
+    tokens, pad = put_batch((tokens, pad), mesh, cfg.mesh.rules, same_on_every_process=True)
+    return _prefill(params, tokens, pad, model_cfg=cfg.model, rules=cfg.mesh.rules,
                     max_len=max_len, cache_dtype=cfg.decode.cache_dtype,
                     chunk=chunk)
 
@@ -268,7 +262,7 @@ def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, tempera
 
   tokens (B, steps) int32: -1 after a row's first stop token.
   """
-  return _decode_placed(cfg, shard_params(cfg, _as_params(params), mesh), cache, logits_BxV,
+  return _decode_placed(cfg, _placed(cfg, params, mesh), cache, logits_BxV,
                         steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
 
@@ -284,7 +278,7 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
   greedy = temperature == 0
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
-    return _decode(
+    return decode_loop(
         params, cache, logits_BxV, jax.random.key(seed),
         jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
         model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps, greedy=greedy,
@@ -307,7 +301,7 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   """
   steps = cfg.decode.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
   _check_sampling(temperature, top_k, top_p)
-  params = shard_params(cfg, _as_params(model_or_pair), mesh)
+  params = _placed(cfg, model_or_pair, mesh)
   if steps <= 0:
     check_prompts(prompts, cfg.model.vocab_size)
     return [[] for _ in prompts]

@@ -59,7 +59,7 @@ class T6Adapter:
     """Greedy (or sampled, if asked) continuations cut at the first stop string."""
     from t6_jax.decode import generate
     from t6_jax.model import model_from_params
-    model = model_from_params(self.cfg.model, self.scorer.params)
+    model = model_from_params(self.cfg.model, self.scorer.params, self.cfg.mesh.rules)
     args = self._args(requests)
     out: list[str | None] = [None] * len(args)
     # Requests with the same generation settings are decoded together.

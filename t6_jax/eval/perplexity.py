@@ -14,12 +14,12 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax.config import Config
 from t6_jax.eval.scoring import mesh_context, shard_params, token_logprobs
+from t6_jax.sharding import put_batch
 
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids")
@@ -78,7 +78,7 @@ def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str
   if seq_len > cfg.model.max_seq_len:
     raise ValueError(f"evaluation window {seq_len} exceeds model.max_seq_len="
                      f"{cfg.model.max_seq_len}; lower eval.seq_len")
-  shards = batch_shards(mesh)
+  shards = batch_shards(cfg, mesh)
   batch_size = -(-batch_size // shards) * shards
   if batch_size % jax.process_count():
     raise ValueError(f"eval batch {batch_size} does not split over {jax.process_count()} "
@@ -86,7 +86,7 @@ def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str
   local_rows = batch_size // jax.process_count()
   ds = data_lib.make_dataset(cfg, split, batch_size=local_rows, seq_len=seq_len,
                              shuffle=False, num_epochs=1)
-  params = shard_params(cfg, params, mesh)
+  params = shard_params(params, cfg.model, mesh, cfg.mesh.rules)
   loss_sums = make_loss_fn(cfg, mesh)
 
   nll, tokens, local_bytes, steps = 0.0, 0, 0, 0
@@ -96,17 +96,14 @@ def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     bar = tqdm(total=max_batches or None, desc=f"{split} loss", unit="batch")
-  with mesh_context(cfg, mesh):
+  with mesh_context(mesh):
     for batch in ds:
       if max_batches and steps >= max_batches:
         break
       batch = _pad_rows({k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch},
                         local_rows)
       local_bytes += count_bytes(batch["targets"], tokenizer)
-      if mesh is None:
-        device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-      else:
-        device_batch = data_lib.global_batch(batch, mesh)
+      device_batch = put_batch(batch, mesh, cfg.mesh.rules)
       pending.append(loss_sums(params, device_batch))  # dispatched; read later
       if len(pending) > 2:
         s, n = pending.pop(0)

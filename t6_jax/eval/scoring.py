@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -24,9 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax.config import Config
-from t6_jax.model import model_from_params
-from t6_jax.decode.generate import shard_params
-from t6_jax.sharding import BATCH, use_rules
+from t6_jax.model import model_from_params, shard_params  # noqa: F401  (eval imports it here)
+from t6_jax.sharding import batch_devices, put_batch
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
@@ -40,32 +38,22 @@ def bucket_lengths(max_len: int, min_len: int = 16) -> list[int]:
   return lengths + [max_len]
 
 
-def batch_shards(mesh) -> int:
-  return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH if a in mesh.shape)
-
-
-def to_global(x: np.ndarray, mesh) -> jax.Array:
-  """The same host array on every process -> a global array with its batch axis split."""
-  if mesh is None:
-    return jnp.asarray(x)
-  sharding = NamedSharding(mesh, P(BATCH, *([None] * (x.ndim - 1))))
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+def batch_shards(cfg: Config, mesh) -> int:
+  """How many ways a batch is split: the product of the rules' batch axes."""
+  return batch_devices(mesh, cfg.mesh.rules)
 
 
 @contextlib.contextmanager
-def mesh_context(cfg: Config, mesh):
-  """The mesh and rules table the model's sharding constraints read while tracing."""
-  with contextlib.ExitStack() as stack:
-    if mesh is not None:
-      stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(use_rules(cfg.mesh.rules))
+def mesh_context(mesh):
+  """The mesh the model's sharding constraints read while tracing (nothing without one)."""
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     yield
 
 
 def token_logprobs(cfg: Config, params, tokens_BxT, targets_BxT, positions_BxT=None,
                    segment_ids_BxT=None):
   """Per-position log p(target) and whether it is the argmax; targets < 0 are ignored (0)."""
-  model = model_from_params(cfg.model, params)
+  model = model_from_params(cfg.model, params, cfg.mesh.rules)
   logits_BxTxV = model(tokens_BxT, positions_BxT, segment_ids_BxT).astype(jnp.float32)
   keep_BxT = targets_BxT >= 0
   safe_BxT = jnp.where(keep_BxT, targets_BxT, 0)
@@ -98,16 +86,17 @@ class Scorer:
     if self.max_len > cfg.model.max_seq_len:
       raise ValueError(f"scoring length {self.max_len} exceeds model.max_seq_len="
                        f"{cfg.model.max_seq_len}; lower eval.max_len")
-    shards = batch_shards(mesh)
+    shards = batch_shards(cfg, mesh)
     rows = rows or cfg.eval.mc_batch_size
     self.rows = -(-rows // shards) * shards  # a multiple of the data-parallel devices
     self.buckets = bucket_lengths(self.max_len, min_bucket)
-    self.params = shard_params(cfg, params, mesh)
+    self.params = shard_params(params, cfg.model, mesh, cfg.mesh.rules)
     self._score = _score_fn(cfg, mesh)
+    self._shapes: set[tuple[int, int]] = set()
 
   def compiled_shapes(self) -> int:
-    """How many (rows, length) programs have been compiled so far."""
-    return self._score._cache_size()
+    """How many (rows, length) shapes this scorer has run (one compiled program each)."""
+    return len(self._shapes)
 
   def loglikelihood(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
     """(sum of log p(continuation tokens), continuation is the greedy decode) per pair."""
@@ -137,7 +126,7 @@ class Scorer:
         out[i] = (float(lp[r]), bool(greedy[r]))
 
     pending = None
-    with mesh_context(self.cfg, self.mesh):
+    with mesh_context(self.mesh):
       for batch in batches:
         length = next(b for b in self.buckets if b >= len(batch[0][1]) - 1)
         tokens = np.zeros((self.rows, length), np.int32)
@@ -146,8 +135,10 @@ class Scorer:
           n = len(full) - 1
           tokens[r, :n] = full[:-1]
           targets[r, n - n_cont:n] = full[n - n_cont + 1:]
-        result = self._score(self.params, to_global(tokens, self.mesh),
-                             to_global(targets, self.mesh))
+        self._shapes.add(tokens.shape)
+        tokens, targets = put_batch((tokens, targets), self.mesh, self.cfg.mesh.rules,
+                                    same_on_every_process=True)
+        result = self._score(self.params, tokens, targets)
         if pending is not None:  # read the previous batch while this one runs
           collect(*pending)
         pending = (batch, *result)

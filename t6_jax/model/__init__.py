@@ -2,3 +2,4 @@
 
 from t6_jax.model.transformer import (Block, Transformer, init_params,  # noqa: F401
                                       model_from_params, param_axes)
+from t6_jax.model.placement import param_shardings, shard_params  # noqa: F401

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t6_jax.config import ModelConfig
-from t6_jax.sharding import constrain
+from t6_jax.sharding import Rules, constrain
 
 
 def uniform_init(bound: float):
@@ -62,7 +62,7 @@ class RMSNorm(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# RoPE (half-split form of REFERENCE.md section 1)
+# RoPE (half-split form, docs/model.md)
 
 
 def rope_tables(positions_BxT: jax.Array, dim: int, base: float, bf16_tables: bool):
@@ -92,9 +92,9 @@ def apply_rope(x: jax.Array, cos_BxTxF: jax.Array, sin_BxTxF: jax.Array) -> jax.
 class Mlp(nnx.Module):
   """SwiGLU: c_proj(silu(c_fc1 x) * c_fc2 x), output projection zero-initialised."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules):
     d, f = cfg.d_model, cfg.mlp_dim
-    self.dtype = jnp.dtype(cfg.dtype)
+    self.dtype, self.rules = jnp.dtype(cfg.dtype), rules
     self.c_fc1 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
@@ -103,22 +103,22 @@ class Mlp(nnx.Module):
     x = x_BxTxD.astype(self.dtype)
     h_BxTxF = jax.nn.silu(x @ self.c_fc1[...].astype(self.dtype)) * (
         x @ self.c_fc2[...].astype(self.dtype))
-    h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"))
+    h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"), self.rules)
     return h_BxTxF @ self.c_proj[...].astype(self.dtype)
 
 
 class Embed(nnx.Module):
   """Token embedding tied to the LM head (uniform +-1/sqrt(d), as the reference's head)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.dtype = jnp.dtype(cfg.dtype)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules):
+    self.dtype, self.rules = jnp.dtype(cfg.dtype), rules
     self.wte = fan_in_param(rngs, cfg.d_model, (cfg.vocab_size, cfg.d_model),
                             ("vocab", "embed"), cfg)
 
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     # Gather from a table whole along the vocab: a vocab-sharded gather would make XLA
     # rematerialise the full table anyway, with a warning, under tensor parallelism.
-    return jnp.take(constrain(self.wte[...], (None, "embed")), tokens_BxT, axis=0)
+    return jnp.take(constrain(self.wte[...], (None, "embed"), self.rules), tokens_BxT, axis=0)
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     """Logits computed in the compute dtype, then cast to fp32 for the loss, as the reference

@@ -22,7 +22,8 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def cache_numbers_per_token_per_layer(cfg: ModelConfig) -> int:
-  """Numbers a decode cache stores per past token and layer (REFERENCE.md sections 1, 3)."""
+  """Numbers a decode cache stores per past token and layer (TPA: A_k, B_k, A_v, B_v; MLA: the
+  latent and the shared rope key; MHA family: K and V of every KV head)."""
   if cfg.attention in ("tpa", "tpa_kvonly"):
     return (cfg.k_rank + cfg.v_rank) * (cfg.num_heads + cfg.head_dim)
   if cfg.attention == "mla":
@@ -31,5 +32,6 @@ def cache_numbers_per_token_per_layer(cfg: ModelConfig) -> int:
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
+  """Bytes one past token takes in a decode cache of `dtype`, over all layers."""
   import jax.numpy as jnp
   return cache_numbers_per_token_per_layer(cfg) * cfg.num_layers * jnp.dtype(dtype).itemsize

@@ -2,8 +2,12 @@
 
 Blocks are created with their parameters stacked along a leading `layers` axis and run with
 `jax.lax.scan`, so compile time does not grow with depth (`scan_layers=False` unrolls the same
-loop). `apply_blocks` is the one place that walks the layers; decoding reuses it with the
-per-layer cache as the scanned input.
+loop). `apply_blocks` is the one place that walks the layers; training, prefill and decoding
+all run the same `Block.__call__` through it (decoding with a `LayerCache`).
+
+The model holds its sharding rules table (`rules`, a static attribute of every module that
+constrains activations), so any `jax.jit` of the model traced under `jax.set_mesh` shards its
+activations by that table.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.model.attention import Mask, make_attention, segment_mask
+from t6_jax.model.attention import LayerCache, Mask, make_attention
 from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
-from t6_jax.model.tpa_decode_kernel import use_kernel
-from t6_jax.sharding import constrain
+from t6_jax.sharding import Rules, constrain, rules_table
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -29,21 +33,24 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
   """x += attn(rms_norm(x)); x += mlp(rms_norm(x)). The residual stream stays in fp32."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.attn = make_attention(cfg, rngs)
-    self.mlp = Mlp(cfg, rngs)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules):
+    self.rules = rules
+    self.attn = make_attention(cfg, rngs, rules)
+    self.mlp = Mlp(cfg, rngs, rules)
 
-  def __call__(self, x_BxTxD, rope, mask: Mask):
-    x_BxTxD = x_BxTxD + self.attn(rms_norm(x_BxTxD), rope, mask).astype(x_BxTxD.dtype)
+  def __call__(self, x_BxTxD, rope, mask: Mask, cache: LayerCache | None = None):
+    """(new x, the stacked cache entries with this layer's written; None without cache)."""
+    y_BxTxD, entries = self.attn(rms_norm(x_BxTxD), rope, mask, cache)
+    x_BxTxD = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
     x_BxTxD = x_BxTxD + self.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
-    return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+    return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.rules), entries
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules) -> Block:
   """One Block whose parameters carry a leading `layers` axis of size num_layers."""
   keys = jax.random.split(rngs.params(), cfg.num_layers)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
-  state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(params=key))))(keys)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0), rules)))
+  state = jax.vmap(lambda key: nnx.state(Block(cfg, nnx.Rngs(params=key), rules)))(keys)
 
   def add_layer_axis(variable):
     return variable.replace(logical_axes=("layers",) + tuple(variable.logical_axes))
@@ -52,12 +59,25 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
   return nnx.merge(graphdef, state)
 
 
-class Transformer(nnx.Module):
+def _in_compute_dtype(state, dtype):
+  """The blocks' weight matrices cast to the compute dtype (norm weight vectors stay fp32:
+  the norms compute in fp32). Done once per call, outside the layer scan and decode loop."""
+  def cast(v):
+    x = v[...]
+    if x.ndim > 2 and jnp.issubdtype(x.dtype, jnp.floating):  # (layers, ...) matrices
+      return v.replace(x.astype(dtype))
+    return v
+  return jax.tree.map(cast, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+
+class Transformer(nnx.Module):
+  """The model. `rules` (a table name or `sharding.Rules`) shards its activations."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: str | Rules = "fsdp"):
     self.cfg = cfg
-    self.embed = Embed(cfg, rngs)
-    self.blocks = _stacked_blocks(cfg, rngs)
+    self.rules = rules_table(rules)
+    self.embed = Embed(cfg, rngs, self.rules)
+    self.blocks = _stacked_blocks(cfg, rngs, self.rules)
 
   @property
   def rope_dim(self) -> int:
@@ -67,6 +87,12 @@ class Transformer(nnx.Module):
     return rope_tables(positions_BxT, self.rope_dim, self.cfg.rope_base,
                        self.cfg.rope_bf16_tables)
 
+  def in_compute_dtype(self) -> "Transformer":
+    """This model with its block weights cast to the compute dtype (a no-op when they are
+    already): decoding casts once before its token loop."""
+    graphdef, blocks, rest = nnx.split(self, lambda path, _: "blocks" in path, ...)
+    return nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
+
   def apply_blocks(self, x_BxTxD, layer_fn: Callable[[Block, jax.Array, Any], tuple],
                    per_layer: Any = None):
     """Runs `layer_fn(block, x, per_layer[i]) -> (x, out_i)` over the layers.
@@ -74,6 +100,7 @@ class Transformer(nnx.Module):
     Returns the final x and the per-layer outputs stacked along a leading axis.
     """
     graphdef, state = nnx.split(self.blocks)
+    state = _in_compute_dtype(state, jnp.dtype(self.cfg.dtype))
 
     def body(x, xs):
       layer_state, extra = xs
@@ -89,11 +116,11 @@ class Transformer(nnx.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     rope = self.rope(positions_BxT)
-    mask = segment_mask(segment_ids_BxT)
-    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"))
+    mask = kernels.training_mask(segment_ids_BxT)
+    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
 
     def layer(block, x, _):
-      return block(x, rope, mask), None
+      return block(x, rope, mask)
 
     x_BxTxD, _ = self.apply_blocks(x_BxTxD, layer)
     return rms_norm(x_BxTxD)
@@ -101,7 +128,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
     """fp32 logits (B, T, V). Positions default to 0..T-1; segment ids keep documents apart."""
     logits = self.embed.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    return constrain(logits, ("batch", "length", "act_vocab"), self.rules)
 
   def extend(self, tokens_BxT, entries, pad_B, start, *, kv_len: int,
              factor_attention: bool = False, attention_kernel: str = "auto"):
@@ -109,56 +136,36 @@ class Transformer(nnx.Module):
 
     entries: {name: (layers, B, S, ...)} as `attn.entries()` returns per layer; the tokens go
     to slots start .. start+T-1 of every row. Row b's first pad_B[b] slots are padding; its
-    RoPE positions are slot - pad_B[b]. Each layer writes its new entries into the cache,
-    then its queries attend to slots [0, kv_len) (static) of that layer's cache under an
-    explicit mask, with the attention class's own `attend` (or, for TPA with
-    `factor_attention`, `attend_factors`; for one-token TPA steps `attention_kernel` (auto |
-    xla | pallas, see decode.attention_kernel) may run the Pallas kernel on the stacked cache
-    instead, which copies no per-layer slice). Returns (fp32 logits (B, V) of the last token,
-    updated entries). The cache is carried through the layer scan so it is updated in place.
+    RoPE positions are slot - pad_B[b]. Each layer (the same `Block.__call__` as training,
+    given a `LayerCache`) writes its new entries into the cache, then its queries attend to
+    slots [0, kv_len) (static) of that layer's cache under `kernels.cache_mask`, with the
+    attention class's own `attend` (or, with `factor_attention`, `attend_factors`; for
+    one-token steps `kernels.use_decode_kernel(attention_kernel, ...)` may pick the fused
+    decode kernel instead, which reads the stacked cache in place). Returns (fp32 logits
+    (B, V) of the last token, updated entries). The cache is carried through the layer scan
+    so it is updated in place.
     """
     _, t_len = tokens_BxT.shape
     slot_T = start + jnp.arange(t_len, dtype=jnp.int32)
     rope = self.rope(jnp.maximum(slot_T[None, :] - pad_B[:, None], 0))
-    s_S = jnp.arange(kv_len, dtype=jnp.int32)
-    # Past slots of the row's own prompt, plus itself (so padding rows stay finite).
-    keep_BxTxS = (s_S[None, None, :] <= slot_T[None, :, None]) & (
-        (s_S[None, None, :] >= pad_B[:, None, None]) | (s_S[None, None, :] == slot_T[None, :, None]))
-    mask = Mask(causal=False, keep_BxTxS=keep_BxTxS)
-    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"))
-    compute = jnp.dtype(self.cfg.dtype)
-    kernel = factor_attention and use_kernel(attention_kernel, self.cfg.attention, t_len)
+    mask = kernels.cache_mask(start, t_len, kv_len, pad_B)
+    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
+    cache_dtype = next(iter(entries.values())).dtype
+    path = "materialize"
+    if factor_attention:
+      kernel = kernels.use_decode_kernel(attention_kernel, self.cfg.attention, t_len,
+                                         cache_dtype)
+      path = "kernel" if kernel else "factors"
 
     def layer(block, carry, i):
       x_BxTxD, entries = carry
-      attn = block.attn
-      h_BxTxD = rms_norm(x_BxTxD)
-      new = attn.entries(h_BxTxD, rope)
-      entries = {
-          name: jax.lax.dynamic_update_slice(
-              cache, new[name].astype(cache.dtype)[None],
-              (i, 0, start) + (0,) * (cache.ndim - 3))
-          for name, cache in entries.items()}
-      q = attn.queries(h_BxTxD, rope)
-      if kernel:
-        y = attn.attend_factors_kernel(q, entries, i, pad_B, start, kv_len)
-        x_BxTxD = x_BxTxD + attn.out(y).astype(x_BxTxD.dtype)
-        x_BxTxD = x_BxTxD + block.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
-        return (constrain(x_BxTxD, ("batch", "length", "act_embed")), entries), None
-      view = {name: jax.lax.dynamic_index_in_dim(cache, i, keepdims=False)[:, :kv_len]
-              .astype(compute) for name, cache in entries.items()}
-      if factor_attention and hasattr(attn, "attend_factors"):
-        y = attn.attend_factors(q, view, mask)
-      else:
-        y = attn.attend(q, view, mask)
-      x_BxTxD = x_BxTxD + attn.out(y).astype(x_BxTxD.dtype)
-      x_BxTxD = x_BxTxD + block.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
-      return (constrain(x_BxTxD, ("batch", "length", "act_embed")), entries), None
+      cache = LayerCache(entries, i, jnp.asarray(start, jnp.int32), pad_B, kv_len, path)
+      return block(x_BxTxD, rope, mask, cache), None
 
     layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
     (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
     logits_BxV = self.embed.logits(rms_norm(x_BxTxD[:, -1:]))[:, 0]
-    return constrain(logits_BxV, ("batch", "act_vocab")), entries
+    return constrain(logits_BxV, ("batch", "act_vocab"), self.rules), entries
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
@@ -175,8 +182,9 @@ def param_axes(cfg: ModelConfig) -> dict:
   return nnx.to_pure_dict(axes)
 
 
-def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
-  """A Transformer whose parameters are `params` (no copy, no new allocation)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+def model_from_params(cfg: ModelConfig, params: dict, rules: str | Rules = "fsdp") -> Transformer:
+  """A Transformer whose parameters are `params` (no copy, no new allocation), sharding its
+  activations by `rules`."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), rules)))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)

@@ -88,7 +88,7 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
   keys = _batch_keys(cfg)
   batches = []
   for batch in ds:
-    batches.append(data_lib.global_batch({k: batch[k] for k in keys}, mesh))
+    batches.append(sharding_lib.put_batch({k: batch[k] for k in keys}, mesh, cfg.mesh.rules))
     if len(batches) == cfg.train.eval_batches:
       break
   if not batches:
@@ -251,8 +251,8 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
     pending = None
     t_train = time.time()
     for n in range(start + 1, t.steps + 1):
-      batch = data_lib.global_batch({k: v for k, v in next(train_iter).items() if k in keys},
-                                    mesh)
+      batch = sharding_lib.put_batch({k: v for k, v in next(train_iter).items() if k in keys},
+                                     mesh, cfg.mesh.rules)
       state, step_metrics = step_fn(state, batch)
       if compile_s is None:
         compile_s = time.time() - t_train

@@ -1,10 +1,10 @@
 """The pure training step: loss with ignored targets, AdamW, schedules, gradient accumulation.
 
 The train state is a plain dict (see `init_state`):
-  {"step": int32 (), "params": nested dict of fp32 arrays, "opt_state": optax state,
-   "rng": uint32 key data}
+  {"step": int32 (), "params": nested dict of fp32 arrays, "opt_state": optax state}
 Every leaf has an explicit NamedSharding: parameters from their logical axes through the rules
-table, optimizer moments like the parameter they track, scalars replicated. `make_train_step`
+table (mesh.rules), optimizer moments like the parameter they track (found by
+optax.tree_utils.tree_map_params), every other leaf (counters) replicated. `make_train_step`
 jits `train_step` with those shardings in and out and donates the state.
 """
 
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config, TrainConfig
-from t6_jax.model import init_params, model_from_params, param_axes
+from t6_jax.model import init_params, model_from_params, param_shardings
 from t6_jax.model.transformer import Transformer
 
 IGNORE = -1  # target id that contributes no loss
@@ -53,7 +53,7 @@ def validate(cfg: Config) -> None:
 # Schedules and optimizer
 
 
-def make_schedule(t: TrainConfig):
+def make_schedule(t: TrainConfig) -> optax.Schedule:
   """Learning rate after `count` optimizer updates (count = 0 for the first step).
 
   Warmup: lr * (count + 1) / warmup_steps for count < warmup_steps (never 0, as nanoGPT).
@@ -63,28 +63,27 @@ def make_schedule(t: TrainConfig):
   constant: lr after the warmup.
   """
   warmup = max(t.warmup_steps, 0)
-  decay_steps = max(t.steps - warmup, 1)
-  decay_start = t.steps - max(int(round(t.decay_fraction * t.steps)), 1)
-
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = t.lr * (count + 1) / max(warmup, 1)
-    if t.schedule == "cosine":
-      p = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
-      after = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + jnp.cos(jnp.pi * p))
-    elif t.schedule == "wsd":
-      p = jnp.clip((count - decay_start) / max(t.steps - decay_start, 1), 0.0, 1.0)
-      after = t.lr + (t.min_lr - t.lr) * p
-    else:
-      after = jnp.full_like(count, t.lr)
-    return jnp.where(count < warmup, warm, after)
-
-  return schedule
+  w = max(warmup, 1)
+  # lr (c + 1) / w for c < warmup: a line from lr / w rising by lr / w per step.
+  warm = optax.linear_schedule(t.lr / w, t.lr * (w + 1) / w, w)
+  if t.schedule == "cosine":
+    after = optax.cosine_decay_schedule(t.lr, max(t.steps - warmup, 1),
+                                        alpha=t.min_lr / t.lr if t.lr else 0.0)
+    return optax.join_schedules([warm, after], [warmup])
+  if t.schedule == "wsd":
+    decay = max(int(round(t.decay_fraction * t.steps)), 1)
+    decay_start = t.steps - decay
+    begin = max(decay_start, warmup)  # a decay that starts inside the warmup goes on after it
+    at_begin = t.lr + (t.min_lr - t.lr) * min((begin - decay_start) / decay, 1.0)
+    linear = optax.linear_schedule(at_begin, t.min_lr, decay_start + decay - begin)
+    return optax.join_schedules([warm, optax.constant_schedule(t.lr), linear],
+                                [warmup, begin])
+  return optax.join_schedules([warm, optax.constant_schedule(t.lr)], [warmup])
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with weight decay on every parameter after clipping at the global norm
-  (REFERENCE.md section 5). optax.adamw decays by lr * wd * p, as torch.optim.AdamW."""
+  """AdamW with weight decay on every parameter after clipping at the global norm (the
+  paper's recipe, docs/training.md). optax.adamw decays by lr * wd * p, as torch.optim.AdamW."""
   return optax.chain(
       optax.clip_by_global_norm(t.clip_norm),
       optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay))
@@ -96,7 +95,7 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 
 def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
   """(sum of token cross-entropies, number of counted tokens); targets == -1 count nothing."""
-  model = model_from_params(cfg.model, params)
+  model = model_from_params(cfg.model, params, cfg.mesh.rules)
   logits_BxTxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets_BxT = batch["targets"]
   keep_BxT = targets_BxT != IGNORE
@@ -105,7 +104,7 @@ def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
   return jnp.sum(jnp.where(keep_BxT, nll_BxT, 0.0)), jnp.sum(keep_BxT).astype(jnp.float32)
 
 
-def split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+def split_micro(batch: dict[str, jax.Array], k: int, cfg: Config) -> dict[str, jax.Array]:
   """(B, ...) -> (k, B/k, ...) where micro-batch j holds rows j, j+k, j+2k, ...
 
   Row i*k + j goes to micro-batch j, so each device's contiguous block of rows stays on that
@@ -115,7 +114,8 @@ def split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     b = x.shape[0]
     x = x.reshape((b // k, k) + x.shape[1:])
     x = jnp.moveaxis(x, 1, 0)
-    return sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2),
+                                  sharding_lib.rules_table(cfg.mesh.rules))
   return jax.tree.map(split, batch)
 
 
@@ -136,7 +136,7 @@ def grads_and_sums(params, cfg: Config, batch):
     return (g_acc, l_acc + loss_sum, n_acc + count), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split_micro(batch, k))
+  (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split_micro(batch, k, cfg))
   return grads, loss_sum, count
 
 
@@ -160,7 +160,6 @@ def train_step(state: dict, batch: dict[str, jax.Array], *, cfg: Config):
       "step": state["step"] + 1,
       "params": jax.tree.map(keep, params, state["params"]),
       "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
-      "rng": state["rng"],
   }
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
              "lr": make_schedule(cfg.train)(state["step"])}
@@ -182,38 +181,25 @@ def _fresh_state(cfg: Config) -> dict:
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "opt_state": make_optimizer(cfg.train).init(params),
-      "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
   }
 
 
-def _opt_state_shardings(abstract_opt, param_shard: dict, mesh) -> Any:
-  """Optimizer leaves that track a parameter (Adam's mu, nu) shard like it; the rest (count)
-  are replicated explicitly, so no leaf is left for the compiler to put on one device."""
-  by_path = {tuple(k.key for k in path): s
-             for path, s in jax.tree_util.tree_leaves_with_path(param_shard)}
+def _opt_state_shardings(cfg: Config, abstract_opt, param_shard: dict, mesh) -> Any:
+  """Optimizer leaves that track a parameter (Adam's mu, nu) shard like it; every other leaf
+  (the counters) is replicated explicitly, so none is left for the compiler to place."""
   replicated = NamedSharding(mesh, P())
-
-  def pick(path, leaf):
-    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-    for start in range(len(keys)):
-      s = by_path.get(keys[start:])
-      if s is not None and len(s.spec) <= leaf.ndim:
-        return s
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+  return optax.tree_utils.tree_map_params(
+      make_optimizer(cfg.train), lambda _, sharding: sharding, abstract_opt, param_shard,
+      transform_non_params=lambda _: replicated)
 
 
 def state_shardings(cfg: Config, mesh) -> dict:
   abstract = jax.eval_shape(functools.partial(_fresh_state, cfg))
-  params = sharding_lib.param_shardings(param_axes(cfg.model), abstract["params"], mesh,
-                                        cfg.mesh.rules)
-  replicated = NamedSharding(mesh, P())
+  params = param_shardings(cfg.model, mesh, cfg.mesh.rules)
   return {
-      "step": replicated,
+      "step": NamedSharding(mesh, P()),
       "params": params,
-      "opt_state": _opt_state_shardings(abstract["opt_state"], params, mesh),
-      "rng": replicated,
+      "opt_state": _opt_state_shardings(cfg, abstract["opt_state"], params, mesh),
   }
 
 
@@ -225,20 +211,22 @@ def abstract_state(cfg: Config, mesh) -> dict:
 
 
 def model_graphdef(cfg: Config):
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
+  return nnx.split(nnx.eval_shape(
+      lambda: Transformer(cfg.model, nnx.Rngs(0), cfg.mesh.rules)))[0]
 
 
 def init_state(cfg: Config, mesh):
   """(graphdef, state, shardings): a fresh train state created directly in its shardings, so
   no device ever holds a full copy of the parameters."""
   shardings = state_shardings(cfg, mesh)
-  with sharding_lib.activate(mesh, cfg.mesh.rules):
+  with jax.set_mesh(mesh):
     state = jax.jit(functools.partial(_fresh_state, cfg), out_shardings=shardings)()
   return model_graphdef(cfg), state, shardings
 
 
 def batch_shardings(cfg: Config, mesh, keys=("inputs", "targets")) -> dict:
-  s = sharding_lib.batch_sharding(mesh, cfg.train.batch_size // cfg.train.grad_accum)
+  s = sharding_lib.batch_sharding(mesh, cfg.mesh.rules,
+                                 cfg.train.batch_size // cfg.train.grad_accum)
   return {k: s for k in keys}
 
 
@@ -270,9 +258,9 @@ class TrainStep:
   """The jitted step bound to a mesh: `state, metrics = step(state, batch)`.
 
   In and out shardings are explicit (the state's from `state_shardings` unless given, the
-  batch split over the data-parallel axes) and the state is donated. The mesh and rules table
-  are entered around every call so that tracing (first call, or `lower`) sees them; compiled
-  calls pay only the context switch.
+  batch split over the rules' batch axes) and the state is donated. The mesh is entered
+  around every call so that tracing (first call, or `lower`) sees it; the rules table travels
+  with the model (cfg.mesh.rules). Compiled calls pay only the context switch.
   """
 
   def __init__(self, cfg: Config, mesh, shardings: dict | None = None,
@@ -284,15 +272,15 @@ class TrainStep:
       self.jitted, self.eval_jitted = _jit_steps(cfg, mesh, shardings, tuple(batch_keys))
 
   def __call__(self, state, batch):
-    with sharding_lib.activate(self.mesh, self.cfg.mesh.rules):
+    with jax.set_mesh(self.mesh):
       return self.jitted(state, batch)
 
   def eval(self, params, batch):
-    with sharding_lib.activate(self.mesh, self.cfg.mesh.rules):
+    with jax.set_mesh(self.mesh):
       return self.eval_jitted(params, batch)
 
   def lower(self, state, batch):
-    with sharding_lib.activate(self.mesh, self.cfg.mesh.rules):
+    with jax.set_mesh(self.mesh):
       return self.jitted.lower(state, batch)
 
 

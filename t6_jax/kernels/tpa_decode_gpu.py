@@ -22,7 +22,6 @@ off), and only blocks that hold a valid slot of the row ([pad_B[b], pos]) are re
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -188,25 +187,3 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
   y_BxHxK = jnp.einsum("bnh,bnhk->bhk", w_BxNxH, acc) / (l_BxH[..., None] * v_rank)
   return y_BxHxK[:, :heads, :head_dim]
 
-
-def use_kernel(setting: str, attention: str, t_len: int) -> bool:
-  """Whether decode.attention_kernel=`setting` runs this kernel for a step of t_len tokens."""
-  if setting not in ("auto", "xla", "pallas"):
-    raise ValueError(f"decode.attention_kernel={setting!r}; use auto, xla or pallas")
-  if setting == "xla" or t_len != 1 or attention not in ("tpa", "tpa_kvonly"):
-    return False
-  if setting == "pallas":
-    return True
-  # auto: one GPU (a sharded cache would need the kernel under shard_map).
-  return jax.default_backend() == "gpu" and jax.device_count() == 1
-
-
-def query_for_kernel(q: dict, q_rank: int, k_rank: int, head_dim: int):
-  """The contracted, scaled query (B, H, d_h) fp32 of a one-token step (T == 1)."""
-  f32 = jnp.float32
-  if "q" in q:
-    q_BxHxK = q["q"][:, 0].astype(f32) / k_rank
-  else:
-    q_BxHxK = jnp.einsum("bhq,bqk->bhk", q["a_q"][:, 0].astype(f32),
-                         q["b_q"][:, 0].astype(f32)) / (q_rank * k_rank)
-  return q_BxHxK / math.sqrt(head_dim)
