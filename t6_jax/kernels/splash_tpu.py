@@ -65,8 +65,11 @@ def _kernel(heads: int, t_pad: int, causal: bool, block_sizes: splash.BlockSizes
   shape = (t_pad, t_pad)
   one = splash.CausalMask(shape) if causal else splash.FullMask(shape)
   mask = splash.MultiHeadMask([one] * heads)
-  return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  # The mask tables must be concrete constants (this is cached across traces), even when the
+  # first call happens inside a jit or shard_map trace.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, *, scale: float, causal: bool = True,

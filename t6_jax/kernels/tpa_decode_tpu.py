@@ -71,7 +71,9 @@ def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, c_ref, ak_ref, bk_ref
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when((j >= jnp.minimum(pad, pos) // block) & (j <= pos // block))
+  # lax.div, not //: slot numbers are non-negative, and // lowers through sign(), which asks
+  # the default device for its TPU generation (it fails in AOT compiles from a CPU host).
+  @pl.when((j >= jax.lax.div(jnp.minimum(pad, pos), block)) & (j <= jax.lax.div(pos, block)))
   def _block():
     s_Sx1 = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
     keep_Sx1 = ((s_Sx1 >= pad) & (s_Sx1 <= pos)) | (s_Sx1 == pos)
@@ -146,7 +148,7 @@ def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, 
   def cache_block(b, j, layer_ref, pos_ref, pad_ref):
     # Clamp to the row's valid blocks: an out-of-range step re-uses a fetched block (no DMA).
     pos = pos_ref[0]
-    jj = jnp.clip(j, jnp.minimum(pad_ref[b], pos) // block, pos // block)
+    jj = jnp.clip(j, jax.lax.div(jnp.minimum(pad_ref[b], pos), block), jax.lax.div(pos, block))
     return layer_ref[0], b, jj, 0
 
   per_row = lambda shape: pl.BlockSpec((None,) + shape, lambda b, j, *_: (b, 0, 0))
