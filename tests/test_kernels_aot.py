@@ -51,11 +51,14 @@ def test_splash_sharded_train_step_compiles_for_v5e():
 
 def test_tpa_decode_sharded_compiles_for_v5e():
   from t6_jax.kernels.sharded import tpa_decode_sharded
-  from t6_jax.kernels.tpa_decode_tpu import tpa_decode_attention_tpu
+  from t6_jax.kernels.tpa_decode_tpu import a_rows, tpa_decode_attention_tpu
   mesh = v5e_mesh()
   layers, batch, slots, heads, rank, dim = 2, 4, 1000, 6, 2, 64
   bf16 = jnp.bfloat16
-  a = spec(mesh, (layers, batch, slots, heads * rank), bf16, None, BATCH_AXES, None, "tensor")
+  # The TPU cache layout: A as (layers, B, tensor shards x a_rows(H/shards, R), S), B as
+  # (layers, B, S, R*d_h).
+  rows = 2 * a_rows(heads // 2, rank)
+  a = spec(mesh, (layers, batch, rows, slots), bf16, None, BATCH_AXES, "tensor", None)
   b = spec(mesh, (layers, batch, slots, rank * dim), bf16, None, BATCH_AXES)
   q = spec(mesh, (batch, heads, dim), jnp.float32, BATCH_AXES, "tensor")
   pad = spec(mesh, (batch,), jnp.int32, BATCH_AXES)
@@ -66,6 +69,9 @@ def test_tpa_decode_sharded_compiles_for_v5e():
 
   pos = jax.ShapeDtypeStruct((), jnp.int32)
   compiled = jax.jit(step).lower(q, a, b, a, b, pad, pos).compile()
-  assert "tpu_custom_call" in compiled.as_text()
+  hlo = compiled.as_text()
+  assert "tpu_custom_call" in hlo
+  # The cache is read in place: no relayout copy of an A factor before the kernel.
+  assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows // 2},{slots}]" in l]
   out = compiled.output_shardings
   assert out.spec == P(BATCH_AXES, "tensor")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
 from t6_jax.kernels.splash_tpu import block_sizes_for, padded_len, splash_attention
-from t6_jax.kernels.tpa_decode_tpu import tpa_decode_attention_tpu
+from t6_jax.kernels.tpa_decode_tpu import tpa_decode_attention_tpu, tpu_a_layout
 
 SCALE = 0.35
 
@@ -152,33 +152,36 @@ def _decode_case(heads, k_rank, v_rank, slots, full_query, batch=2, head_dim=8, 
 
 
 # Odd cache lengths, ragged rows (different padding), ranks incl. 1 and 6, heads 3 and 5; the
-# default block (S rounded up to 16: a partial block) and explicit 16-slot blocks.
-@pytest.mark.parametrize("heads,ranks,slots,pos,pad,full_query,block", [
-    (3, (2, 2), 37, 30, (0, 5), False, 16),
-    (5, (1, 3), 53, 52, (7, 0), True, None),
-    (5, (6, 2), 21, 9, (2, 9), False, None),
-    (3, (2, 2), 45, 44, (40, 3), True, 16),  # a row whose valid slots start in the last block
+# default block (S rounded up to 128: a partial block) and several 128-slot blocks.
+@pytest.mark.parametrize("heads,ranks,slots,pos,pad,full_query", [
+    (3, (2, 2), 37, 30, (0, 5), False),
+    (5, (1, 3), 53, 52, (7, 0), True),
+    (5, (6, 2), 21, 9, (2, 9), False),
+    (3, (2, 2), 301, 290, (270, 3), True),  # 3 blocks; row 0's slots start in the last one
 ])
-def test_decode_kernel_matches_numpy(heads, ranks, slots, pos, pad, full_query, block):
+def test_decode_kernel_matches_numpy(heads, ranks, slots, pos, pad, full_query):
   q, q_parts, cache = _decode_case(heads, *ranks, slots, full_query)
   pad_B = jnp.asarray(pad, jnp.int32)
   y = tpa_decode_attention_tpu(q, *cache, 1, pad_B, pos, kv_len=slots, interpret=True,
-                               block=block)
+                               block=128)
   ref = numpy_factor_attention(q_parts, cache, 1, np.asarray(pad), pos, q.shape[-1])
   assert y.shape == ref.shape and y.dtype == jnp.float32
   # The weights alpha * A_v meet B_v in bf16 (as in the GPU kernel): ~3 significant digits.
   np.testing.assert_allclose(np.asarray(y), ref, atol=4e-3 * np.abs(ref).max())
 
 
-def test_decode_kernel_flat_cache_and_errors():
+def test_decode_kernel_tpu_layout_and_errors():
   q, q_parts, cache = _decode_case(5, 2, 2, 40, True)
-  flat = [x.reshape(*x.shape[:3], -1) for x in cache]
+  a_k, b_k, a_v, b_v = cache
+  flat = [tpu_a_layout(a_k), b_k.reshape(*b_k.shape[:3], -1), tpu_a_layout(a_v),
+          b_v.reshape(*b_v.shape[:3], -1)]
+  assert flat[0].shape == (2, 2, 16, 40)
   pad_B = jnp.asarray([3, 0], jnp.int32)
   y5 = tpa_decode_attention_tpu(q, *cache, 0, pad_B, 33, kv_len=40, interpret=True)
   y4 = tpa_decode_attention_tpu(q, *flat, 0, pad_B, 33, kv_len=40, interpret=True)
   np.testing.assert_array_equal(np.asarray(y4), np.asarray(y5))
-  with pytest.raises(ValueError, match="multiple of 16"):
-    tpa_decode_attention_tpu(q, *cache, 0, pad_B, 33, kv_len=40, interpret=True, block=24)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    tpa_decode_attention_tpu(q, *cache, 0, pad_B, 33, kv_len=40, interpret=True, block=64)
   with pytest.raises(ValueError, match="do not match a query of 3 heads"):
     tpa_decode_attention_tpu(q[:, :3], *cache, 0, pad_B, 33, kv_len=40, interpret=True)
 
@@ -191,3 +194,10 @@ def test_decode_sharded_equals_unsharded():
                           *cache, 1, pad_B, 31, kv_len=37, interpret=True)
   assert ys.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
   np.testing.assert_allclose(np.asarray(ys), np.asarray(y), atol=1e-6)
+  # The TPU cache layout, rows padded per tensor shard.
+  a_k, b_k, a_v, b_v = cache
+  tpu_cache = (tpu_a_layout(a_k, shards=2), b_k.reshape(*b_k.shape[:3], -1),
+               tpu_a_layout(a_v, shards=2), b_v.reshape(*b_v.shape[:3], -1))
+  yt = tpa_decode_sharded(tpa_decode_attention_tpu, mesh8(), ("data", "fsdp"), "tensor", q,
+                          *tpu_cache, 1, pad_B, 31, kv_len=37, interpret=True)
+  np.testing.assert_allclose(np.asarray(yt), np.asarray(y), atol=1e-6)

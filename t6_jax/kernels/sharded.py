@@ -95,9 +95,10 @@ def tpa_decode_sharded(kernel_fn, mesh, batch_axes, head_axis, q_BxHxK, a_k, b_k
   """A TPA decode kernel (`tpa_decode_attention` on GPU or `tpa_decode_attention_tpu`, same
   signature) run per shard of the stacked factor cache.
 
-  Cache factors are (layers, B, S, H, R) / (layers, B, S, R, d_h), or flat (layers, B, S, H*R) /
-  (layers, B, S, R*d_h) for the TPU kernel (heads are the major part of H*R, so splitting H*R
-  into equal chunks splits whole heads). Returns fp32 (B, H, d_h), split by batch and heads.
+  Cache factors are (layers, B, S, H, R) / (layers, B, S, R, d_h), or for the TPU kernel A in
+  its layout `tpu_a_layout(a, shards=tensor size)` (layers, B, rows, S), whose rows hold each
+  tensor shard's heads (padded) in turn, and B flat (layers, B, S, R*d_h). Returns fp32
+  (B, H, d_h), split by batch and heads.
   """
   batch_axes, head_axes = _axes(mesh, batch_axes), _axes(mesh, head_axis)
   batch, heads, _ = q_BxHxK.shape
@@ -105,7 +106,8 @@ def tpa_decode_sharded(kernel_fn, mesh, batch_axes, head_axis, q_BxHxK, a_k, b_k
   _check_split("query heads", heads, _size(mesh, head_axes), head_axes)
   bspec = batch_axes if batch_axes else None
   hspec = head_axes if head_axes else None
-  a_spec = lambda x: P(None, bspec, None, hspec, *([None] * (x.ndim - 4)))
+  a_spec = lambda x: (P(None, bspec, None, hspec, None) if x.ndim == 5
+                      else P(None, bspec, hspec, None))
   b_spec = lambda x: P(None, bspec, *([None] * (x.ndim - 2)))
   q_spec = P(bspec, hspec, None)
   in_specs = (q_spec, a_spec(a_k), b_spec(b_k), a_spec(a_v), b_spec(b_v), P(), P(bspec), P())

@@ -6,20 +6,28 @@ cache (layers, B, S, ...):
   logit[h,s] = sum_r A_k[s,h,r] <Q[h], B_k[s,r]>        (Q already contracted and scaled)
   out[h]     = sum_{s,u} alpha[h,s] A_v[s,h,u] B_v[s,u] / R_v
 
-Layout (why it looks like this): TPU vector registers are (8 sublanes, 128 lanes) and the MXU
-multiplies 2-D tiles, so the kernel never reshapes a lane axis into (H, R) inside VMEM. Every
-cache factor is read as rows of one slot each: A as (S, H*R), B as (S, R*d_h), lane-dense
-(a free reshape of the (…, H, R) / (…, R, d_h) cache; a cache already stored flat as
-(layers, B, S, H*R) / (layers, B, S, R*d_h) is taken as is, and is the layout a TPU cache
-should use: a minor axis of R = 2 would be padded to 128 lanes in HBM). The per-(h, r) structure
-goes into small constant matrices instead, so a key block costs three MXU products:
+Layout (why it looks like this): TPU vector registers are (8 sublanes, 128 lanes), the MXU
+multiplies 2-D tiles, and HBM arrays are tiled (8, 128) on their two minor dimensions, so the
+kernel never reshapes a lane axis into (H, R) in VMEM and wants lane-dense minor dimensions in
+HBM. A factors are read transposed, (layers, B, H*R, S): slots on the 128 lanes, the H*R rows
+on sublanes (H*R = 156 for T6-XL pads to 160 rows). Read as (…, S, H*R) rows instead, a minor
+dimension of 156 (or R = 2 of the 5-D cache) is padded to 256 (128) lanes, and the TPU
+compiler relayouts the whole cache before the kernel on every call (seen in AOT compiles:
+~2x the cache bytes per step). B factors are read as (…, S, R*d_h) rows (R*d_h = 128 for
+d_h 64, R 2: lane-dense). A TPU cache should therefore be stored as A: (layers, B, H*R, S),
+B: (layers, B, S, R*d_h), with A's rows padded to a multiple of 16 per tensor shard
+(`tpu_a_layout`, `a_rows`: otherwise the compiler picks a different physical layout for
+H*R = 156 and copies the cache again); the standard 5-D cache is accepted and converted here
+(a copy per call).
+The per-(h, r) structure goes into small constant matrices, so a key block costs three MXU
+products (all shapes 2-D, j the block's slots):
 
-  G    = B_k (S, R_k d_h) @ Qx (R_k d_h, H R_k)      Qx[r d_h + k, h R_k + r'] = Q[h,k] [r = r']
-  L    = (G * A_k) (S, H R_k) @ C (H R_k, H R_v)     C[h R_k + r, h' R_v + u] = [h = h']
-       = logit[s, h] repeated R_v times per head (the softmax runs in that repeated space)
-  acc += B_v^T (R_v d_h, S) @ (p * A_v) (S, H R_v)   acc[u d_h + k, h R_v + u'] (u = u' wanted)
+  G^T  = Qx (H R_k, R_k d_h) . B_k (j, R_k d_h)^T     Qx[h R_k + r', r d_h + k] = Q[h,k] [r = r']
+  L^T  = C (H R_v, H R_k) @ (G^T * A_k^T)             C[h' R_v + u, h R_k + r] = [h = h']
+       = logit[h, j] repeated R_v times per head (the softmax runs in that repeated space)
+  acc += (p^T * A_v^T) (H R_v, j) @ B_v (j, R_v d_h)  acc[h R_v + u', u d_h + k] (u = u' wanted)
 
-and the wrapper takes the diagonal u = u' of acc (an XLA einsum on a (R_v d_h, H R_v) tile per
+and the wrapper takes the diagonal u = u' of acc (an XLA einsum on a (H R_v, R_v d_h) tile per
 row). Products of fp32 values with 16-bit operands run as hi + lo bf16 pairs (about 16 bits of
 the fp32 value kept, the same as the GPU kernel); the weights p * A_v go to the cache dtype.
 
@@ -51,17 +59,16 @@ def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
                              precision=prec, preferred_element_type=jnp.float32)
 
 
-def _split_dot(x_f32, w, contract_x: int = 1, contract_w: int = 0):
-  """fp32 x against a w of the MXU dtype: hi + lo parts of x in w's dtype."""
-  if w.dtype == jnp.float32:
-    return _dot(x_f32, w, contract_x, contract_w)
-  hi = x_f32.astype(w.dtype)
-  lo = (x_f32 - hi.astype(jnp.float32)).astype(w.dtype)
-  return _dot(hi, w, contract_x, contract_w) + _dot(lo, w, contract_x, contract_w)
+def _hi_lo(x_f32, dtype):
+  """x as hi + lo in a 16-bit dtype (x itself for fp32)."""
+  if dtype == jnp.float32:
+    return (x_f32,)
+  hi = x_f32.astype(dtype)
+  return hi, (x_f32 - hi.astype(jnp.float32)).astype(dtype)
 
 
 def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, c_ref, ak_ref, bk_ref, av_ref,
-            bv_ref, out_ref, m_ref, l_ref, acc_ref, *, block):
+            bv_ref, out_ref, m_ref, l_ref, acc_ref, *, block, hr_k, hr_v):
   b, j = pl.program_id(0), pl.program_id(1)
   pos, pad = pos_ref[0], pad_ref[b]
 
@@ -75,31 +82,60 @@ def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, c_ref, ak_ref, bk_ref
   # the default device for its TPU generation (it fails in AOT compiles from a CPU host).
   @pl.when((j >= jax.lax.div(jnp.minimum(pad, pos), block)) & (j <= jax.lax.div(pos, block)))
   def _block():
-    s_Sx1 = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-    keep_Sx1 = ((s_Sx1 >= pad) & (s_Sx1 <= pos)) | (s_Sx1 == pos)
-    zero = lambda ref: jnp.where(keep_Sx1, ref[...], jnp.zeros((), ref.dtype))
-    b_k = zero(bk_ref)
-    g_SxHR = _dot(b_k, qhi_ref[...]) + _dot(b_k, qlo_ref[...])
-    x_SxHR = g_SxHR * zero(ak_ref).astype(jnp.float32)
-    logits_SxHU = jnp.where(keep_Sx1, _split_dot(x_SxHR, c_ref[...]), NEG)
-    m_1xHU = m_ref[...]
-    m_new_1xHU = jnp.maximum(m_1xHU, jnp.max(logits_SxHU, axis=0, keepdims=True))
-    p_SxHU = jnp.where(keep_Sx1, jnp.exp(logits_SxHU - m_new_1xHU), 0.0)
-    corr_1xHU = jnp.exp(m_1xHU - m_new_1xHU)
-    l_ref[...] = l_ref[...] * corr_1xHU + jnp.sum(p_SxHU, axis=0, keepdims=True)
-    m_ref[...] = m_new_1xHU
-    b_v = zero(bv_ref)
-    w_SxHU = (p_SxHU * zero(av_ref).astype(jnp.float32)).astype(b_v.dtype)
-    acc_ref[...] = acc_ref[...] * corr_1xHU + _dot(b_v, w_SxHU, 0, 0)
+    keep = lambda s: ((s >= pad) & (s <= pos)) | (s == pos)
+    keep_1xS = keep(j * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1))
+    keep_Sx1 = keep(j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0))
+    # Masked slots and padding rows are zeroed before any product: past the cache end a block
+    # holds garbage, and the padding rows of A are never written.
+    zero = lambda ref, k: jnp.where(k, ref[...], jnp.zeros((), ref.dtype))
+    row_ok = lambda ref, rows: jax.lax.broadcasted_iota(jnp.int32, (ref.shape[0], 1), 0) < rows
+    b_k_SxRK = zero(bk_ref, keep_Sx1)
+    dtype = b_k_SxRK.dtype
+    g_HRxS = _dot(qhi_ref[...], b_k_SxRK, 1, 1) + _dot(qlo_ref[...], b_k_SxRK, 1, 1)
+    x_HRxS = g_HRxS * zero(ak_ref, keep_1xS & row_ok(ak_ref, hr_k)).astype(jnp.float32)
+    c_HUxHR = c_ref[...]
+    logits_HUxS = sum(_dot(c_HUxHR, part) for part in _hi_lo(x_HRxS, dtype))
+    logits_HUxS = jnp.where(keep_1xS, logits_HUxS, NEG)
+    m_HUx1 = m_ref[...]
+    m_new_HUx1 = jnp.maximum(m_HUx1, jnp.max(logits_HUxS, axis=1, keepdims=True))
+    p_HUxS = jnp.where(keep_1xS, jnp.exp(logits_HUxS - m_new_HUx1), 0.0)
+    corr_HUx1 = jnp.exp(m_HUx1 - m_new_HUx1)
+    l_ref[...] = l_ref[...] * corr_HUx1 + jnp.sum(p_HUxS, axis=1, keepdims=True)
+    m_ref[...] = m_new_HUx1
+    w_HUxS = (p_HUxS * zero(av_ref, keep_1xS & row_ok(av_ref, hr_v)).astype(jnp.float32)
+              ).astype(dtype)
+    acc_ref[...] = acc_ref[...] * corr_HUx1 + _dot(w_HUxS, zero(bv_ref, keep_Sx1))
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _finish():
     out_ref[...] = acc_ref[...] / l_ref[...]
 
 
-def _flat(x, layers: int, batch: int, slots: int):
-  """(layers, B, S, X, Y) -> (layers, B, S, X*Y) (free, contiguous); 4-D passes through."""
-  return x if x.ndim == 4 else x.reshape(layers, batch, slots, -1)
+A_ROW_TILE = 16  # A's H*R rows are padded to this (bf16 sublane tile)
+
+
+def a_rows(heads: int, rank: int) -> int:
+  """Rows of one tensor shard's A factor in the TPU layout: H*R rounded up to 16.
+
+  With H*R not a multiple of 8 the TPU compiler lays a (…, H*R, S) array out with another
+  dimension second-minor (to avoid padding tiles), and every kernel call would start with a
+  relayout copy of the cache; padded rows keep the default layout, which the kernel reads.
+  """
+  return -(-heads * rank // A_ROW_TILE) * A_ROW_TILE
+
+
+def tpu_a_layout(a, shards: int = 1):
+  """A factor (layers, B, S, H, R) -> the kernel's layout (layers, B, shards * rows, S) (a copy).
+
+  shards: the tensor shards the heads will be split over; each shard's H/shards heads get
+  their own a_rows(H/shards, R) rows (zero padding after them), so a split of the rows
+  dimension into `shards` equal parts gives every shard its own heads.
+  """
+  layers, batch, slots, heads, rank = a.shape
+  local = heads // shards
+  a = a.reshape(layers, batch, slots, shards, local * rank)
+  a = jnp.pad(a, [(0, 0)] * 4 + [(0, a_rows(local, rank) - local * rank)])
+  return jnp.swapaxes(a.reshape(layers, batch, slots, -1), 2, 3)
 
 
 def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
@@ -108,70 +144,98 @@ def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, 
 
   q_BxHxK: the query already contracted and scaled, Q[h] = sum_q A_q[h,q] B_q[q] /
     (R_q R_k sqrt(d_h)) (TPA-KVonly: q / (R_k sqrt(d_h))), any float dtype.
-  a_k, a_v: (layers, B, S, H, R_k / R_v) or flat (layers, B, S, H*R); b_k, b_v:
-    (layers, B, S, R_k / R_v, d_h) or flat (layers, B, S, R*d_h); bfloat16, float16 or float32.
+  a_k, a_v: (layers, B, S, H, R_k / R_v) (transposed here, a copy) or the TPU layout
+    (layers, B, a_rows(H, R), S) of `tpu_a_layout` (read in place); b_k, b_v: (layers, B, S, R_k / R_v, d_h) or
+    (layers, B, S, R*d_h) (both read in place). bfloat16, float16 or float32.
   layer: int32 scalar; pad_B: (B,) int32 leading padding slots; pos: int32 scalar, the
     query's own slot (pos < kv_len). Row b sees slots pad_B[b] .. pos (and always pos itself).
-  block: slots per key block (default min(512, S rounded up to 16); a multiple of 16).
+  block: slots per key block, a multiple of 128 (default min(512, S rounded up to 128)).
   Returns fp32 (B, H, d_h): sum_{s,u} alpha[h,s] A_v[s,h,u] B_v[s,u] / R_v.
   """
   batch, heads, head_dim = q_BxHxK.shape
-  layers, _, slots = a_k.shape[:3]
   dtype = b_k.dtype
   if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise ValueError(f"the TPU TPA decode kernel takes a bfloat16/float16/float32 cache, got "
                      f"{dtype}; use the XLA factor path for other cache dtypes")
-  a_k, b_k, a_v, b_v = (_flat(x, layers, batch, slots) for x in (a_k, b_k, a_v, b_v))
-  k_rank, v_rank = a_k.shape[3] // heads, a_v.shape[3] // heads
-  if (a_k.shape[3] != heads * k_rank or b_k.shape[3] != k_rank * head_dim
-      or a_v.shape[3] != heads * v_rank or b_v.shape[3] != v_rank * head_dim):
-    raise ValueError(f"cache factors {a_k.shape} {b_k.shape} {a_v.shape} {b_v.shape} do not "
-                     f"match a query of {heads} heads x {head_dim}; pass the cache of the "
-                     f"same attention layer")
+  if a_k.ndim == 5:
+    if a_k.shape[3] != heads or a_v.shape[3] != heads:
+      raise ValueError(f"cache A factors {a_k.shape} {a_v.shape} do not match a query of "
+                       f"{heads} heads x {head_dim}; pass the cache of the same attention layer")
+    a_k, a_v = tpu_a_layout(a_k), tpu_a_layout(a_v)
+  if b_k.ndim == 5:
+    b_k, b_v = (x.reshape(*x.shape[:3], -1) for x in (b_k, b_v))
+  slots = a_k.shape[3]
+  k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
+  if (b_k.shape[3] != k_rank * head_dim or b_v.shape[3] != v_rank * head_dim
+      or a_k.shape[2] != a_rows(heads, k_rank) or a_v.shape[2] != a_rows(heads, v_rank)
+      or b_k.shape[2] != slots or b_v.shape[2] != slots or a_v.shape[3] != slots):
+    raise ValueError(f"cache factors (A as layers, B, rows, S) {a_k.shape} {b_k.shape} "
+                     f"{a_v.shape} {b_v.shape} do not match a query of {heads} heads x "
+                     f"{head_dim}; pass the cache of the same attention layer (A through "
+                     f"tpu_a_layout)")
   num_slots = min(slots, kv_len)
   if block is None:
-    block = min(DEFAULT_BLOCK, -(-num_slots // 16) * 16)
-  if block % 16:
-    raise ValueError(f"block={block} must be a multiple of 16 (bf16 sublane tiling)")
+    block = min(DEFAULT_BLOCK, -(-num_slots // 128) * 128)
+  if block % 128:
+    raise ValueError(f"block={block} must be a multiple of 128 (slots lie on the lanes)")
   n_blocks = -(-num_slots // block)
   hr_k, hr_v, rk_d, rv_d = heads * k_rank, heads * v_rank, k_rank * head_dim, v_rank * head_dim
+  rows_k, rows_v = a_k.shape[2], a_v.shape[2]
 
-  # Qx[b, r d_h + k, h R_k + r'] = Q[b, h, k] [r = r'] as a hi + lo pair of the cache dtype.
+  # Qx[b, h R_k + r', r d_h + k] = Q[b, h, k] [r = r'] as a hi + lo pair of the cache dtype.
   q_BxHxK = q_BxHxK.astype(jnp.float32)
-  qx = jnp.einsum("bhk,rs->brkhs", q_BxHxK, jnp.eye(k_rank, dtype=jnp.float32))
-  qx = qx.reshape(batch, rk_d, hr_k)
+  qx = jnp.einsum("bhk,rs->bhsrk", q_BxHxK, jnp.eye(k_rank, dtype=jnp.float32))
+  qx = jnp.pad(qx.reshape(batch, hr_k, rk_d), ((0, 0), (0, rows_k - hr_k), (0, 0)))
   q_hi = qx.astype(dtype)
   q_lo = (qx - q_hi.astype(jnp.float32)).astype(dtype)
-  # C[h R_k + r, h' R_v + u] = [h = h']: sums the R_k terms of a head, repeats it R_v times.
-  c = jnp.kron(jnp.eye(heads, dtype=dtype), jnp.ones((k_rank, v_rank), dtype))
+  # C[h' R_v + u, h R_k + r] = [h = h']: sums the R_k terms of a head, repeats it R_v times.
+  c = jnp.kron(jnp.eye(heads, dtype=dtype), jnp.ones((v_rank, k_rank), dtype))
+  c = jnp.pad(c, ((0, rows_v - hr_v), (0, rows_k - hr_k)))
 
-  def cache_block(b, j, layer_ref, pos_ref, pad_ref):
+  def valid_block(b, j, pos_ref, pad_ref):
     # Clamp to the row's valid blocks: an out-of-range step re-uses a fetched block (no DMA).
     pos = pos_ref[0]
-    jj = jnp.clip(j, jax.lax.div(jnp.minimum(pad_ref[b], pos), block), jax.lax.div(pos, block))
-    return layer_ref[0], b, jj, 0
+    return jnp.clip(j, jax.lax.div(jnp.minimum(pad_ref[b], pos), block), jax.lax.div(pos, block))
+
+  def a_block(b, j, layer_ref, pos_ref, pad_ref):
+    return layer_ref[0], b, 0, valid_block(b, j, pos_ref, pad_ref)
+
+  def b_block(b, j, layer_ref, pos_ref, pad_ref):
+    return layer_ref[0], b, valid_block(b, j, pos_ref, pad_ref), 0
 
   per_row = lambda shape: pl.BlockSpec((None,) + shape, lambda b, j, *_: (b, 0, 0))
-  cache = lambda width: pl.BlockSpec((None, None, block, width), cache_block)
+  a_spec = lambda rows: pl.BlockSpec((None, None, rows, block), a_block)
+  b_spec = lambda width: pl.BlockSpec((None, None, block, width), b_block)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
       grid=(batch, n_blocks),
-      in_specs=[per_row((rk_d, hr_k)), per_row((rk_d, hr_k)),
-                pl.BlockSpec((hr_k, hr_v), lambda b, j, *_: (0, 0)),
-                cache(hr_k), cache(rk_d), cache(hr_v), cache(rv_d)],
-      out_specs=per_row((rv_d, hr_v)),
-      scratch_shapes=[pltpu.VMEM((1, hr_v), jnp.float32), pltpu.VMEM((1, hr_v), jnp.float32),
-                      pltpu.VMEM((rv_d, hr_v), jnp.float32)],
+      in_specs=[per_row((rows_k, rk_d)), per_row((rows_k, rk_d)),
+                pl.BlockSpec((rows_v, rows_k), lambda b, j, *_: (0, 0)),
+                a_spec(rows_k), b_spec(rk_d), a_spec(rows_v), b_spec(rv_d)],
+      out_specs=per_row((rows_v, rv_d)),
+      scratch_shapes=[pltpu.VMEM((rows_v, 1), jnp.float32),
+                      pltpu.VMEM((rows_v, 1), jnp.float32),
+                      pltpu.VMEM((rows_v, rv_d), jnp.float32)],
   )
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(1)
-  acc_BxUKxHU = pl.pallas_call(
-      functools.partial(_kernel, block=block),
+  # What XLA's cost analysis should count for the custom call (every slot of every row read;
+  # the hi + lo products counted twice).
+  keys = batch * num_slots
+  itemsize = jnp.dtype(dtype).itemsize
+  cost = pl.CostEstimate(
+      flops=int(keys * 2 * (2 * rk_d * rows_k + 2 * rows_k * rows_v + rv_d * rows_v)),
+      transcendentals=int(keys * rows_v),
+      bytes_accessed=int(keys * (rows_k + rk_d + rows_v + rv_d) * itemsize
+                         + batch * (2 * rk_d * rows_k * itemsize + rv_d * rows_v * 4)))
+  acc_BxHUxUK = pl.pallas_call(
+      functools.partial(_kernel, block=block, hr_k=hr_k, hr_v=hr_v),
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((batch, rv_d, hr_v), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((batch, rows_v, rv_d), jnp.float32),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost,
       name="tpa_decode_tpu",
   )(scalar(layer), scalar(pos), pad_B.astype(jnp.int32), q_hi, q_lo, c, a_k, b_k, a_v, b_v)
-  # out[h, k] = sum_u acc[u d_h + k, h R_v + u] / R_v (the u = u' diagonal).
-  acc = acc_BxUKxHU.reshape(batch, v_rank, head_dim, heads, v_rank)
-  return jnp.einsum("bukhu->bhk", acc) / v_rank
+  # out[h, k] = sum_u acc[h R_v + u, u d_h + k] / R_v (the u = u' diagonal).
+  acc = acc_BxHUxUK[:, :hr_v].reshape(batch, heads, v_rank, v_rank, head_dim)
+  return jnp.einsum("bhuuk->bhk", acc) / v_rank
