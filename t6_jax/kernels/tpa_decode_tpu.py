@@ -9,16 +9,15 @@ cache (layers, B, S, ...):
 Layout (why it looks like this): TPU vector registers are (8 sublanes, 128 lanes), the MXU
 multiplies 2-D tiles, and HBM arrays are tiled (8, 128) on their two minor dimensions, so the
 kernel never reshapes a lane axis into (H, R) in VMEM and wants lane-dense minor dimensions in
-HBM. A factors are read transposed, (layers, B, H*R, S): slots on the 128 lanes, the H*R rows
-on sublanes (H*R = 156 for T6-XL pads to 160 rows). Read as (…, S, H*R) rows instead, a minor
-dimension of 156 (or R = 2 of the 5-D cache) is padded to 256 (128) lanes, and the TPU
-compiler relayouts the whole cache before the kernel on every call (seen in AOT compiles:
-~2x the cache bytes per step). B factors are read as (…, S, R*d_h) rows (R*d_h = 128 for
-d_h 64, R 2: lane-dense). A TPU cache should therefore be stored as A: (layers, B, H*R, S),
-B: (layers, B, S, R*d_h), with A's rows padded to a multiple of 16 per tensor shard
-(`tpu_a_layout`, `a_rows`: otherwise the compiler picks a different physical layout for
-H*R = 156 and copies the cache again); the standard 5-D cache is accepted and converted here
-(a copy per call).
+HBM. A factors are read transposed, (layers, B, rows, S): slots on the 128 lanes, the H*R
+numbers of a slot on sublanes, rows = H*R rounded up to 16 per tensor shard (`a_rows`,
+`tpu_a_layout`; T6-XL: 156 -> 160). Read as (…, S, H*R) rows instead, the TPU compiler
+relayouts the whole cache before the kernel on every call (AOT compiles: 3.6x the cache bytes
+per call), and a (…, 156, S) array still gets another dimension second-minor (156 is not a
+multiple of 8), again with a copy; with 160 rows the cache is read in place. B factors are
+read as (…, S, R*d_h) rows (R*d_h = 128 for d_h 64, R 2: lane-dense). A TPU cache should be
+stored in these layouts; the standard 5-D cache is accepted and converted here (a copy per
+call: correct, not fast).
 The per-(h, r) structure goes into small constant matrices, so a key block costs three MXU
 products (all shapes 2-D, j the block's slots):
 
@@ -144,9 +143,12 @@ def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, 
 
   q_BxHxK: the query already contracted and scaled, Q[h] = sum_q A_q[h,q] B_q[q] /
     (R_q R_k sqrt(d_h)) (TPA-KVonly: q / (R_k sqrt(d_h))), any float dtype.
-  a_k, a_v: (layers, B, S, H, R_k / R_v) (transposed here, a copy) or the TPU layout
-    (layers, B, a_rows(H, R), S) of `tpu_a_layout` (read in place); b_k, b_v: (layers, B, S, R_k / R_v, d_h) or
-    (layers, B, S, R*d_h) (both read in place). bfloat16, float16 or float32.
+  a_k, a_v: (layers, B, S, H, R_k / R_v) (converted here, a copy) or the TPU layout
+    (layers, B, a_rows(H, R), S) of `tpu_a_layout` (read in place); b_k, b_v:
+    (layers, B, S, R_k / R_v, d_h) or (layers, B, S, R*d_h) (both read in place).
+    bfloat16, float16 or float32 (all four the same dtype).
+  interpret: True (or a pltpu.InterpretParams) runs the kernel in the Pallas interpreter
+    (CPU tests).
   layer: int32 scalar; pad_B: (B,) int32 leading padding slots; pos: int32 scalar, the
     query's own slot (pos < kv_len). Row b sees slots pad_B[b] .. pos (and always pos itself).
   block: slots per key block, a multiple of 128 (default min(512, S rounded up to 128)).
