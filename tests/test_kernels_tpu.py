@@ -95,8 +95,10 @@ def mesh8():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
 
 
-@pytest.mark.parametrize("kv_heads", [6, 1])  # KV heads split over tensor / replicated (MQA)
-def test_splash_sharded_equals_unsharded(kv_heads):
+# KV heads split over tensor (forward), replicated with a per-shard KV head slice (MQA, with
+# gradients).
+@pytest.mark.parametrize("kv_heads,grads", [(6, False), (1, True)])
+def test_splash_sharded_equals_unsharded(kv_heads, grads):
   q, k, v, dy = _inputs(6, kv_heads, 8, 8, batch=4, t_len=24)
   seg = jnp.asarray(np.repeat(SEG[:1, :24], 4, 0))
   plain = lambda q, k, v: splash_attention(q, k, v, scale=SCALE, segment_ids_BxT=seg,
@@ -104,6 +106,10 @@ def test_splash_sharded_equals_unsharded(kv_heads):
   sharded = lambda q, k, v: splash_attention_sharded(
       q, k, v, mesh=mesh8(), batch_axes=("data", "fsdp"), head_axis="tensor", scale=SCALE,
       segment_ids_BxT=seg, interpret=True)
+  if not grads:
+    np.testing.assert_allclose(np.asarray(jax.jit(sharded)(q, k, v)),
+                               np.asarray(jax.jit(plain)(q, k, v)), atol=1e-6)
+    return
   loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * dy), argnums=(0, 1, 2)))
   (l0, g0), (l1, g1) = loss(plain)(q, k, v), loss(sharded)(q, k, v)
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
