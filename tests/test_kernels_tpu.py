@@ -88,6 +88,8 @@ def test_splash_bf16_and_bad_groups():
   np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=0.05)
   with pytest.raises(ValueError, match="4 KV heads do not divide 6 query heads"):
     splash_attention(q, k[:, :, :1].repeat(4, 2), v[:, :, :1].repeat(4, 2), scale=SCALE)
+  with pytest.raises(ValueError, match="must divide the padded length 128"):
+    splash_attention(q, k, v, scale=SCALE, block_sizes=block_sizes_for(512))
 
 
 def mesh8():

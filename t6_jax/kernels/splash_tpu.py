@@ -95,6 +95,11 @@ def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, *, scale: float, causal: b
   t_pad = padded_len(t_len)
   if block_sizes is None:
     block_sizes = block_sizes_for(t_len)
+  blocks = (block_sizes.block_q, block_sizes.block_kv, block_sizes.block_q_dkv,
+            block_sizes.block_kv_dkv, block_sizes.block_q_dq, block_sizes.block_kv_dq)
+  if any(b is not None and t_pad % b for b in blocks):
+    raise ValueError(f"splash block sizes {blocks} must divide the padded length {t_pad} "
+                     f"(T={t_len} rounded up to 128); leave block_sizes=None to pick them")
   if segment_ids_BxT is None and (t_pad != t_len and not causal):
     segment_ids_BxT = jnp.zeros((batch, t_len), jnp.int32)
   q_BxHxTxK = jnp.swapaxes((q_BxTxHxK * scale).astype(dtype), 1, 2)
