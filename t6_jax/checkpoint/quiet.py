@@ -1,0 +1,71 @@
+"""Keeps Orbax's and TensorStore's harmless noise off the console, and nothing else.
+
+Three kinds of message reach users without saying anything they can act on:
+
+* Orbax warns `Metadata file does not exist` / `Failed to get item metadata` whenever the array
+  metadata of one item (not a whole step) is read, which is how we check a checkpoint's shapes
+  before reading it; when the metadata really is missing we raise our own error naming the step.
+* When a damaged step is given up, TensorStore reads of it that are still in flight finish
+  later on a closed event loop: `RuntimeError: Event loop is closed` tracebacks (reported as
+  unraisable exceptions) and asyncio's `Future exception was never retrieved` records holding
+  `OUT_OF_RANGE: Error opening "zarr" driver`. The step was already reported as damaged.
+
+Each filter drops only those records; every other warning, log record and unraisable error is
+passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+_ORBAX_ITEM_METADATA = ("Metadata file does not exist", "Failed to get item metadata")
+_ABANDONED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+_lock = threading.Lock()
+_installed = False
+_damage_seen = False
+
+
+class _Filter(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if message.startswith(_ORBAX_ITEM_METADATA):
+      return False
+    if _damage_seen and message.startswith(_ABANDONED):
+      return False
+    return True
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  error = unraisable.exc_value
+  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+          and unraisable.object is None)
+
+
+def install() -> None:
+  """Adds the filters (once per process); called when t6_jax.checkpoint is imported."""
+  global _installed
+  with _lock:
+    if _installed:
+      return
+    _installed = True
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).addFilter(_Filter())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if _damage_seen and _is_abandoned_read(unraisable):
+        return
+      previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def abandoned_reads() -> None:
+  """Called when a step is given up as damaged: its reads still in flight end in noise."""
+  global _damage_seen
+  install()
+  _damage_seen = True
