@@ -42,14 +42,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, cfg: CheckpointConfig, *, primary: bool = True,
                read_only: bool = False):
-    if cfg.every <= 0:
-      raise CheckpointError(f"checkpoint.every must be positive, got {cfg.every}")
-    if cfg.keep <= 0:
-      raise CheckpointError(f"checkpoint.keep must be at least 1, got {cfg.keep} (the newest "
-                            f"checkpoint is what a resume needs)")
-    if cfg.keep_every < 0:
-      raise CheckpointError(f"checkpoint.keep_every must be 0 (off) or positive, got "
-                            f"{cfg.keep_every}")
+    cfg.validate()  # ConfigError for a bad checkpoint.every / keep / keep_every
     self.cfg = cfg
     self.primary = primary
     self._say = say if primary else (lambda message: None)
