@@ -5,10 +5,12 @@ Three kinds of message reach users without saying anything they can act on:
 * Orbax warns `Metadata file does not exist` / `Failed to get item metadata` whenever the array
   metadata of one item (not a whole step) is read, which is how we check a checkpoint's shapes
   before reading it; when the metadata really is missing we raise our own error naming the step.
-* When a damaged step is given up, TensorStore reads of it that are still in flight finish
+* When a read of a damaged step fails, TensorStore reads of it that are still in flight finish
   later on a closed event loop: `RuntimeError: Event loop is closed` tracebacks (reported as
-  unraisable exceptions) and asyncio's `Future exception was never retrieved` records holding
-  `OUT_OF_RANGE: Error opening "zarr" driver`. The step was already reported as damaged.
+  unraisable exceptions raised by asyncio's closed-loop check, which only abandoned work
+  reaches) and, once the step is given up, asyncio's `Future exception was never retrieved`
+  records holding `OUT_OF_RANGE: Error opening "zarr" driver`. The step is reported as damaged
+  by our own message.
 
 Each filter drops only those records; every other warning, log record and unraisable error is
 passed on unchanged.
@@ -40,9 +42,14 @@ class _Filter(logging.Filter):
 
 
 def _is_abandoned_read(unraisable) -> bool:
-  error = unraisable.exc_value
-  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-          and unraisable.object is None)
+  """A callback scheduled onto an asyncio loop that was already closed: work nobody waits
+  for any more (Orbax closes its loop when it gives up on a damaged step)."""
+  error, tb = unraisable.exc_value, unraisable.exc_traceback
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
 
 
 def install() -> None:
@@ -57,7 +64,7 @@ def install() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-      if _damage_seen and _is_abandoned_read(unraisable):
+      if _is_abandoned_read(unraisable):
         return
       previous(unraisable)
 
