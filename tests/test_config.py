@@ -88,7 +88,6 @@ def test_malformed_overrides_and_missing_presets():
     ("decode.temperature=-1", "decode.temperature must be >= 0"),
     ("train.schedule=cosin", "did you mean cosine"),
     ("train.batch_size=6", "multiple of train.grad_accum"),
-    ("train.seq_len=128", "exceeds model.max_seq_len=64"),
 ])
 def test_every_section_checks_its_values_when_loaded(override, expected):
   """Checked at load time, before any data is prepared or device touched."""
