@@ -27,11 +27,23 @@ def load_cli(name):
   return module
 
 
+COMPILE_CACHE = {}  # the processes of this module share compiled programs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  COMPILE_CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  yield
+  COMPILE_CACHE.clear()
+
+
 def run(script, *args, platforms="cpu"):
   """A real process with one CPU device; JAX_PLATFORMS unset when platforms is None (what a
   user without a TPU has: libtpu, if installed, must stay quiet)."""
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  env.update(PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  env.update(PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0", **COMPILE_CACHE)
   if platforms:
     env["JAX_PLATFORMS"] = platforms
   proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
