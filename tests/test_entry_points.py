@@ -2,6 +2,7 @@
 failure one line on stderr and a non-zero exit (no traceback), fallbacks past damaged
 checkpoints that replace the damaged step, and nothing of the user's lost or overwritten."""
 
+import fcntl
 import glob
 import importlib.util
 import os
@@ -30,9 +31,18 @@ def load_cli(name):
 COMPILE_CACHE = {}  # the processes of this module share compiled programs
 
 
+def shared_dir(tmp_path_factory):
+  """A folder of this test session that every pytest-xdist worker sees (the workers' own
+  temporary folders sit side by side in the session's)."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "entry_points"
+  path.mkdir(exist_ok=True)
+  return path
+
+
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-  COMPILE_CACHE.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+  COMPILE_CACHE.update(JAX_COMPILATION_CACHE_DIR=str(shared_dir(tmp_path_factory) / "jax_cache"),
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   yield
@@ -76,13 +86,17 @@ def damage(step_dir):
 def trained(tmp_path_factory):
   """A 4-step tiny run with checkpoints at steps 2 and 4, trained by train.py itself with
   settings before and after the flags."""
-  base = tmp_path_factory.mktemp("entry")
+  base = shared_dir(tmp_path_factory)  # trained once, whichever worker comes first
   workdir = str(base / "run")
   settings = ["train.steps=4", "checkpoint.every=2", "train.eval_every=1000",
               "train.eval_batches=1", f"data.cache_dir={base / 'cache'}"]
-  rc, out, err = run("train.py", "train.steps=4", "--config", "tiny", "--workdir", workdir,
-                     *settings[1:])
-  assert rc == 0, err
+  with open(base / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (base / "trained").exists():
+      rc, out, err = run("train.py", "train.steps=4", "--config", "tiny", "--workdir", workdir,
+                         *settings[1:])
+      assert rc == 0, err
+      (base / "trained").write_text("")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   return workdir, settings
 
