@@ -45,7 +45,7 @@ def parse_args(argv=None):
     args.overrides.append(f"train.workdir={args.workdir}")
   if args.aot_topology:
     # Compile-only TPU devices come from libtpu's topology description; no backend needed.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cli.quiet_aot_startup()
   return args
 
 
