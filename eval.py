@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from t6_jax import cli
+
 
 def parse_args(argv=None):
   from t6_jax import config as config_lib
@@ -37,24 +39,8 @@ def parse_args(argv=None):
   parser.add_argument("--no_loss", action="store_true", help="skip loss / perplexity / bpb")
   parser.add_argument("--no_tasks", action="store_true", help="skip the multiple-choice tasks")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-  return parser.parse_args(argv)
-
-
-def resolve_step(path: str, step: int | None) -> int | None:
-  """The step load_params will read: the given one, the step directory's, or the newest good."""
-  from t6_jax.checkpoint import params as ckpt
-  kind = ckpt._kind(path)  # pylint: disable=protected-access
-  if kind == "export":
-    return None
-  if kind == "step":
-    name = os.path.basename(os.path.normpath(path))
-    return int(name) if name.isdigit() else None
-  checkpoint_dir = os.path.join(path, ckpt.CHECKPOINT_DIR) if kind == "run" else path
-  found, _, _ = ckpt.newest_good(
-      checkpoint_dir, lambda s: ckpt.read_meta(os.path.join(checkpoint_dir, str(s))), step,
-      report=False)
-  return found
+  cli.add_common(parser)
+  return cli.parse(parser, argv)
 
 
 def default_output(path: str, step: int | None) -> str:
@@ -78,28 +64,23 @@ def loss_table(r: dict) -> str:
       f"{r['tokens']:>12,}{r['bytes_per_token']:>13.3f}"])
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def run(args) -> int:
   from t6_jax import config as config_lib
-  from t6_jax.checkpoint import CheckpointError, load_params, read_config
+  from t6_jax.checkpoint import load_checkpoint, read_config, resolve
   from t6_jax.eval import tasks
 
   path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
-  try:
-    step = resolve_step(path, args.step)
-    saved_cfg, spec = read_config(path, step=step if args.workdir else None)
-    cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
-    cfg.eval.validate()
-    task_list = [] if args.no_tasks else tasks.parse_task_list(cfg.eval.tasks)
-    # Task documents are read before the model, so a missing file fails in seconds.
-    task_data = [tasks.load_task(name, task_path, source=cfg.eval.task_source,
-                                 task_dir=os.path.expanduser(cfg.eval.task_dir),
-                                 tfds_data_dir=cfg.eval.tfds_data_dir,
-                                 num_fewshot=cfg.eval.num_fewshot)
-                 for name, task_path in task_list]
-  except (CheckpointError, config_lib.ConfigError, tasks.TaskError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  found = resolve(path, args.step)  # says so when it falls back past a damaged step
+  saved_cfg, spec = read_config(path, step=found.step if found.kind != "export" else None,
+                                report=False)
+  cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
+  task_list = [] if args.no_tasks else tasks.parse_task_list(cfg.eval.tasks)
+  # Task documents are read before the model, so a missing file fails in seconds.
+  task_data = [tasks.load_task(name, task_path, source=cfg.eval.task_source,
+                               task_dir=os.path.expanduser(cfg.eval.task_dir),
+                               tfds_data_dir=cfg.eval.tfds_data_dir,
+                               num_fewshot=cfg.eval.num_fewshot)
+               for name, task_path in task_list]
 
   import jax
   from t6_jax import sharding as sharding_lib
@@ -110,13 +91,16 @@ def main(argv=None) -> int:
   try:
     mesh = sharding_lib.mesh_from_config(cfg.mesh)
   except ValueError as e:
-    print(f"error: {e}; set mesh.data/mesh.fsdp/mesh.tensor for this machine", file=sys.stderr)
-    return 2
+    raise ValueError(f"{e}; set mesh.data/mesh.fsdp/mesh.tensor for this machine") from e
   primary = jax.process_index() == 0
   progress = primary and not args.no_progress
   start = time.perf_counter()
-  _, params, _ = load_params(path, step=step if args.workdir else None, mesh=mesh,
-                             model=cfg.model, rules=cfg.mesh.rules)
+  loaded = load_checkpoint(path, step=args.step, mesh=mesh, model=cfg.model,
+                           rules=cfg.mesh.rules, report=False)
+  step, params = loaded.step, loaded.params
+  if step != found.step and primary:
+    print(f"[checkpoint] the arrays of step {found.step} are damaged; evaluating step {step}",
+          file=sys.stderr)
   tokenizer = tokenizer_from_spec(spec) if spec else load_tokenizer(cfg)
   if primary:
     where = f"step {step}" if step is not None else "export"
@@ -126,27 +110,18 @@ def main(argv=None) -> int:
   report = {"checkpoint": path, "step": step, "model": dataclasses.asdict(cfg.model),
             "data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
   if not args.no_loss:
-    try:
-      loss = evaluate_perplexity(cfg, params, tokenizer, mesh=mesh, progress=progress)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    loss = evaluate_perplexity(cfg, params, tokenizer, mesh=mesh, progress=progress)
     report["validation"] = loss
     if primary:
       print(loss_table(loss))
 
   if not args.no_tasks:
-    try:
-      scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh, progress=progress),
-                                  tokenizer)
-      results = []
-      for data in task_data:
-        results.append(tasks.evaluate_task(data, scorer.loglikelihood,
-                                           num_fewshot=cfg.eval.num_fewshot,
-                                           seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit))
-    except tasks.TaskError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh, progress=progress),
+                                tokenizer)
+    results = [tasks.evaluate_task(data, scorer.loglikelihood,
+                                   num_fewshot=cfg.eval.num_fewshot,
+                                   seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit)
+               for data in task_data]
     report["tasks"] = results
     if primary:
       print(tasks.format_table(results, cfg.model))
@@ -159,6 +134,10 @@ def main(argv=None) -> int:
       json.dump(report, f, indent=2)
     print(f"results: {out}")
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(run, parse_args, argv)
 
 
 if __name__ == "__main__":

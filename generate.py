@@ -1,14 +1,18 @@
 """Generate text with a trained T6 (or baseline) from a run directory or checkpoint.
 
-  python generate.py runs/demo --prompt "ROMEO:" --max_new_tokens 100
-  python generate.py runs/t6-small --step 5000 --prompts_file prompts.txt --out completions.jsonl
-  python generate.py runs/demo --prompt "To be" --temperature 0.8 --top_p 0.95 --seed 1
+  python generate.py --workdir runs/demo --prompt "ROMEO:" --max_new_tokens 100
+  python generate.py --workdir runs/t6-small --step 5000 --prompts_file prompts.txt \\
+      --out completions.jsonl
+  python generate.py --workdir runs/demo --prompt "To be" --temperature 0.8 --top_p 0.95 --seed 1
+  python generate.py --checkpoint exports/t6-small --prompt "Hi" decode.cache_dtype=float32
   python generate.py --config tiny --random_init --ids --prompt "1 2 3"   # no checkpoint
 
-The checkpoint's config and tokenizer are used; `section.key=value` overrides change decode and
-mesh settings (e.g. decode.cache_dtype=float32 decode.factor_attention=false mesh.tensor=2).
+The checkpoint's config and tokenizer are used; `section.key=value` settings, anywhere among the
+flags, change decode and mesh settings (e.g. decode.cache_dtype=float32 mesh.tensor=2).
 Prompts come from --prompt (repeatable) or --prompts_file (one per line, or JSONL with a
 "prompt" field); completions are printed, or written as JSONL with --out. Reports tokens/s.
+Each batch of --batch_size prompts samples with its own key (the seed with the batch index
+folded in). A failure ends in one line (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import argparse
 import json
 import sys
 
+from t6_jax import cli
+
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(prog="generate.py", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("checkpoint", nargs="?", default="",
-                      help="run directory, step directory or params export")
+  where = parser.add_mutually_exclusive_group()
+  where.add_argument("--workdir", default="",
+                     help="run directory (its newest good step unless --step)")
+  where.add_argument("--checkpoint", default="", help="a step directory or a params export")
   parser.add_argument("--step", type=int, default=None, help="step of a run directory")
   parser.add_argument("--config", default="", help="with --random_init: config file or preset")
   parser.add_argument("--random_init", action="store_true",
@@ -41,8 +49,17 @@ def parse_args(argv=None):
   parser.add_argument("--batch_size", type=int, default=0, help="prompts per batch (0: all)")
   parser.add_argument("--no_stop", action="store_true",
                       help="do not stop at the tokenizer's end-of-text token")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-  return parser.parse_args(argv)
+  cli.add_common(parser)
+  args = cli.parse(parser, argv)
+  # Deprecated: the checkpoint as the first positional argument (`generate.py RUN ...`).
+  paths = [a for a in args.overrides if "=" not in a]
+  args.overrides = [a for a in args.overrides if "=" in a]
+  if paths:
+    if len(paths) > 1 or args.workdir or args.checkpoint:
+      parser.error(f"give one checkpoint, with --workdir RUN or --checkpoint PATH (got "
+                   f"{' '.join(paths)})")
+    args.checkpoint = paths[0]
+  return args
 
 
 def read_prompts(args) -> list[str]:
@@ -60,36 +77,46 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def run(args) -> int:
   from t6_jax import config as config_lib
 
-  if not args.checkpoint and not args.random_init:
-    print("error: give a run directory or checkpoint (or --random_init --config NAME)",
-          file=sys.stderr)
-    return 2
+  path = args.workdir or args.checkpoint
+  if not path and not args.random_init:
+    raise ValueError("no checkpoint: give --workdir RUN (or --checkpoint PATH), or "
+                     "--random_init --config NAME for a smoke test")
+  if args.random_init and path:
+    raise ValueError("--random_init makes fresh params; drop --workdir/--checkpoint, or drop "
+                     "--random_init to use the checkpoint")
   prompts = read_prompts(args)
   if not prompts:
-    print("error: no prompts; use --prompt TEXT or --prompts_file FILE", file=sys.stderr)
-    return 2
+    raise ValueError("no prompts; use --prompt TEXT or --prompts_file FILE")
 
   import jax
   from t6_jax.decode import generate
+  from t6_jax.decode.generate import batch_seed
   from t6_jax.sharding import make_mesh
 
   tokenizer_spec = None
+  if args.random_init:
+    cfg = config_lib.load(args.config or None, args.overrides)
+    from t6_jax.model import init_params
+    params = init_params(cfg.model, cfg.train.seed)
+  else:
+    from t6_jax.checkpoint import load_checkpoint, read_config
+    # Settings are checked, and the mesh built, before any array is read.
+    saved, _ = read_config(path, step=args.step)
+    cfg = config_lib.apply_overrides(saved, args.overrides).validate()
+  m = cfg.mesh
   try:
-    if args.random_init:
-      cfg = config_lib.load(args.config or None, args.overrides)
-      from t6_jax.model import init_params
-      params = init_params(cfg.model, cfg.train.seed)
-    else:
-      from t6_jax.checkpoint import load_params
-      cfg, params, tokenizer_spec = load_params(args.checkpoint, step=args.step)
-      cfg = config_lib.apply_overrides(cfg, args.overrides).validate()
-  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, rules=m.rules)
+  except ValueError as e:
+    raise ValueError(f"{e} (mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor}); set "
+                     f"mesh.* for the {jax.device_count()} device(s) here") from e
+  if mesh.size == 1:
+    mesh = None  # one device: nothing to shard (and the single-device kernels apply)
+  if not args.random_init:
+    loaded = load_checkpoint(path, step=args.step, report=False)
+    params, tokenizer_spec = loaded.params, loaded.tokenizer_spec
 
   tokenizer = None
   if not args.ids:
@@ -102,14 +129,13 @@ def main(argv=None) -> int:
       max_new_tokens=d.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
       temperature=d.temperature if args.temperature is None else args.temperature,
       top_k=d.top_k if args.top_k is None else args.top_k,
-      top_p=d.top_p if args.top_p is None else args.top_p,
-      seed=d.seed if args.seed is None else args.seed)
+      top_p=d.top_p if args.top_p is None else args.top_p)
+  seed = d.seed if args.seed is None else args.seed
   if args.ids:
     try:
       ids = [[int(t) for t in p.split()] for p in prompts]
     except ValueError as e:
-      print(f"error: --ids prompts must be space-separated integers: {e}", file=sys.stderr)
-      return 2
+      raise ValueError(f"--ids prompts must be space-separated integers: {e}") from e
   else:
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     if not args.no_stop:
@@ -118,25 +144,16 @@ def main(argv=None) -> int:
   longest = max(map(len, ids))
   max_len = args.max_len or max(d.max_len, longest + sampling["max_new_tokens"])
 
-  mesh = None
-  if len(jax.devices()) > 1:
-    m = cfg.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor, rules=m.rules)
-
   batch = args.batch_size or len(ids)
   outputs, new_tokens, decode_s, prefill_s = [], 0, 0.0, 0.0
-  for start in range(0, len(ids), batch):
+  for index, start in enumerate(range(0, len(ids), batch)):
     stats = {}
-    try:
-      outputs += generate(params, cfg, ids[start:start + batch], max_len=max_len, mesh=mesh,
-                          stats=stats, **sampling)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    outputs += generate(params, cfg, ids[start:start + batch], max_len=max_len, mesh=mesh,
+                        stats=stats, seed=batch_seed(seed, index), **sampling)
     new_tokens += stats["new_tokens"]
     decode_s += stats["decode_s"]
     prefill_s += stats["prefill_s"]
-    print(f"[batch {start // batch}] {stats['new_tokens']} new tokens, prefill "
+    print(f"[batch {index}] {stats['new_tokens']} new tokens, prefill "
           f"{stats['prefill_s']:.2f}s, decode {stats['decode_s']:.2f}s "
           f"({stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tokens/s"
           f"{', incl. compilation' if start == 0 else ''})", file=sys.stderr)
@@ -155,6 +172,10 @@ def main(argv=None) -> int:
         f"{new_tokens / max(decode_s, 1e-9):.1f} tokens/s (prefill {prefill_s:.2f}s; "
         f"the first batch includes compilation)", file=sys.stderr)
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Train T6 (or a baseline) on one CPU, one or several GPUs, or a TPU pod slice.
 
   python train.py                                   # the demo: configs/demo.yaml -> runs/demo
-  python train.py --config configs/t6-small.yaml data.path=DIR/fineweb_*.bin
+  python train.py --config t6-small --workdir runs/t6-small data.path=DIR/fineweb_*.bin
   python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512 \\
       mesh.data=8 mesh.fsdp=64     # compile for a 512-chip v5p slice, print memory
 
-A rerun with the same train.workdir resumes from its newest checkpoint; --restart starts over.
-Overrides are section.key=value; every setting and its default is listed below.
+A rerun with the same --workdir (train.workdir) resumes from its newest good checkpoint;
+--restart starts over. Settings are section.key=value, anywhere among the flags; every setting
+and its default is listed below. A failure ends in one line (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from t6_jax import cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
@@ -26,6 +29,8 @@ def parse_args(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=DEFAULT_CONFIG,
                       help="YAML file or preset name in configs/ (default: configs/demo.yaml)")
+  parser.add_argument("--workdir", default="",
+                      help="run directory: checkpoints, metrics, config.yaml (train.workdir)")
   parser.add_argument("--restart", action="store_true",
                       help="delete train.workdir first and train from scratch")
   parser.add_argument("--distributed", action="store_true",
@@ -34,26 +39,25 @@ def parse_args(argv=None):
   parser.add_argument("--aot_topology", default="",
                       help="compile the sharded train step for this TPU topology (v5p:8x8x8, "
                            "v5e:16x16, ...) and print memory and FLOPs instead of training")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-  return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  from t6_jax import config as config_lib
-  try:
-    cfg = config_lib.load(args.config, args.overrides)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-
+  cli.add_common(parser)
+  args = cli.parse(parser, argv)
+  if args.workdir:
+    args.overrides.append(f"train.workdir={args.workdir}")
   if args.aot_topology:
     # Compile-only TPU devices come from libtpu's topology description; no backend needed.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cli.quiet_aot_startup()
+  return args
+
+
+def run(args) -> int:
+  from t6_jax import config as config_lib
+  cfg = config_lib.load(args.config, args.overrides)
+
+  if args.aot_topology:
     from t6_jax.train import aot
     try:
       report = aot.compile_train_step(cfg, args.aot_topology)
-    except (aot.DoesNotFit, ValueError) as e:
+    except aot.DoesNotFit as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
     print(report.text())
@@ -65,9 +69,6 @@ def main(argv=None) -> int:
   except loop.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
 
   import jax
   if jax.process_index() != 0:
@@ -88,6 +89,10 @@ def main(argv=None) -> int:
                        temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, seed=d.seed)[0]
     print(f"sample:\n{cfg.train.sample_prompt}{text}")
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(run, parse_args, argv)
 
 
 if __name__ == "__main__":

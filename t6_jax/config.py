@@ -17,11 +17,38 @@ from typing import Any
 import yaml
 
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
+SCHEDULES = ("cosine", "wsd", "constant")
+RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class ConfigError(ValueError):
   """A configuration key or value is invalid; the message says how to fix it."""
+
+
+def _need(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def _choice(where: str, value: str, options) -> None:
+  """`value` must be one of `options`; the error names the closest ones."""
+  if value not in options:
+    near = difflib.get_close_matches(str(value), list(options), n=2, cutoff=0.5)
+    hint = (f"did you mean {' or '.join(near)}?" if near
+            else f"choose one of {', '.join(options)}")
+    raise ConfigError(f"{where}={value!r} is not valid; {hint}")
+
+
+def _positive(section: str, obj, *keys: str) -> None:
+  for key in keys:
+    _need(getattr(obj, key) > 0, f"{section}.{key} must be positive, got {getattr(obj, key)}")
+
+
+def _non_negative(section: str, obj, *keys: str) -> None:
+  for key in keys:
+    _need(getattr(obj, key) >= 0, f"{section}.{key} must be >= 0, got {getattr(obj, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +203,18 @@ class TrainConfig:
   sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
   sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
 
+  def validate(self) -> None:
+    _choice("train.schedule", self.schedule, SCHEDULES)
+    _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
+              "eval_every", "eval_batches", "lr")
+    _non_negative("train", self, "warmup_steps", "min_lr", "weight_decay", "clip_norm",
+                  "sample_tokens")
+    _need(self.batch_size % self.grad_accum == 0,
+          f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum="
+          f"{self.grad_accum} (each micro-batch has batch_size / grad_accum rows)")
+    _need(0.0 <= self.decay_fraction <= 1.0,
+          f"train.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -186,6 +225,15 @@ class MeshConfig:
   tensor: int = 1
   rules: str = "fsdp"  # dp | fsdp | fsdp_tp: which logical-axis rules table
   fail_on_replicated: bool = False
+
+  def validate(self) -> None:
+    _choice("mesh.rules", self.rules, RULE_NAMES)
+    sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+    for key, size in sizes.items():
+      _need(size > 0 or size == -1, f"{key}={size}: a mesh size is positive, or -1 for the "
+                                    f"devices left over")
+    _need(list(sizes.values()).count(-1) <= 1,
+          "at most one of mesh.data, mesh.fsdp and mesh.tensor may be -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +246,15 @@ class CheckpointConfig:
   async_save: bool = True
   resume_from: str = ""  # train.workdir has no checkpoint yet: start from this run/step dir
   resume_step: int = -1  # resume this step rather than the newest good one (-1)
+
+  def validate(self) -> None:
+    _positive("checkpoint", self, "every")
+    _need(self.keep >= 1, f"checkpoint.keep must be at least 1, got {self.keep} (the newest "
+                          f"checkpoint is what a resume needs)")
+    _need(self.keep_every >= 0,
+          f"checkpoint.keep_every must be 0 (off) or positive, got {self.keep_every}")
+    _need(self.resume_step >= -1,
+          f"checkpoint.resume_step must be a step, or -1 for the newest good one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +271,13 @@ class DecodeConfig:
   factor_attention: bool = True  # TPA: attend straight from the cached factors
   attention_kernel: str = "auto"  # auto | xla | pallas: TPA one-token steps (auto: 1 GPU)
   prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of it
+
+  def validate(self) -> None:
+    _choice("decode.cache_dtype", self.cache_dtype, FLOAT_DTYPES)
+    _choice("decode.attention_kernel", self.attention_kernel, ("auto", "xla", "pallas"))
+    _positive("decode", self, "max_len", "prefill_chunk")
+    _non_negative("decode", self, "max_new_tokens", "temperature", "top_k")
+    _need(0.0 < self.top_p <= 1.0, f"decode.top_p={self.top_p} must lie in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,10 +319,11 @@ class Config:
   eval: EvalConfig = EvalConfig()
 
   def validate(self) -> "Config":
+    """Each section checks its own values. Checks that tie sections together for one use
+    (train.seq_len against model.max_seq_len for training) stay with that use: a converted
+    checkpoint's config describes a model, not a training run."""
     for section in dataclasses.fields(self):
-      check = getattr(getattr(self, section.name), "validate", None)
-      if check is not None:
-        check()
+      getattr(self, section.name).validate()
     return self
 
   def to_dict(self) -> dict[str, Any]:

@@ -250,9 +250,21 @@ def test_damaged_newest_step_falls_back(run, tmp_path, damage, capsys):
   err = capsys.readouterr().err
   assert "checkpoint step 12" in err and "damaged or incomplete" in err
   assert "falling back to step 9" in err
+  # The damaged step is moved aside (kept for the user), so that training saves step 12 anew.
+  assert "moved the damaged step 12 aside" in err
+  (moved,) = glob.glob(f"{step_dir}.damaged-*")
+  assert ck.all_steps() == [6, 9] and os.path.isdir(moved)
+  with pytest.raises(CheckpointError, match="step 12 is not in .* complete steps are 6, 9"):
+    ck.restore(abstract(CFG, mesh, "fsdp"), iter(dataset()), step=12)
+  ck.close()
+  # A reader (read-only) that meets a damaged step leaves it where it is.
+  os.rename(moved, step_dir)
+  ck = Checkpointer(workdir, config_lib.CheckpointConfig(every=3), read_only=True)
+  assert ck.restore(abstract(CFG, mesh, "fsdp"), iter(dataset()))[0] == 9
   with pytest.raises(CheckpointError, match="step 12 .* damaged or incomplete"):
     ck.restore(abstract(CFG, mesh, "fsdp"), iter(dataset()), step=12)
   ck.close()
+  assert os.path.isdir(step_dir)
   if damage == "delete_state":  # load_params falls back the same way
     _, params, _ = load_params(workdir)
     assert_equal(params, saved[9]["params"])

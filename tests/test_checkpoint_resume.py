@@ -155,7 +155,7 @@ def _wait_for(predicate, proc, what, timeout=300.0):
 def kill_9_then_resume(reference, compile_cache, tmp_path, monkeypatch, capsys, moment):
   _, ref_losses, ref_state = reference
   workdir = str(tmp_path / "run")
-  rng = random.Random()
+  rng = random.Random(f"kill step {moment}")  # seeded: a failure reruns the same kill step
   if moment == "during_async_save":
     kill_step = rng.choice(range(2 * EVERY, STEPS, EVERY))  # a checkpoint exists before it
   else:

@@ -74,3 +74,29 @@ def test_malformed_overrides_and_missing_presets():
   assert "must name a section" in error_of(["num_heads=3"])
   msg = error_of([], "t6-smal")
   assert "t6-small" in msg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("checkpoint.every=0", "checkpoint.every must be positive, got 0"),
+    ("checkpoint.keep=0", "checkpoint.keep must be at least 1"),
+    ("mesh.rules=fsdpp", "mesh.rules='fsdpp' is not valid; did you mean fsdp"),
+    ("mesh.rules=zero", "choose one of dp, fsdp, fsdp_tp"),
+    ("mesh.tensor=0", "mesh.tensor=0"),
+    ("decode.cache_dtype=flaot32", "did you mean float32"),
+    ("decode.attention_kernel=palas", "did you mean pallas"),
+    ("decode.top_p=0", "decode.top_p=0.0 must lie in (0, 1]"),
+    ("decode.temperature=-1", "decode.temperature must be >= 0"),
+    ("train.schedule=cosin", "did you mean cosine"),
+    ("train.batch_size=6", "multiple of train.grad_accum"),
+])
+def test_every_section_checks_its_values_when_loaded(override, expected):
+  """Checked at load time, before any data is prepared or device touched."""
+  if override == "train.batch_size=6":
+    override = "train.batch_size=6 train.grad_accum=4".split()
+  msg = error_of(override if isinstance(override, list) else [override])
+  assert expected in msg
+
+
+def test_rule_names_are_the_sharding_tables():
+  from t6_jax import sharding
+  assert config_lib.RULE_NAMES == tuple(sharding.RULES)

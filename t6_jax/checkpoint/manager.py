@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import grain.checkpoint as grain_checkpoint
 import jax
@@ -41,14 +42,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, cfg: CheckpointConfig, *, primary: bool = True,
                read_only: bool = False):
-    if cfg.every <= 0:
-      raise CheckpointError(f"checkpoint.every must be positive, got {cfg.every}")
-    if cfg.keep <= 0:
-      raise CheckpointError(f"checkpoint.keep must be at least 1, got {cfg.keep} (the newest "
-                            f"checkpoint is what a resume needs)")
-    if cfg.keep_every < 0:
-      raise CheckpointError(f"checkpoint.keep_every must be 0 (off) or positive, got "
-                            f"{cfg.keep_every}")
+    cfg.validate()  # ConfigError for a bad checkpoint.every / keep / keep_every
     self.cfg = cfg
     self.primary = primary
     self._say = say if primary else (lambda message: None)
@@ -207,7 +201,28 @@ class Checkpointer:
     finally:
       if manager is not self._manager:
         manager.close()
+    if manager is self._manager and not self.read_only:
+      self._move_aside([s for s in committed_steps(self.directory) if s > found])
     return found, state
+
+  def _move_aside(self, damaged: list[int]) -> None:
+    """Renames damaged steps newer than the restored one to `<step>.damaged-<time>`: the run
+    saves those steps again when it reaches them (Orbax skips a step whose folder exists), and
+    whatever the damaged folders still hold stays on disk for the user to inspect."""
+    if not damaged:
+      return
+    if self.primary:
+      stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+      for step in damaged:
+        source = os.path.join(self.directory, str(step))
+        target = f"{source}.damaged-{stamp}"
+        os.rename(source, target)
+        self._say(f"moved the damaged step {step} aside to {target}; it is saved again when "
+                  f"training reaches step {step}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("damaged checkpoints moved aside")
+    self._manager.reload()
 
   # ------------------------------------------------------------------------------------------
   # Preemption

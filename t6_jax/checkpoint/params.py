@@ -14,6 +14,7 @@ only the params out of `state` (Orbax partial restore), so it costs a third of a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from t6_jax import config as config_lib
+from t6_jax.checkpoint import quiet
 from t6_jax.checkpoint.trees import (CheckpointError, CheckpointMismatchError, abstract_params,
                                      check_same_shapes, restore_target)
 from t6_jax.config import Config, ModelConfig
@@ -33,6 +35,8 @@ CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
 STATE, DATA, META = "state", "data", "meta"  # items of a train step
 EXPORT_PARAMS, CONFIG_FILE, TOKENIZER_FILE = "params", "config.yaml", "tokenizer.json"
 FORMAT_VERSION = 1
+
+quiet.install()
 
 
 def say(message: str) -> None:
@@ -128,7 +132,12 @@ def _tree_metadata(item_dir: epath.Path) -> dict:
   return tree
 
 
-def _kind(path: str) -> str:
+def kind_of(path: str) -> str:
+  """Which layout `path` holds: "export", "step", "run" (WORKDIR/checkpoints/<step>) or
+  "steps" (a checkpoints/ folder itself). Raises CheckpointError naming the layouts otherwise."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint path {path} does not exist; give a run directory "
+                          f"(train.workdir), one of its step directories or an export")
   if os.path.isdir(os.path.join(path, EXPORT_PARAMS)) and os.path.isfile(
       os.path.join(path, CONFIG_FILE)):
     return "export"
@@ -144,25 +153,85 @@ def _kind(path: str) -> str:
       f"{EXPORT_PARAMS}/ and {CONFIG_FILE})")
 
 
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """Where a checkpoint path leads: its layout, the checkpoints/ folder (run and steps
+  layouts) and the step that will be read (None for an export)."""
+
+  kind: str
+  path: str
+  checkpoint_dir: str | None
+  step: int | None
+
+  @property
+  def step_dir(self) -> str | None:
+    if self.kind == "step":
+      return self.path
+    if self.step is None or self.checkpoint_dir is None:
+      return None
+    return os.path.join(self.checkpoint_dir, str(self.step))
+
+
+def probe_step(step_dir: str) -> dict:
+  """Reads a step's meta record and its arrays' metadata (no array data): the checks that
+  find a damaged or half-copied step before Orbax starts reading it. Returns the meta record."""
+  meta = read_meta(step_dir)
+  saved = saved_state_tree(step_dir)
+  if "params" not in saved:
+    raise CheckpointError(f"{step_dir}/{STATE} holds no params")
+  return meta
+
+
+def resolve(path: str, step: int | None = None, *, report: bool = True) -> Resolved:
+  """The step a path leads to: `step` if given, the step directory's own, or the newest step
+  whose files are readable (falling back past damaged ones with a notice when `report`).
+
+  Raises CheckpointError with one line naming the problem and the fix: a missing path, a
+  folder that is no checkpoint, a `step` that is not there (listing those that are), a given
+  step that is damaged, or every step damaged.
+  """
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  kind = kind_of(path)
+  if kind == "export":
+    if step is not None:
+      raise CheckpointError(f"{path} is an export (one set of params); it has no steps, so "
+                            f"drop --step {step}")
+    return Resolved(kind, path, None, None)
+  if kind == "step":
+    name = os.path.basename(path)
+    if step is not None and str(step) != name:
+      raise CheckpointError(f"{path} is the directory of one step; pass its run directory to "
+                            f"choose step {step}")
+    return Resolved(kind, path, os.path.dirname(path), int(name) if name.isdigit() else None)
+  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
+  found, _, _ = newest_good(checkpoint_dir,
+                            lambda s: probe_step(os.path.join(checkpoint_dir, str(s))), step,
+                            report=report)
+  return Resolved(kind, path, checkpoint_dir, found)
+
+
 def newest_good(checkpoint_dir: str, load: Callable[[int], Any], step: int | None = None,
-                report: bool = True):
+                report: bool = True, at_most: int | None = None):
   """Runs `load(step)` on the newest committed step (or `step`); on a damaged step it says
   which step and what is wrong and falls back to the next older one.
 
   Returns (step, load(step), problems) where problems lists the skipped steps' messages. A
   CheckpointMismatchError is not damage (older steps hold the same model) and is raised.
+  `at_most` leaves out newer steps (already found damaged by an earlier pass).
   """
   steps = committed_steps(checkpoint_dir)
   if step is not None:
     if step not in steps:
       raise CheckpointError(
-          f"no complete checkpoint for step {step} in {checkpoint_dir}; complete steps: "
-          f"{steps or 'none'}")
+          f"step {step} is not in {checkpoint_dir}; its complete steps are "
+          f"{', '.join(map(str, steps)) if steps else 'none'}"
+          + ("; choose one of them" if steps else ""))
     candidates = [step]
   else:
-    candidates = steps[::-1]
+    candidates = [s for s in steps[::-1] if at_most is None or s <= at_most]
   if not candidates:
-    raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}")
+    raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}; train first (a run "
+                          f"saves every checkpoint.every steps and at its end)")
   problems = []
   for i, s in enumerate(candidates):
     try:
@@ -170,17 +239,22 @@ def newest_good(checkpoint_dir: str, load: Callable[[int], Any], step: int | Non
     except CheckpointMismatchError:
       raise
     except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
+      quiet.abandoned_reads()
       problem = (f"checkpoint step {s} in {checkpoint_dir} is damaged or incomplete "
                  f"({brief(e)})")
       problems.append(problem)
       if step is not None:
-        raise CheckpointError(problem + "; restore another step or delete this one") from e
+        others = [o for o in steps if o != s]
+        raise CheckpointError(
+            problem + (f"; choose another step ({', '.join(map(str, others))})" if others
+                       else "; this run has no other step")) from e
       older = candidates[i + 1] if i + 1 < len(candidates) else None
       if report:
         say(problem + (f"; falling back to step {older}" if older is not None else ""))
   raise CheckpointError(
-      f"every checkpoint in {checkpoint_dir} is damaged or incomplete: "
-      + "; ".join(problems) + f". Delete {checkpoint_dir} to start afresh.")
+      f"every checkpoint in {checkpoint_dir} is damaged or incomplete (newest: "
+      f"{problems[0].split(' (', 1)[-1].rstrip(')')}); restore the run directory from a copy, "
+      f"or move {checkpoint_dir} aside to train from scratch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,82 +275,87 @@ def _restore_params(item_dir: epath.Path, target: dict, *, nested_under: str | N
   return restored[nested_under] if nested_under else restored
 
 
-def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelConfig | None = None,
-                rules="fsdp") -> tuple[Config, dict, dict | None]:
-  """(config, params, tokenizer_spec) from a run, step or export directory.
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """What load_checkpoint read: the step (None for an export), config, params, tokenizer."""
+
+  step: int | None
+  config: Config
+  params: dict
+  tokenizer_spec: dict | None
+
+
+def _read_export_config(path: str) -> tuple[Config, dict | None]:
+  cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
+  tokenizer_spec = None
+  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+  if os.path.exists(tokenizer_path):
+    with open(tokenizer_path) as f:
+      tokenizer_spec = json.load(f)
+  return cfg, tokenizer_spec
+
+
+def load_checkpoint(path: str, *, step: int | None = None, mesh=None,
+                    model: ModelConfig | None = None, rules="fsdp",
+                    report: bool = True) -> Loaded:
+  """Params (and the config and tokenizer they were saved with) from a run, step or export
+  directory, and the step they came from.
 
   A run directory gives its newest good step (or `step`), falling back past damaged steps with
-  a message. With `mesh`, params are restored sharded by their logical axes and `rules` (a name
+  a notice. With `mesh`, params are restored sharded by their logical axes and `rules` (a name
   in sharding.RULES or a sharding.Rules); without, onto one device.
   `model`, if given, is the model the caller will run: a checkpoint of a different shape is a
   CheckpointMismatchError naming the first mismatched parameter and both shapes.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
-    raise CheckpointError(f"checkpoint path {path} does not exist")
-  kind = _kind(path)
+  found = resolve(path, step, report=report)
+  path = found.path
 
   def check(saved_params, cfg: Config) -> ModelConfig:
     want = model or cfg.model
-    where = f"checkpoint {path}"
     fix = ("use the model config the checkpoint was trained with (its config.yaml / meta)"
            if model is not None else "the checkpoint's config does not match its arrays")
-    check_same_shapes(abstract_params(want), saved_params, prefix="params.", where=where,
-                      fix=fix)
+    check_same_shapes(abstract_params(want), saved_params, prefix="params.",
+                      where=f"checkpoint {path}", fix=fix)
     return want
 
-  if kind == "export":
-    if step is not None:
-      raise CheckpointError(f"{path} is an export (one set of params); it has no steps")
-    cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
-    tokenizer_spec = None
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-    if os.path.exists(tokenizer_path):
-      with open(tokenizer_path) as f:
-        tokenizer_spec = json.load(f)
+  if found.kind == "export":
+    cfg, tokenizer_spec = _read_export_config(path)
     item = epath.Path(path) / EXPORT_PARAMS
     want = check(_tree_metadata(item), cfg)
     params = _restore_params(item, restore_target(want, mesh, rules), nested_under=None)
-    return cfg, params, tokenizer_spec
+    return Loaded(None, cfg, params, tokenizer_spec)
 
   def load_step(step_dir: str):
-    meta = read_meta(step_dir)
+    meta = probe_step(step_dir)
     cfg = config_lib.load_dict(meta["config"])
-    saved = saved_state_tree(step_dir)
-    if not isinstance(saved, dict) or "params" not in saved:
-      raise CheckpointError(f"{step_dir}/{STATE} holds no params")
-    want = check(saved["params"], cfg)
+    want = check(saved_state_tree(step_dir)["params"], cfg)
     params = _restore_params(epath.Path(step_dir) / STATE, restore_target(want, mesh, rules),
                              nested_under="params")
     return cfg, params, meta.get("tokenizer")
 
-  if kind == "step":
-    if step is not None:
-      raise CheckpointError(f"{path} is one step's directory; pass the run directory to choose "
-                            f"step={step}")
-    return load_step(path)
-  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
-  _, loaded, _ = newest_good(checkpoint_dir,
-                             lambda s: load_step(os.path.join(checkpoint_dir, str(s))), step)
-  return loaded
+  if found.kind == "step":
+    return Loaded(found.step, *load_step(path))
+  # The files of the resolved step were readable; its array data may still be damaged, in
+  # which case older steps are tried (unless a step was asked for).
+  got, loaded, _ = newest_good(
+      found.checkpoint_dir, lambda s: load_step(os.path.join(found.checkpoint_dir, str(s))),
+      step, report=report, at_most=found.step)
+  return Loaded(got, *loaded)
 
 
-def read_config(path: str, *, step: int | None = None) -> tuple[Config, dict | None]:
-  """(config, tokenizer_spec) of a checkpoint without reading any arrays."""
-  path = os.path.abspath(os.fspath(path))
-  kind = _kind(path)
-  if kind == "export":
-    cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-    spec = None
-    if os.path.exists(tokenizer_path):
-      with open(tokenizer_path) as f:
-        spec = json.load(f)
-    return cfg, spec
-  if kind == "step":
-    meta = read_meta(path)
-    return config_lib.load_dict(meta["config"]), meta.get("tokenizer")
-  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
-  _, meta, _ = newest_good(checkpoint_dir,
-                           lambda s: read_meta(os.path.join(checkpoint_dir, str(s))), step)
+def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelConfig | None = None,
+                rules="fsdp") -> tuple[Config, dict, dict | None]:
+  """(config, params, tokenizer_spec) of load_checkpoint."""
+  loaded = load_checkpoint(path, step=step, mesh=mesh, model=model, rules=rules)
+  return loaded.config, loaded.params, loaded.tokenizer_spec
+
+
+def read_config(path: str, *, step: int | None = None,
+                report: bool = True) -> tuple[Config, dict | None]:
+  """(config, tokenizer_spec) of the checkpoint load_checkpoint would read, without reading
+  any arrays."""
+  found = resolve(path, step, report=report)
+  if found.kind == "export":
+    return _read_export_config(found.path)
+  meta = read_meta(found.step_dir)
   return config_lib.load_dict(meta["config"]), meta.get("tokenizer")

@@ -331,6 +331,16 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   return out
 
 
+def batch_seed(seed: int, index: int) -> int:
+  """The sampling seed of the `index`-th batch of a job seeded with `seed`. Batch 0 keeps
+  `seed` (one batch samples exactly as generate(seed=seed)); later batches fold their index
+  into the key, so two batches holding the same prompt get different noise, reproducibly."""
+  if index == 0:
+    return int(seed)
+  key = jax.random.fold_in(jax.random.key(seed), index)
+  return int(jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max))
+
+
 def sample_text(cfg: Config, params, tokenizer, prompts: list[str], max_new_tokens: int,
                 **sampling) -> list[str]:
   """Completions of text prompts. Stops at the tokenizer's end-of-text unless `stop_tokens`

@@ -33,6 +33,7 @@ class T6Adapter:
                          progress=progress)
     self.text = TextScorer(self.scorer, tokenizer)
     self.max_gen_toks = max_gen_toks
+    self.batches_sampled = 0  # folded into the sampling seed: each batch gets its own noise
 
   @classmethod
   def from_checkpoint(cls, path: str, *, step: int | None = None, mesh=None, **kwargs):
@@ -58,6 +59,7 @@ class T6Adapter:
   def generate_until(self, requests) -> list[str]:
     """Greedy (or sampled, if asked) continuations cut at the first stop string."""
     from t6_jax.decode import generate
+    from t6_jax.decode.generate import batch_seed
     from t6_jax.model import model_from_params
     model = model_from_params(self.cfg.model, self.scorer.params, self.cfg.mesh.rules)
     args = self._args(requests)
@@ -78,6 +80,9 @@ class T6Adapter:
       for i in indices:
         ids = self.tokenizer.encode(args[i][0]) or [self.tokenizer.eot_id]
         prompts.append(ids[-limit:])  # keep the end of a long prompt, as the harness does
+      settings["seed"] = batch_seed(settings.get("seed", self.cfg.decode.seed),
+                                    self.batches_sampled)
+      self.batches_sampled += 1
       new_tokens = generate(model, self.cfg, prompts, max_new_tokens=max_new,
                             stop_tokens=(self.tokenizer.eot_id,), max_len=self.scorer.max_len,
                             mesh=self.mesh, valid_vocab=self.tokenizer.vocab_size, **settings)

@@ -13,6 +13,7 @@ import functools
 import math
 import time
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -61,6 +62,19 @@ def make_loss_fn(cfg: Config, mesh):
   return jax.jit(loss_sums, out_shardings=replicated)
 
 
+def batch_count(ds) -> int | None:
+  """How many batches one pass over `ds` gives, when it is known without reading it: a
+  batched random-access dataset read in order (the flat token sources with concat packing).
+  Streamed documents are packed as they come, so their count is not known in advance."""
+  parents = getattr(ds, "parents", ())
+  if len(parents) == 1 and isinstance(parents[0], grain.MapDataset):
+    try:
+      return len(parents[0])
+    except TypeError:  # an infinite (repeated) dataset
+      return None
+  return None
+
+
 def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str = "validation",
                         batch_size: int | None = None, seq_len: int | None = None,
                         max_batches: int | None = None, progress: bool = True) -> dict:
@@ -95,7 +109,9 @@ def evaluate_perplexity(cfg: Config, params, tokenizer, *, mesh=None, split: str
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
-    bar = tqdm(total=max_batches or None, desc=f"{split} loss", unit="batch")
+    known = batch_count(ds)
+    total = min(filter(None, (max_batches, known)), default=None)
+    bar = tqdm(total=total, desc=f"{split} loss", unit="batch")
   with mesh_context(mesh):
     for batch in ds:
       if max_batches and steps >= max_batches:

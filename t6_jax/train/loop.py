@@ -121,172 +121,236 @@ def evaluate(step_fn: step_lib.TrainStep, params, batches) -> float:
   return float(loss_sum / max(count, 1.0))
 
 
+class Run:
+  """One training run as named steps; `train` below is the loop over them.
+
+  Building a Run prepares everything a step needs (run directory, mesh, data, the restored or
+  fresh state, the compiled step, metrics) and writes RUN/config.yaml only then, so a run
+  that fails before it starts leaves the previous config.yaml in place. The host never waits
+  for the device between steps: `step(n)` dispatches step n and then reads step n-1's metrics.
+  """
+
+  def __init__(self, cfg: Config, *, restart: bool = False, distributed: bool = False):
+    self.t_start = time.time()
+    init_distributed(distributed)
+    step_lib.validate(cfg)
+    self.cfg, t = cfg, cfg.train
+    self.primary = jax.process_index() == 0
+    self.workdir = cfg.train.workdir
+    self.log = print if self.primary else (lambda *a, **k: None)
+    self._prepare_run_dir(restart)
+    self.mesh = sharding_lib.mesh_from_config(cfg.mesh)
+    self.device_kind = jax.devices()[0].device_kind
+    self.log(f"devices: {jax.device_count()} x {self.device_kind} in {jax.process_count()} "
+             f"process(es); mesh {dict(self.mesh.shape)}, rules {cfg.mesh.rules!r}")
+    self._load_data()
+    self._restore_or_init()
+    if self.primary:  # the run has started: record what it is
+      config_lib.dump(cfg, os.path.join(self.workdir, "config.yaml"))
+    self.keys = _batch_keys(cfg)
+    self.step_fn = step_lib.TrainStep(cfg, self.mesh, batch_keys=self.keys)
+    self.tokens_per_step = step_lib.tokens_per_step(cfg)
+    self.flops_per_token = flops_lib.train_flops_per_token(cfg.model, t.seq_len)
+    self.log(f"model: {cfg.model.attention}, {self.n_params:,} parameters; "
+             f"{self.flops_per_token / 1e9:.3f} GFLOP per training token (reference formula "
+             f"6N+12LhdT: {flops_lib.reference_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f})")
+    self.metrics = Metrics(self.workdir, total_steps=t.steps, start_step=self.start,
+                           primary=self.primary)
+    self.say = self.metrics.print
+    self.first_val_loss = self.last_val_loss = self.train_loss = None
+    self.pending = None  # (step, device metrics) dispatched but not read yet
+    self.clock_t, self.clock_step, self.tokens_per_s = None, self.start, None
+    self.compile_s = None
+    self.preempted = False
+
+  # ------------------------------------------------------------------------------------------
+  # Setting up
+
+  def _prepare_run_dir(self, restart: bool) -> None:
+    if restart and self.primary:
+      clear_run_dir(self.workdir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("run directory ready")
+    if self.primary:
+      os.makedirs(self.workdir, exist_ok=True)
+
+  def _load_data(self) -> None:
+    from t6_jax import data as data_lib
+    cfg, t = self.cfg, self.cfg.train
+    t0 = time.time()
+    self.tokenizer = data_lib.load_tokenizer(cfg)
+    if self.tokenizer.vocab_size > cfg.model.vocab_size:
+      raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but "
+                       f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    train_ds = data_lib.make_dataset(
+        cfg, "train", batch_size=_per_process(t.batch_size, "train.batch_size"),
+        seq_len=t.seq_len, seed=cfg.data.seed, shuffle=True, num_epochs=None,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.train_iter = iter(train_ds)
+    self.val_batches = validation_batches(cfg, self.mesh)
+    self.data_s = time.time() - t0
+
+  def _restore_or_init(self) -> None:
+    from t6_jax.checkpoint import Checkpointer
+    cfg = self.cfg
+    self.ckpt = Checkpointer(self.workdir, cfg.checkpoint, primary=self.primary)
+    try:
+      self.resumed = self.ckpt.latest_step() is not None
+      if self.resumed:
+        start, self.state = self.ckpt.restore(step_lib.abstract_state(cfg, self.mesh),
+                                              self.train_iter)
+        shardings = step_lib.state_shardings(cfg, self.mesh)
+        self.log(f"resuming from the checkpoint of step {start} in {self.workdir}")
+      else:
+        _, self.state, shardings = step_lib.init_state(cfg, self.mesh)
+        start = 0
+        self.log(f"no checkpoint in {self.workdir}: starting from scratch")
+      self.start = int(start)
+      self.n_params = step_lib.num_params(self.state["params"])
+      sharding_lib.check_replicated(self.state["params"], shardings["params"],
+                                    fail=cfg.mesh.fail_on_replicated, log=self.log)
+    except BaseException:
+      self.ckpt.close()
+      raise
+
+  # ------------------------------------------------------------------------------------------
+  # The steps of the loop
+
+  def begin(self) -> None:
+    """Validation before the first step of a new run; a resumed run reports its history."""
+    if self.start == 0:
+      self.validate(0)
+      return
+    before = logged(self.workdir, "val_loss")
+    self.first_val_loss = before[0] if before else None
+    self.last_val_loss = before[-1] if before else None
+    if self.start >= self.cfg.train.steps:
+      self.say(f"the run in {self.workdir} is complete at step {self.start} (train.steps="
+               f"{self.cfg.train.steps}); raise train.steps to continue or pass --restart to "
+               f"start over")
+
+  def step(self, n: int) -> None:
+    """Dispatches step n, then reads step n-1's metrics while step n runs."""
+    batch = sharding_lib.put_batch(
+        {k: v for k, v in next(self.train_iter).items() if k in self.keys}, self.mesh,
+        self.cfg.mesh.rules)
+    t0 = time.time()
+    self.state, step_metrics = self.step_fn(self.state, batch)
+    if self.compile_s is None:
+      self.compile_s = time.time() - t0
+    self.read_pending()
+    self.pending = (n, step_metrics)
+
+  def read_pending(self) -> None:
+    """Reads the metrics of the step dispatched last (blocks until it is done); stops the run
+    on a non-finite loss."""
+    if self.pending is None:
+      return
+    (n, m), self.pending = self.pending, None
+    m = jax.device_get(m)
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      self.ckpt.wait()
+      last = self.ckpt.latest_step()
+      raise NonFiniteLoss(
+          f"step {n}: loss {loss}, grad norm {grad_norm} is not finite; stopped (the state was "
+          f"left unchanged by that step). Last good checkpoint: "
+          f"{'none' if last is None else f'step {last}'} in {self.workdir}; lower train.lr or "
+          f"raise train.warmup_steps and resume")
+    self.train_loss = loss
+    self._log_speed(n, loss, grad_norm, float(m["lr"]))
+
+  def _log_speed(self, n: int, loss: float, grad_norm: float, lr: float) -> None:
+    t, now = self.cfg.train, time.time()
+    if self.clock_t is None:  # the first step includes compilation: time from its end
+      self.clock_t, self.clock_step = now, n
+    elif n % t.log_every == 0 or n == t.steps:
+      dt, steps_done = now - self.clock_t, n - self.clock_step
+      tps = steps_done * self.tokens_per_step / dt
+      self.clock_t, self.clock_step, self.tokens_per_s = now, n, tps
+      tflops = self.flops_per_token * tps / jax.device_count() / 1e12
+      self.metrics.write(n, {
+          "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
+          "tflops_per_device": tflops,
+          "mfu": flops_lib.mfu(self.flops_per_token, tps, jax.device_count(), self.device_kind),
+          "step_s": dt / steps_done})
+      if self.metrics.bar is None or self.metrics.bar.disable:
+        self.say(f"step {n}/{t.steps}: loss {loss:.4f}  lr {lr:.3g}  {tps:,.0f} tokens/s  "
+                 f"{tflops:.3g} TFLOP/s/device")
+    self.metrics.progress(n, loss=loss, **({"tok/s": f"{self.tokens_per_s:,.0f}"}
+                                           if self.tokens_per_s else {}))
+
+  def validate(self, n: int) -> None:
+    loss = evaluate(self.step_fn, self.state["params"], self.val_batches)
+    self.metrics.write(n, {"val_loss": loss})
+    self.say(f"step {n}: validation loss {loss:.4f}")
+    if self.first_val_loss is None:
+      self.first_val_loss = loss
+    self.last_val_loss = loss
+
+  def save(self, n: int, *, force: bool) -> None:
+    self.ckpt.save(n, self.state, self.train_iter, config=self.cfg,
+                   tokenizer_spec=self.tokenizer.spec(), force=force)
+
+  def stop_for_preemption(self, n: int) -> None:
+    self.ckpt.wait()
+    self.say(f"preemption signal at step {n}: checkpoint saved, exiting cleanly")
+    self.preempted = True
+
+  def finish(self) -> None:
+    self.read_pending()
+    self.ckpt.wait()
+
+  def close(self) -> None:
+    try:
+      self.metrics.close()
+    finally:
+      self.ckpt.close()
+
+  def summary(self) -> dict:
+    out = {"start_step": self.start, "resumed": self.resumed, "params": self.n_params,
+           "first_val_loss": self.first_val_loss, "last_val_loss": self.last_val_loss,
+           "data_s": round(self.data_s, 1),
+           "final_step": int(jax.device_get(self.state["step"])),
+           "tokens_per_s": self.tokens_per_s,
+           "compile_s": None if self.compile_s is None else round(self.compile_s, 1),
+           "wall_s": round(time.time() - self.t_start, 1),
+           "state": self.state, "tokenizer": self.tokenizer}
+    if self.train_loss is not None:
+      out["train_loss"] = self.train_loss
+    if self.preempted:
+      out["preempted"] = True
+    return out
+
+
 def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> dict:
-  """Trains as the config says; returns a summary (steps, first/last validation loss, speed).
+  """Trains as the config says; returns a summary (steps, first/last validation loss, speed,
+  the final state and the tokenizer).
 
   Resumes from the newest good checkpoint in train.workdir unless `restart`. Raises
   NonFiniteLoss (naming the step) when the loss or gradient stops being finite.
   """
-  t_start = time.time()
-  init_distributed(distributed)
-  step_lib.validate(cfg)
-  from t6_jax import data as data_lib
-  from t6_jax.checkpoint import Checkpointer
-
-  primary = jax.process_index() == 0
-  workdir = cfg.train.workdir
-  if restart and primary:
-    clear_run_dir(workdir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("run directory ready")
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.dump(cfg, os.path.join(workdir, "config.yaml"))
-  log = print if primary else (lambda *a, **k: None)
-
-  mesh = sharding_lib.mesh_from_config(cfg.mesh)
-  device_kind = jax.devices()[0].device_kind
-  log(f"devices: {jax.device_count()} x {device_kind} in {jax.process_count()} process(es); "
-      f"mesh {dict(mesh.shape)}, rules {cfg.mesh.rules!r}")
-
-  t0 = time.time()
-  tokenizer = data_lib.load_tokenizer(cfg)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                     f"{cfg.model.vocab_size}; raise model.vocab_size")
-  t = cfg.train
-  train_ds = data_lib.make_dataset(
-      cfg, "train", batch_size=_per_process(t.batch_size, "train.batch_size"),
-      seq_len=t.seq_len, seed=cfg.data.seed, shuffle=True, num_epochs=None,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = iter(train_ds)
-  val_batches = validation_batches(cfg, mesh)
-  data_s = time.time() - t0
-
-  ckpt = Checkpointer(workdir, cfg.checkpoint, primary=primary)
-  resumed = ckpt.latest_step() is not None
-  if resumed:
-    start, state = ckpt.restore(step_lib.abstract_state(cfg, mesh), train_iter)
-    shardings = step_lib.state_shardings(cfg, mesh)
-    log(f"resuming from the checkpoint of step {start} in {workdir}")
-  else:
-    _, state, shardings = step_lib.init_state(cfg, mesh)
-    start = 0
-    log(f"no checkpoint in {workdir}: starting from scratch")
-  start = int(start)
-  n_params = step_lib.num_params(state["params"])
-  sharding_lib.check_replicated(state["params"], shardings["params"],
-                                fail=cfg.mesh.fail_on_replicated, log=log)
-
-  keys = _batch_keys(cfg)
-  step_fn = step_lib.TrainStep(cfg, mesh, batch_keys=keys)
-  tokens_per_step = step_lib.tokens_per_step(cfg)
-  flops_per_token = flops_lib.train_flops_per_token(cfg.model, t.seq_len)
-  log(f"model: {cfg.model.attention}, {n_params:,} parameters; "
-      f"{flops_per_token / 1e9:.3f} GFLOP per training token "
-      f"(reference formula 6N+12LhdT: "
-      f"{flops_lib.reference_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f})")
-
-  metrics = Metrics(workdir, total_steps=t.steps, start_step=start, primary=primary)
-  say = metrics.print
-  tokenizer_spec = tokenizer.spec()
-  summary = {"start_step": start, "resumed": resumed, "params": n_params,
-             "first_val_loss": None, "last_val_loss": None, "data_s": round(data_s, 1)}
-
-  def validate_now(n):
-    loss = evaluate(step_fn, state["params"], val_batches)
-    metrics.write(n, {"val_loss": loss})
-    say(f"step {n}: validation loss {loss:.4f}")
-    if summary["first_val_loss"] is None:
-      summary["first_val_loss"] = loss
-    summary["last_val_loss"] = loss
-    return loss
-
-  clock = {"t": None, "step": start, "tokens_per_s": None}
-  compile_s = None
-
-  def read(n, m):
-    """Step n's metrics (blocks until step n is done); stops the run on a non-finite loss."""
-    m = jax.device_get(m)
-    loss = float(m["loss"])
-    if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
-      ckpt.wait()
-      last = ckpt.latest_step()
-      raise NonFiniteLoss(
-          f"step {n}: loss {loss}, grad norm {float(m['grad_norm'])} is not finite; stopped "
-          f"(the state was left unchanged by that step). Last good checkpoint: "
-          f"{'none' if last is None else f'step {last}'} in {workdir}; lower train.lr or "
-          f"raise train.warmup_steps and resume")
-    summary["train_loss"] = loss
-    now = time.time()
-    if clock["t"] is None:  # the first step includes compilation: time from its end
-      clock["t"], clock["step"] = now, n
-    elif n % t.log_every == 0 or n == t.steps:
-      dt, steps_done = now - clock["t"], n - clock["step"]
-      tps = steps_done * tokens_per_step / dt
-      clock.update(t=now, step=n, tokens_per_s=tps)
-      tflops = flops_per_token * tps / jax.device_count() / 1e12
-      metrics.write(n, {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                        "tokens_per_s": tps, "tflops_per_device": tflops,
-                        "mfu": flops_lib.mfu(flops_per_token, tps, jax.device_count(),
-                                             device_kind),
-                        "step_s": dt / steps_done})
-      if metrics.bar is None or metrics.bar.disable:
-        say(f"step {n}/{t.steps}: loss {loss:.4f}  lr {float(m['lr']):.3g}  "
-            f"{tps:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device")
-    metrics.progress(n, loss=loss, **({"tok/s": f"{clock['tokens_per_s']:,.0f}"}
-                                      if clock["tokens_per_s"] else {}))
-
+  run = Run(cfg, restart=restart, distributed=distributed)
+  t, every = cfg.train, cfg.checkpoint.every
   try:
-    if start == 0:
-      validate_now(0)
-    else:
-      before = logged(workdir, "val_loss")
-      summary["first_val_loss"] = before[0] if before else None
-      summary["last_val_loss"] = before[-1] if before else None
-      if start >= t.steps:
-        say(f"the run in {workdir} is complete at step {start} (train.steps={t.steps}); "
-            f"raise train.steps to continue or pass --restart to start over")
-    pending = None
-    t_train = time.time()
-    for n in range(start + 1, t.steps + 1):
-      batch = sharding_lib.put_batch({k: v for k, v in next(train_iter).items() if k in keys},
-                                     mesh, cfg.mesh.rules)
-      state, step_metrics = step_fn(state, batch)
-      if compile_s is None:
-        compile_s = time.time() - t_train
-      if pending is not None:
-        read(*pending)  # step n-1, while step n runs
-      pending = (n, step_metrics)
+    run.begin()
+    for n in range(run.start + 1, t.steps + 1):
+      run.step(n)
       # Every step on every process: jax.distributed's preemption sync point is one agreed
       # step that a host only sees if it asks at that step (the check costs no collective).
-      preempted = ckpt.reached_preemption(n)
+      preempted = run.ckpt.reached_preemption(n)
       last = n == t.steps
       evaluate_now = n % t.eval_every == 0 or last
-      if preempted or last or evaluate_now or n % cfg.checkpoint.every == 0:
-        read(*pending)  # never save or report a step whose loss was not finite
-        pending = None
+      if preempted or last or evaluate_now or n % every == 0:
+        run.read_pending()  # never save or report a step whose loss was not finite
       if evaluate_now:
-        validate_now(n)
-      ckpt.save(n, state, train_iter, config=cfg, tokenizer_spec=tokenizer_spec,
-                force=preempted or last)
+        run.validate(n)
+      run.save(n, force=preempted or last)
       if preempted:
-        ckpt.wait()
-        say(f"preemption signal at step {n}: checkpoint saved, exiting cleanly")
-        summary["preempted"] = True
+        run.stop_for_preemption(n)
         break
-    if pending is not None:
-      read(*pending)
-    ckpt.wait()
+    run.finish()
   finally:
-    metrics.close()
-    ckpt.close()
-
-  summary.update(final_step=int(jax.device_get(state["step"])),
-                 tokens_per_s=clock["tokens_per_s"],
-                 compile_s=None if compile_s is None else round(compile_s, 1),
-                 wall_s=round(time.time() - t_start, 1))
-  summary["state"] = state
-  summary["tokenizer"] = tokenizer
-  return summary
+    run.close()
+  return run.summary()
