@@ -19,8 +19,10 @@ import jax
 import numpy as np
 
 from t6_jax import config as config_lib
+from t6_jax import distributed as distributed_lib
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
+from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (train.py, tests)
 from t6_jax.metrics import Metrics
 from t6_jax.train import flops as flops_lib
 from t6_jax.train import step as step_lib
@@ -30,26 +32,6 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints")
 
 class NonFiniteLoss(RuntimeError):
   """Training produced a NaN/Inf loss or gradient; the message names the step."""
-
-
-def init_distributed(force: bool = False) -> None:
-  """jax.distributed.initialize() when this process is one of several.
-
-  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (multi-node GPU).
-  Detected: Cloud TPU pod slices (several TPU worker hostnames), SLURM and Open MPI jobs with
-  more than one task. `force` (train.py --distributed) lets JAX auto-detect everything else.
-  """
-  env = os.environ
-  if jax.distributed.is_initialized():
-    return
-  num = int(env.get("JAX_NUM_PROCESSES", "1"))
-  if env.get("JAX_COORDINATOR_ADDRESS") and num > 1:
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num,
-                               int(env.get("JAX_PROCESS_ID", "0")))
-  elif (force or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
-    jax.distributed.initialize()
 
 
 def clear_run_dir(workdir: str) -> None:
@@ -279,6 +261,9 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
     if pending is not None:
       read(*pending)
     ckpt.wait()
+  except Exception as e:
+    distributed_lib.exit_if_peer_lost(e, workdir)  # another process died: a clear line, exit 1
+    raise
   finally:
     metrics.close()
     ckpt.close()
