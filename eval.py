@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     return 2
 
   import jax
+  from t6_jax.distributed import initialize
+  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax import sharding as sharding_lib
   from t6_jax.data import load_tokenizer, tokenizer_from_spec
   from t6_jax.eval import scoring

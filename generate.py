@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     return 2
 
   import jax
+  from t6_jax.distributed import initialize
+  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax.decode import generate
   from t6_jax.sharding import make_mesh
 
@@ -84,8 +86,13 @@ def main(argv=None) -> int:
       from t6_jax.model import init_params
       params = init_params(cfg.model, cfg.train.seed)
     else:
-      from t6_jax.checkpoint import load_params
-      cfg, params, tokenizer_spec = load_params(args.checkpoint, step=args.step)
+      from t6_jax.checkpoint import load_params, read_config
+      mesh_kw = {}
+      if jax.process_count() > 1:  # each process restores its shards onto the job's mesh
+        m = config_lib.apply_overrides(read_config(args.checkpoint, step=args.step)[0],
+                                       args.overrides).mesh
+        mesh_kw = dict(mesh=make_mesh(m.data, m.fsdp, m.tensor), rules=m.rules)
+      cfg, params, tokenizer_spec = load_params(args.checkpoint, step=args.step, **mesh_kw)
       cfg = config_lib.apply_overrides(cfg, args.overrides).validate()
   except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

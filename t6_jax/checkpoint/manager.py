@@ -11,6 +11,7 @@ every item of every process is written, so a step killed half-way is never liste
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -166,14 +167,18 @@ class Checkpointer:
                       fix="train with the model and optimizer settings of that run, or start "
                           "a new run directory")
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+    portable = None
     if data_iter is not None:
       if not meta.get("has_data", True):
         self._say(f"checkpoint step {step} holds no data-iterator state; the data order "
                   f"restarts from the beginning of the pipeline")
       else:
-        _check_data_files(step_dir, step)
-        items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
+        portable = _check_data_files(step_dir, step)
+        if portable is None:
+          items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if portable is not None:
+      data_iter.set_state(portable)
     return restored[STATE]
 
   def restore(self, abstract_state: dict, data_iter, step: int | None = None) -> tuple[int, dict]:
@@ -268,8 +273,11 @@ class Checkpointer:
     self.close()
 
 
-def _check_data_files(step_dir: str, step: int) -> None:
-  """Grain stores one JSON per process (`process_I-of-N.json`); a different process count
+def _check_data_files(step_dir: str, step: int) -> dict | None:
+  """Grain stores one JSON per process (`process_I-of-N.json`). Saved by another number of
+  processes, the state carries over only when it is a batch count that every process shares
+  (`{"next_index": n}`: random-access sources without worker processes, whose global batch n
+  holds the same rows whatever the process count); that state is returned. Any other state
   cannot continue that data order, which is a setup error rather than damage."""
   data_dir = os.path.join(step_dir, DATA)
   if not os.path.isdir(data_dir):
@@ -281,8 +289,15 @@ def _check_data_files(step_dir: str, step: int) -> None:
     return
   others = sorted({f.split("-of-")[-1].removesuffix(".json") for f in files})
   if others and str(count) not in others:
+    states = []
+    for f in files:
+      with open(os.path.join(data_dir, f)) as fp:
+        states.append(json.load(fp))
+    if all(s == states[0] for s in states) and set(states[0]) == {"next_index"}:
+      return states[0]
     raise CheckpointMismatchError(
         f"checkpoint step {step} holds the data-iterator state of {', '.join(others)} "
-        f"process(es) but this job has {count}; resume with the same number of processes, or "
+        f"process(es) but this job has {count}, and that state (a streamed source or Grain "
+        f"worker processes) is per process; resume with the same number of processes, or "
         f"restore with data_iter=None to restart the data order")
   raise CheckpointError(f"{data_dir}/{want} is missing")
