@@ -24,7 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+import yaml
+
 from t6_jax import config as config_lib
+from t6_jax import storage
 from t6_jax.checkpoint.trees import (CheckpointError, CheckpointMismatchError, abstract_params,
                                      check_same_shapes, restore_target)
 from t6_jax.config import Config, ModelConfig
@@ -63,11 +66,12 @@ def export_params(path: str, params: dict, config: Config, tokenizer_spec: dict 
   checked against `config.model` so a conversion bug fails here rather than at load time.
   Every process must call this (Orbax writes each process's shards). Returns the path.
   """
-  path = os.path.abspath(path)
+  storage.check(path, "export path")
+  path = _absolute(path)
   check_same_shapes(abstract_params(config.model), params, prefix="params.",
                     where="the params being exported", cause="they do not fit config.model",
                     fix="export the params together with the config they were built for")
-  target = epath.Path(path) / EXPORT_PARAMS
+  target = storage.path(path) / EXPORT_PARAMS
   if target.exists() and not overwrite:
     raise CheckpointError(f"{target} already exists; pass overwrite=True or choose a new path")
   checkpointer = ocp.StandardCheckpointer()
@@ -75,14 +79,27 @@ def export_params(path: str, params: dict, config: Config, tokenizer_spec: dict 
   checkpointer.wait_until_finished()
   checkpointer.close()
   if jax.process_index() == 0:
-    config_lib.dump(config, os.path.join(path, CONFIG_FILE))
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+    storage.write_text(storage.join(path, CONFIG_FILE),
+                       yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tokenizer_path = storage.join(path, TOKENIZER_FILE)
     if tokenizer_spec is not None:
-      with open(tokenizer_path, "w") as f:
-        json.dump(tokenizer_spec, f, indent=2)
-    elif os.path.exists(tokenizer_path):
-      os.remove(tokenizer_path)
+      storage.write_text(tokenizer_path, json.dumps(tokenizer_spec, indent=2))
+    else:
+      storage.remove(tokenizer_path)
   return path
+
+
+def _absolute(path) -> str:
+  """A bucket URI as it is, a local path made absolute."""
+  path = os.fspath(path)
+  return path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _read_export_config(path: str) -> tuple[Config, dict | None]:
+  cfg = config_lib.load_dict(yaml.safe_load(storage.read_text(storage.join(path, CONFIG_FILE))))
+  tokenizer_path = storage.join(path, TOKENIZER_FILE)
+  spec = json.loads(storage.read_text(tokenizer_path)) if storage.exists(tokenizer_path) else None
+  return cfg, spec
 
 
 def meta_record(step: int, config: Config, tokenizer_spec: dict | None, has_data: bool) -> dict:
@@ -97,10 +114,10 @@ def meta_record(step: int, config: Config, tokenizer_spec: dict | None, has_data
 def committed_steps(checkpoint_dir: str) -> list[int]:
   """Steps Orbax finished committing, ascending. A save in flight or killed lives in a
   `<step>.orbax-checkpoint-tmp-*` directory until its atomic rename, so it is never listed."""
-  if not os.path.isdir(checkpoint_dir):
+  if not storage.isdir(checkpoint_dir):
     return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+  return sorted(int(child.name) for child in storage.path(checkpoint_dir).iterdir()
+                if child.name.isdigit() and child.is_dir())
 
 
 def read_meta(step_dir: str) -> dict:
@@ -129,12 +146,12 @@ def _tree_metadata(item_dir: epath.Path) -> dict:
 
 
 def _kind(path: str) -> str:
-  if os.path.isdir(os.path.join(path, EXPORT_PARAMS)) and os.path.isfile(
-      os.path.join(path, CONFIG_FILE)):
+  if storage.isdir(storage.join(path, EXPORT_PARAMS)) and storage.exists(
+      storage.join(path, CONFIG_FILE)):
     return "export"
-  if os.path.isdir(os.path.join(path, STATE)) or os.path.isdir(os.path.join(path, META)):
+  if storage.isdir(storage.join(path, STATE)) or storage.isdir(storage.join(path, META)):
     return "step"
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+  if storage.isdir(storage.join(path, CHECKPOINT_DIR)):
     return "run"
   if committed_steps(path):
     return "steps"
@@ -211,8 +228,9 @@ def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelCo
   `model`, if given, is the model the caller will run: a checkpoint of a different shape is a
   CheckpointMismatchError naming the first mismatched parameter and both shapes.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+  storage.check(path, "checkpoint path")
+  path = _absolute(path)
+  if not storage.exists(path):
     raise CheckpointError(f"checkpoint path {path} does not exist")
   kind = _kind(path)
 
@@ -228,13 +246,8 @@ def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelCo
   if kind == "export":
     if step is not None:
       raise CheckpointError(f"{path} is an export (one set of params); it has no steps")
-    cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
-    tokenizer_spec = None
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-    if os.path.exists(tokenizer_path):
-      with open(tokenizer_path) as f:
-        tokenizer_spec = json.load(f)
-    item = epath.Path(path) / EXPORT_PARAMS
+    cfg, tokenizer_spec = _read_export_config(path)
+    item = storage.path(path) / EXPORT_PARAMS
     want = check(_tree_metadata(item), cfg)
     params = _restore_params(item, restore_target(want, mesh, rules), nested_under=None)
     return cfg, params, tokenizer_spec
@@ -255,28 +268,23 @@ def load_params(path: str, *, step: int | None = None, mesh=None, model: ModelCo
       raise CheckpointError(f"{path} is one step's directory; pass the run directory to choose "
                             f"step={step}")
     return load_step(path)
-  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
+  checkpoint_dir = storage.join(path, CHECKPOINT_DIR) if kind == "run" else path
   _, loaded, _ = newest_good(checkpoint_dir,
-                             lambda s: load_step(os.path.join(checkpoint_dir, str(s))), step)
+                             lambda s: load_step(storage.join(checkpoint_dir, str(s))), step)
   return loaded
 
 
 def read_config(path: str, *, step: int | None = None) -> tuple[Config, dict | None]:
   """(config, tokenizer_spec) of a checkpoint without reading any arrays."""
-  path = os.path.abspath(os.fspath(path))
+  storage.check(path, "checkpoint path")
+  path = _absolute(path)
   kind = _kind(path)
   if kind == "export":
-    cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-    spec = None
-    if os.path.exists(tokenizer_path):
-      with open(tokenizer_path) as f:
-        spec = json.load(f)
-    return cfg, spec
+    return _read_export_config(path)
   if kind == "step":
     meta = read_meta(path)
     return config_lib.load_dict(meta["config"]), meta.get("tokenizer")
-  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
+  checkpoint_dir = storage.join(path, CHECKPOINT_DIR) if kind == "run" else path
   _, meta, _ = newest_good(checkpoint_dir,
-                           lambda s: read_meta(os.path.join(checkpoint_dir, str(s))), step)
+                           lambda s: read_meta(storage.join(checkpoint_dir, str(s))), step)
   return config_lib.load_dict(meta["config"]), meta.get("tokenizer")
