@@ -160,11 +160,19 @@ def glob(pattern: str) -> list[str]:
   if s is None:
     import glob as glob_lib
     return sorted(glob_lib.glob(os.path.expanduser(text), recursive=True))
-  # The longest folder before the first wildcard, then epath's glob below it.
+  # The longest folder before the first wildcard, then matched one component at a time
+  # (object-store listings); `**` is left to the backend's own glob.
   parts = text.split("/")
   first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
-  base = "/".join(parts[:first])
-  return sorted(os.fspath(m) for m in path(base).glob("/".join(parts[first:])))
+  base = path("/".join(parts[:first]))
+  if "**" in parts[first:]:
+    return sorted(os.fspath(m) for m in base.glob("/".join(parts[first:])))
+  import fnmatch
+  found = [base]
+  for part in parts[first:]:
+    found = [child for folder in found if folder.is_dir() for child in folder.iterdir()
+             if fnmatch.fnmatchcase(child.name, part)]
+  return sorted(os.fspath(m) for m in found)
 
 
 def open(p, mode: str = "r"):  # noqa: A001 - the file-open of this module

@@ -21,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t6_jax import storage
+from t6_jax.checkpoint.params import _absolute  # pylint: disable=protected-access
 from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, committed_steps,
                                       meta_record, newest_good, read_meta, saved_state_tree, say)
 from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError, check_same_shapes
@@ -54,7 +56,7 @@ class Checkpointer:
     self.primary = primary
     self._say = say if primary else (lambda message: None)
     self.read_only = read_only
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = storage.join(_absolute(workdir), CHECKPOINT_DIR)  # gs:// kept as is
     keep = [policies.LatestN(n=cfg.keep)]
     if cfg.keep_every:
       keep.append(policies.EveryNSteps(interval_steps=cfg.keep_every))

@@ -17,10 +17,11 @@ import time
 
 import jax
 import numpy as np
+import yaml
 
-from t6_jax import config as config_lib
 from t6_jax import distributed as distributed_lib
 from t6_jax import sharding as sharding_lib
+from t6_jax import storage
 from t6_jax.config import Config
 from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (train.py, tests)
 from t6_jax.metrics import Metrics
@@ -83,10 +84,10 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
 def logged(workdir: str, key: str) -> list[float]:
   """Every value of `key` in the run's metrics.jsonl, in order (e.g. the validation losses of
   the runs before a resume)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = storage.join(workdir, "metrics.jsonl")
   values = []
-  if os.path.exists(path):
-    with open(path) as f:
+  if storage.exists(path):
+    with storage.open(path) as f:
       for line in f:
         try:
           record = json.loads(line)
@@ -110,6 +111,7 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
   NonFiniteLoss (naming the step) when the loss or gradient stops being finite.
   """
   t_start = time.time()
+  storage.check(cfg.train.workdir, "train.workdir")  # a bucket offline: one line, in seconds
   init_distributed(distributed)
   step_lib.validate(cfg)
   from t6_jax import data as data_lib
@@ -123,8 +125,9 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("run directory ready")
   if primary:
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.dump(cfg, os.path.join(workdir, "config.yaml"))
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.yaml"),
+                       yaml.safe_dump(cfg.to_dict(), sort_keys=False))
   log = print if primary else (lambda *a, **k: None)
 
   mesh = sharding_lib.mesh_from_config(cfg.mesh)
