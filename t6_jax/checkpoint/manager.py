@@ -281,20 +281,17 @@ def _check_data_files(step_dir: str, step: int) -> dict | None:
   (`{"next_index": n}`: random-access sources without worker processes, whose global batch n
   holds the same rows whatever the process count); that state is returned. Any other state
   cannot continue that data order, which is a setup error rather than damage."""
-  data_dir = os.path.join(step_dir, DATA)
-  if not os.path.isdir(data_dir):
+  data_dir = storage.join(step_dir, DATA)
+  if not storage.isdir(data_dir):
     raise CheckpointError(f"{data_dir} is missing")
   index, count = jax.process_index(), jax.process_count()
   want = f"process_{index}-of-{count}.json"
-  files = [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  files = [f for f in storage.listdir(data_dir) if f.startswith("process_")]
   if want in files:
     return
   others = sorted({f.split("-of-")[-1].removesuffix(".json") for f in files})
   if others and str(count) not in others:
-    states = []
-    for f in files:
-      with open(os.path.join(data_dir, f)) as fp:
-        states.append(json.load(fp))
+    states = [json.loads(storage.read_text(storage.join(data_dir, f))) for f in files]
     if all(s == states[0] for s in states) and set(states[0]) == {"next_index"}:
       return states[0]
     raise CheckpointMismatchError(
