@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import tqdm
@@ -58,7 +59,10 @@ class Metrics:
     self.jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(local, "tb"))
+      # A unique suffix: two writers started in the same second on one host must not share an
+      # event file name, or the second upload would replace the first one's file.
+      self.tb = SummaryWriter(os.path.join(local, "tb"),
+                              filename_suffix=f".{uuid.uuid4().hex[:8]}")
     if progress:
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                            dynamic_ncols=True, file=sys.stdout, smoothing=0.1,
