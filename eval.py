@@ -83,6 +83,8 @@ def run(args) -> int:
                for name, task_path in task_list]
 
   import jax
+  from t6_jax.distributed import initialize
+  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax import sharding as sharding_lib
   from t6_jax.data import load_tokenizer, tokenizer_from_spec
   from t6_jax.eval import scoring

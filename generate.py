@@ -92,6 +92,8 @@ def run(args) -> int:
     raise ValueError("no prompts; use --prompt TEXT or --prompts_file FILE")
 
   import jax
+  from t6_jax.distributed import initialize
+  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax.decode import generate
   from t6_jax.decode.generate import batch_seed
   from t6_jax.sharding import make_mesh
@@ -115,7 +117,9 @@ def run(args) -> int:
   if mesh.size == 1:
     mesh = None  # one device: nothing to shard (and the single-device kernels apply)
   if not args.random_init:
-    loaded = load_checkpoint(path, step=args.step, report=False)
+    # Several processes: each restores its own shards onto the job's mesh.
+    placed = dict(mesh=mesh, rules=m.rules) if jax.process_count() > 1 else {}
+    loaded = load_checkpoint(path, step=args.step, report=False, **placed)
     params, tokenizer_spec = loaded.params, loaded.tokenizer_spec
 
   tokenizer = None

@@ -2,7 +2,9 @@
 
 `Metrics(workdir, ...)` owns a tqdm bar (loss, tokens/s, ETA), a tensorboardX SummaryWriter
 under `workdir/tb` and `workdir/metrics.jsonl` (one JSON object per logged step, appended, so
-a resumed run continues the same file).
+a resumed run continues the same file). With a bucket workdir (gs://...), both are written to a
+local folder and uploaded every `sync_s` seconds and at close(): objects in a bucket cannot be
+appended to, and tensorboardX's own gs:// writer needs google-cloud-storage.
 """
 
 from __future__ import annotations
@@ -10,11 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any
 
 import tqdm
+
+from t6_jax import storage
 
 
 def _plain(value: Any):
@@ -29,18 +36,33 @@ def _plain(value: Any):
 class Metrics:
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
-               primary: bool = True, tensorboard: bool = True, progress: bool = True):
+               primary: bool = True, tensorboard: bool = True, progress: bool = True,
+               sync_s: float = 60.0):
     self.primary = primary
     self.jsonl = None
     self.tb = None
     self.bar = None
+    self.workdir = os.fspath(workdir)
+    self.sync_s = sync_s
+    self._mirror = None  # local folder uploaded to a bucket workdir
+    self._synced = time.time()
     if not primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    local = self.workdir
+    if storage.is_remote(self.workdir):
+      storage.check(self.workdir, "train.workdir")
+      self._mirror = local = tempfile.mkdtemp(prefix="t6-metrics-")
+      remote_jsonl = storage.join(self.workdir, "metrics.jsonl")
+      if storage.exists(remote_jsonl):  # a resumed run continues the same file
+        storage.copy(remote_jsonl, os.path.join(local, "metrics.jsonl"))
+    os.makedirs(local, exist_ok=True)
+    self.jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      # A unique suffix: two writers started in the same second on one host must not share an
+      # event file name, or the second upload would replace the first one's file.
+      self.tb = SummaryWriter(os.path.join(local, "tb"),
+                              filename_suffix=f".{uuid.uuid4().hex[:8]}")
     if progress:
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                            dynamic_ncols=True, file=sys.stdout, smoothing=0.1,
@@ -65,6 +87,23 @@ class Metrics:
       for key, value in values.items():
         if isinstance(value, (int, float)):
           self.tb.add_scalar(key, value, step)
+    if self._mirror is not None and time.time() - self._synced >= self.sync_s:
+      self.sync()
+
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and this run's TensorBoard event files to a bucket workdir."""
+    if self._mirror is None:
+      return
+    if self.tb is not None:
+      self.tb.flush()
+    if self.jsonl is not None:
+      self.jsonl.flush()
+    for root, _, files in os.walk(self._mirror):
+      for name in files:
+        local = os.path.join(root, name)
+        rel = os.path.relpath(local, self._mirror).replace(os.sep, "/")
+        storage.copy(local, storage.join(self.workdir, rel))
+    self._synced = time.time()
 
   def print(self, text: str) -> None:
     """A line above the bar (or plain print without one)."""
@@ -83,3 +122,9 @@ class Metrics:
     if self.jsonl is not None:
       self.jsonl.close()
     self.bar = self.tb = self.jsonl = None
+    try:
+      self.sync()
+    finally:
+      if self._mirror is not None:
+        shutil.rmtree(self._mirror, ignore_errors=True)
+      self._mirror = None

@@ -11,6 +11,7 @@ every item of every process is written, so a step killed half-way is never liste
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -21,6 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t6_jax import storage
+from t6_jax.checkpoint.params import _absolute  # pylint: disable=protected-access
 from t6_jax.checkpoint.params import (CHECKPOINT_DIR, DATA, META, STATE, committed_steps,
                                       meta_record, newest_good, read_meta, saved_state_tree, say)
 from t6_jax.checkpoint.trees import CheckpointError, CheckpointMismatchError, check_same_shapes
@@ -47,7 +50,7 @@ class Checkpointer:
     self.primary = primary
     self._say = say if primary else (lambda message: None)
     self.read_only = read_only
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = storage.join(_absolute(workdir), CHECKPOINT_DIR)  # gs:// kept as is
     keep = [policies.LatestN(n=cfg.keep)]
     if cfg.keep_every:
       keep.append(policies.EveryNSteps(interval_steps=cfg.keep_every))
@@ -160,14 +163,18 @@ class Checkpointer:
                       fix="train with the model and optimizer settings of that run, or start "
                           "a new run directory")
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+    portable = None
     if data_iter is not None:
       if not meta.get("has_data", True):
         self._say(f"checkpoint step {step} holds no data-iterator state; the data order "
                   f"restarts from the beginning of the pipeline")
       else:
-        _check_data_files(step_dir, step)
-        items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
+        portable = _check_data_files(step_dir, step)
+        if portable is None:
+          items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if portable is not None:
+      data_iter.set_state(portable)
     return restored[STATE]
 
   def restore(self, abstract_state: dict, data_iter, step: int | None = None) -> tuple[int, dict]:
@@ -283,21 +290,28 @@ class Checkpointer:
     self.close()
 
 
-def _check_data_files(step_dir: str, step: int) -> None:
-  """Grain stores one JSON per process (`process_I-of-N.json`); a different process count
+def _check_data_files(step_dir: str, step: int) -> dict | None:
+  """Grain stores one JSON per process (`process_I-of-N.json`). Saved by another number of
+  processes, the state carries over only when it is a batch count that every process shares
+  (`{"next_index": n}`: random-access sources without worker processes, whose global batch n
+  holds the same rows whatever the process count); that state is returned. Any other state
   cannot continue that data order, which is a setup error rather than damage."""
-  data_dir = os.path.join(step_dir, DATA)
-  if not os.path.isdir(data_dir):
+  data_dir = storage.join(step_dir, DATA)
+  if not storage.isdir(data_dir):
     raise CheckpointError(f"{data_dir} is missing")
   index, count = jax.process_index(), jax.process_count()
   want = f"process_{index}-of-{count}.json"
-  files = [f for f in os.listdir(data_dir) if f.startswith("process_")]
+  files = [f for f in storage.listdir(data_dir) if f.startswith("process_")]
   if want in files:
     return
   others = sorted({f.split("-of-")[-1].removesuffix(".json") for f in files})
   if others and str(count) not in others:
+    states = [json.loads(storage.read_text(storage.join(data_dir, f))) for f in files]
+    if all(s == states[0] for s in states) and set(states[0]) == {"next_index"}:
+      return states[0]
     raise CheckpointMismatchError(
         f"checkpoint step {step} holds the data-iterator state of {', '.join(others)} "
-        f"process(es) but this job has {count}; resume with the same number of processes, or "
+        f"process(es) but this job has {count}, and that state (a streamed source or Grain "
+        f"worker processes) is per process; resume with the same number of processes, or "
         f"restore with data_iter=None to restart the data order")
   raise CheckpointError(f"{data_dir}/{want} is missing")

@@ -23,9 +23,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
 from etils import epath
 
 from t6_jax import config as config_lib
+from t6_jax import storage
 from t6_jax.checkpoint import quiet
 from t6_jax.checkpoint.trees import (CheckpointError, CheckpointMismatchError, abstract_params,
                                      check_same_shapes, restore_target)
@@ -67,11 +69,12 @@ def export_params(path: str, params: dict, config: Config, tokenizer_spec: dict 
   checked against `config.model` so a conversion bug fails here rather than at load time.
   Every process must call this (Orbax writes each process's shards). Returns the path.
   """
-  path = os.path.abspath(path)
+  storage.check(path, "export path")
+  path = _absolute(path)
   check_same_shapes(abstract_params(config.model), params, prefix="params.",
                     where="the params being exported", cause="they do not fit config.model",
                     fix="export the params together with the config they were built for")
-  target = epath.Path(path) / EXPORT_PARAMS
+  target = storage.path(path) / EXPORT_PARAMS
   if target.exists() and not overwrite:
     raise CheckpointError(f"{target} already exists; pass overwrite=True or choose a new path")
   checkpointer = ocp.StandardCheckpointer()
@@ -79,14 +82,20 @@ def export_params(path: str, params: dict, config: Config, tokenizer_spec: dict 
   checkpointer.wait_until_finished()
   checkpointer.close()
   if jax.process_index() == 0:
-    config_lib.dump(config, os.path.join(path, CONFIG_FILE))
-    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+    storage.write_text(storage.join(path, CONFIG_FILE),
+                       yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tokenizer_path = storage.join(path, TOKENIZER_FILE)
     if tokenizer_spec is not None:
-      with open(tokenizer_path, "w") as f:
-        json.dump(tokenizer_spec, f, indent=2)
-    elif os.path.exists(tokenizer_path):
-      os.remove(tokenizer_path)
+      storage.write_text(tokenizer_path, json.dumps(tokenizer_spec, indent=2))
+    else:
+      storage.remove(tokenizer_path)
   return path
+
+
+def _absolute(path) -> str:
+  """A bucket URI as it is, a local path made absolute."""
+  path = os.fspath(path)
+  return path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def meta_record(step: int, config: Config, tokenizer_spec: dict | None, has_data: bool) -> dict:
@@ -101,10 +110,10 @@ def meta_record(step: int, config: Config, tokenizer_spec: dict | None, has_data
 def committed_steps(checkpoint_dir: str) -> list[int]:
   """Steps Orbax finished committing, ascending. A save in flight or killed lives in a
   `<step>.orbax-checkpoint-tmp-*` directory until its atomic rename, so it is never listed."""
-  if not os.path.isdir(checkpoint_dir):
+  if not storage.isdir(checkpoint_dir):
     return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+  return sorted(int(child.name) for child in storage.path(checkpoint_dir).iterdir()
+                if child.name.isdigit() and child.is_dir())
 
 
 def read_meta(step_dir: str) -> dict:
@@ -135,15 +144,15 @@ def _tree_metadata(item_dir: epath.Path) -> dict:
 def kind_of(path: str) -> str:
   """Which layout `path` holds: "export", "step", "run" (WORKDIR/checkpoints/<step>) or
   "steps" (a checkpoints/ folder itself). Raises CheckpointError naming the layouts otherwise."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise CheckpointError(f"checkpoint path {path} does not exist; give a run directory "
                           f"(train.workdir), one of its step directories or an export")
-  if os.path.isdir(os.path.join(path, EXPORT_PARAMS)) and os.path.isfile(
-      os.path.join(path, CONFIG_FILE)):
+  if storage.isdir(storage.join(path, EXPORT_PARAMS)) and storage.exists(
+      storage.join(path, CONFIG_FILE)):
     return "export"
-  if os.path.isdir(os.path.join(path, STATE)) or os.path.isdir(os.path.join(path, META)):
+  if storage.isdir(storage.join(path, STATE)) or storage.isdir(storage.join(path, META)):
     return "step"
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+  if storage.isdir(storage.join(path, CHECKPOINT_DIR)):
     return "run"
   if committed_steps(path):
     return "steps"
@@ -169,7 +178,7 @@ class Resolved:
       return self.path
     if self.step is None or self.checkpoint_dir is None:
       return None
-    return os.path.join(self.checkpoint_dir, str(self.step))
+    return storage.join(self.checkpoint_dir, str(self.step))
 
 
 def probe_step(step_dir: str) -> dict:
@@ -190,7 +199,8 @@ def resolve(path: str, step: int | None = None, *, report: bool = True) -> Resol
   folder that is no checkpoint, a `step` that is not there (listing those that are), a given
   step that is damaged, or every step damaged.
   """
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  storage.check(path, "checkpoint path")
+  path = _absolute(path)
   kind = kind_of(path)
   if kind == "export":
     if step is not None:
@@ -203,9 +213,9 @@ def resolve(path: str, step: int | None = None, *, report: bool = True) -> Resol
       raise CheckpointError(f"{path} is the directory of one step; pass its run directory to "
                             f"choose step {step}")
     return Resolved(kind, path, os.path.dirname(path), int(name) if name.isdigit() else None)
-  checkpoint_dir = os.path.join(path, CHECKPOINT_DIR) if kind == "run" else path
+  checkpoint_dir = storage.join(path, CHECKPOINT_DIR) if kind == "run" else path
   found, _, _ = newest_good(checkpoint_dir,
-                            lambda s: probe_step(os.path.join(checkpoint_dir, str(s))), step,
+                            lambda s: probe_step(storage.join(checkpoint_dir, str(s))), step,
                             report=report)
   return Resolved(kind, path, checkpoint_dir, found)
 
@@ -286,13 +296,10 @@ class Loaded:
 
 
 def _read_export_config(path: str) -> tuple[Config, dict | None]:
-  cfg = config_lib.load_file(os.path.join(path, CONFIG_FILE)).validate()
-  tokenizer_spec = None
-  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-  if os.path.exists(tokenizer_path):
-    with open(tokenizer_path) as f:
-      tokenizer_spec = json.load(f)
-  return cfg, tokenizer_spec
+  cfg = config_lib.load_dict(yaml.safe_load(storage.read_text(storage.join(path, CONFIG_FILE))))
+  tokenizer_path = storage.join(path, TOKENIZER_FILE)
+  spec = json.loads(storage.read_text(tokenizer_path)) if storage.exists(tokenizer_path) else None
+  return cfg, spec
 
 
 def load_checkpoint(path: str, *, step: int | None = None, mesh=None,
@@ -320,7 +327,7 @@ def load_checkpoint(path: str, *, step: int | None = None, mesh=None,
 
   if found.kind == "export":
     cfg, tokenizer_spec = _read_export_config(path)
-    item = epath.Path(path) / EXPORT_PARAMS
+    item = storage.path(path) / EXPORT_PARAMS
     want = check(_tree_metadata(item), cfg)
     params = _restore_params(item, restore_target(want, mesh, rules), nested_under=None)
     return Loaded(None, cfg, params, tokenizer_spec)
@@ -338,7 +345,7 @@ def load_checkpoint(path: str, *, step: int | None = None, mesh=None,
   # The files of the resolved step were readable; its array data may still be damaged, in
   # which case older steps are tried (unless a step was asked for).
   got, loaded, _ = newest_good(
-      found.checkpoint_dir, lambda s: load_step(os.path.join(found.checkpoint_dir, str(s))),
+      found.checkpoint_dir, lambda s: load_step(storage.join(found.checkpoint_dir, str(s))),
       step, report=report, at_most=found.step)
   return Loaded(got, *loaded)
 

@@ -28,6 +28,8 @@ from t6_jax.data import corpus
 from t6_jax.data import sources as src
 from t6_jax.data.files import save_json
 
+from t6_jax import storage
+
 EOT_TOKEN = "<|endoftext|>"
 # Encoded by every tokenizer that writes or reads prepared data: equal ids = same tokenizer.
 PROBE = "The quick brown fox, 1234 times: ÆØÅ ünïcödé\n\tspaces   and <tags>!"
@@ -214,15 +216,14 @@ def ranks_to_text(ranks: dict[bytes, int]) -> str:
 
 
 def read_tiktoken_file(path: str) -> dict[bytes, int]:
-  if not os.path.isfile(path):
+  storage.check(path, "tiktoken file")
+  if not storage.exists(path) or storage.isdir(path):
     raise TokenizerError(f"tiktoken file {path!r} not found")
-  with open(path, "rb") as f:
-    return ranks_from_text(f.read(), path)
+  return ranks_from_text(storage.read_bytes(path), path)
 
 
 def write_tiktoken_file(ranks: dict[bytes, int], path: str) -> None:
-  with open(path, "w") as f:
-    f.write(ranks_to_text(ranks))
+  storage.write_text(path, ranks_to_text(ranks))
 
 
 def _tiktoken_cache_dir() -> str:
@@ -240,7 +241,8 @@ def _cached(url: str) -> str | None:
 def gpt2_tokenizer(path: str = "") -> TiktokenTokenizer:
   """GPT-2 BPE from a local `.tiktoken` file, else from tiktoken's cache; never downloads."""
   if path:
-    return TiktokenTokenizer(read_tiktoken_file(path), name="gpt2", path=os.path.abspath(path))
+    return TiktokenTokenizer(read_tiktoken_file(path), name="gpt2",
+                             path=path if storage.is_remote(path) else os.path.abspath(path))
   if all(_cached(u) for u in _GPT2_URLS["r50k"]) or all(_cached(u) for u in _GPT2_URLS["data_gym"]):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")  # served from the cache checked above
@@ -296,15 +298,17 @@ def load_named(name: str, *, eot_token: str = EOT_TOKEN) -> Tokenizer:
     if not path:
       raise TokenizerError("data.tokenizer=tiktoken:PATH needs the path of a .tiktoken file")
     return TiktokenTokenizer(read_tiktoken_file(path), name=os.path.basename(path),
-                             path=os.path.abspath(path))
+                             path=path if storage.is_remote(path) else os.path.abspath(path))
   if kind in ("hf", "spm"):
-    if not path or not os.path.isfile(path):
+    if path:
+      storage.check(path, "data.tokenizer")
+    if not path or not storage.exists(path) or storage.isdir(path):
       raise TokenizerError(f"data.tokenizer={name!r}: file {path!r} not found")
     if kind == "hf":
-      with open(path) as f:
-        return HFTokenizer(f.read(), name=os.path.basename(path), eot_token=eot_token)
-    with open(path, "rb") as f:
-      return SentencePieceTokenizer(f.read(), name=os.path.basename(path), eot_token=eot_token)
+      return HFTokenizer(storage.read_text(path), name=os.path.basename(path),
+                         eot_token=eot_token)
+    return SentencePieceTokenizer(storage.read_bytes(path), name=os.path.basename(path),
+                                  eot_token=eot_token)
   raise TokenizerError(f"data.tokenizer={name!r} is not a tokenizer; use bpe, bytes, gpt2, "
                        f"gpt2:FILE.tiktoken, tiktoken:FILE, hf:FILE.json or spm:FILE.model")
 

@@ -17,8 +17,11 @@ import time
 
 import jax
 import numpy as np
+import yaml
 
-from t6_jax import config as config_lib
+from t6_jax import distributed as distributed_lib
+from t6_jax import storage
+from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (train.py, tests)
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics
@@ -30,26 +33,6 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints")
 
 class NonFiniteLoss(RuntimeError):
   """Training produced a NaN/Inf loss or gradient; the message names the step."""
-
-
-def init_distributed(force: bool = False) -> None:
-  """jax.distributed.initialize() when this process is one of several.
-
-  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (multi-node GPU).
-  Detected: Cloud TPU pod slices (several TPU worker hostnames), SLURM and Open MPI jobs with
-  more than one task. `force` (train.py --distributed) lets JAX auto-detect everything else.
-  """
-  env = os.environ
-  if jax.distributed.is_initialized():
-    return
-  num = int(env.get("JAX_NUM_PROCESSES", "1"))
-  if env.get("JAX_COORDINATOR_ADDRESS") and num > 1:
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num,
-                               int(env.get("JAX_PROCESS_ID", "0")))
-  elif (force or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
-    jax.distributed.initialize()
 
 
 def clear_run_dir(workdir: str) -> None:
@@ -101,10 +84,10 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
 def logged(workdir: str, key: str) -> list[float]:
   """Every value of `key` in the run's metrics.jsonl, in order (e.g. the validation losses of
   the runs before a resume)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = storage.join(workdir, "metrics.jsonl")
   values = []
-  if os.path.exists(path):
-    with open(path) as f:
+  if storage.exists(path):
+    with storage.open(path) as f:
       for line in f:
         try:
           record = json.loads(line)
@@ -132,6 +115,7 @@ class Run:
 
   def __init__(self, cfg: Config, *, restart: bool = False, distributed: bool = False):
     self.t_start = time.time()
+    storage.check(cfg.train.workdir, "train.workdir")  # a bucket offline: one line, in seconds
     init_distributed(distributed)
     step_lib.validate(cfg)
     self.cfg, t = cfg, cfg.train
@@ -146,7 +130,8 @@ class Run:
     self._load_data()
     self._restore_or_init()
     if self.primary:  # the run has started: record what it is
-      config_lib.dump(cfg, os.path.join(self.workdir, "config.yaml"))
+      storage.write_text(storage.join(self.workdir, "config.yaml"),
+                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     self.keys = _batch_keys(cfg)
     self.step_fn = step_lib.TrainStep(cfg, self.mesh, batch_keys=self.keys)
     self.tokens_per_step = step_lib.tokens_per_step(cfg)
@@ -173,7 +158,7 @@ class Run:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("run directory ready")
     if self.primary:
-      os.makedirs(self.workdir, exist_ok=True)
+      storage.makedirs(self.workdir)
 
   def _load_data(self) -> None:
     from t6_jax import data as data_lib
@@ -351,6 +336,9 @@ def train(cfg: Config, *, restart: bool = False, distributed: bool = False) -> d
         run.stop_for_preemption(n)
         break
     run.finish()
+  except Exception as e:
+    distributed_lib.exit_if_peer_lost(e, run.workdir)  # another process died: a clear line, exit 1
+    raise
   finally:
     run.close()
   return run.summary()

@@ -1,0 +1,117 @@
+"""Starts one job of N processes on this machine, the way a pod or a SLURM job runs them.
+
+Every process gets JAX_COORDINATOR_ADDRESS=localhost:PORT, JAX_NUM_PROCESSES=N,
+JAX_PROCESS_ID=i and its own forced CPU devices, so `jax.distributed.initialize` joins them
+into one job of N x devices devices. A job of one process gets no coordinator at all (the
+single-process reference). Output goes to one log file per process.
+
+  job = Job(["train.py", "--config", "tiny", ...], processes=2, devices=4, logdir=tmp)
+  results = job.wait(timeout=300)       # [Result(rc, output), ...] in process order
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The fast CPU compile flags of tests/conftest.py (both sides of every comparison use them).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def environment(process_id: int, processes: int, devices: int, port: int,
+                cache_dir: str | None = None, extra: dict | None = None) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                              "PYTEST_", "SLURM_", "OMPI_", "TPU_WORKER"))}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_XLA}")
+  if processes > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+               JAX_PROCESS_ID=str(process_id))
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env.update(extra or {})
+  return env
+
+
+@dataclasses.dataclass
+class Result:
+  rc: int | None  # None: still running when the timeout ended the wait (then killed)
+  output: str  # stdout and stderr together
+
+
+class Job:
+  """N processes of `python ARGS...` (ARGS[0] a script relative to the repository, or -c/-m)."""
+
+  def __init__(self, args: list[str], *, processes: int = 2, devices: int = 4, logdir: str,
+               name: str = "job", cache_dir: str | None = None, env: dict | None = None):
+    os.makedirs(logdir, exist_ok=True)
+    port = free_port()
+    self.logs = [os.path.join(logdir, f"{name}.{i}.log") for i in range(processes)]
+    self.procs = []
+    for i in range(processes):
+      with open(self.logs[i], "w") as log:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env=environment(i, processes, devices, port, cache_dir, env)))
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i], errors="replace") as f:
+      return f.read()
+
+  def signal(self, sig: int, which=None) -> None:
+    for i in range(len(self.procs)) if which is None else which:
+      if self.procs[i].poll() is None:
+        os.kill(self.procs[i].pid, sig)
+
+  def wait(self, timeout: float) -> list[Result]:
+    """Waits for every process (at most `timeout` seconds in all); kills what is left."""
+    deadline = time.time() + timeout
+    for p in self.procs:
+      try:
+        p.wait(timeout=max(0.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        pass
+    results = []
+    for i, p in enumerate(self.procs):
+      rc = p.poll()
+      if rc is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+      results.append(Result(rc, self.output(i)))
+    return results
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def run(args: list[str], *, processes: int = 2, devices: int = 4, logdir: str,
+        name: str = "job", timeout: float = 300, cache_dir: str | None = None,
+        env: dict | None = None, check: bool = True) -> list[Result]:
+  """Starts a Job and waits for it; with `check` every process must exit 0."""
+  job = Job(args, processes=processes, devices=devices, logdir=logdir, name=name,
+            cache_dir=cache_dir, env=env)
+  results = job.wait(timeout)
+  if check:
+    for i, r in enumerate(results):
+      if r.rc != 0:
+        raise AssertionError(f"{name}: process {i} of {processes} exited with {r.rc}:\n"
+                             + r.output[-4000:])
+  return results
