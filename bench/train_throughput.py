@@ -24,9 +24,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REFERENCE = {  # the reference measured on one H200, bf16 autocast, T = 1024, batch 64
-    "t6-small": "315k tokens/s, 34.0% MFU (6N+12LhdT vs 989 TFLOP/s), 62.7 GiB",
-    "mha-small": "514k tokens/s, 44.4% MFU (6N+12LhdT vs 989 TFLOP/s), 52.9 GiB",
+REFERENCE = {  # the reference measured on one H200, torch.compile, bf16 autocast, T = 1024
+    "t6-small": "batch 64: 322k tokens/s, 34.7% MFU (6N+12LhdT vs 989 TFLOP/s), 62.7 GiB",
+    "mha-small": "batch 64: 520k tokens/s, 44.9% MFU (6N+12LhdT vs 989 TFLOP/s), 53.4 GiB",
+    "t6-medium": "batch 32: 115k tokens/s, 35.0% MFU (6N+12LhdT vs 989 TFLOP/s), 60.8 GiB",
+    "mha-medium": "batch 32: 182k tokens/s, 44.6% MFU (6N+12LhdT vs 989 TFLOP/s), 48.7 GiB",
 }
 
 

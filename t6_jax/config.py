@@ -78,7 +78,9 @@ class ModelConfig:
   dtype: str = "bfloat16"  # compute dtype of matmuls; parameters stay in param_dtype
   param_dtype: str = "float32"
   attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
-  scan_layers: bool = True  # False unrolls the layer loop (longer compile, same math)
+  # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
+  # auto unrolls except on TPU (and AOT compiles for TPU topologies).
+  scan_layers: bool | str = "auto"
   remat: str = "none"  # none | full | save_dots: activation checkpointing per layer
 
   @property
@@ -131,6 +133,9 @@ class ModelConfig:
            f"model.{key}={getattr(self, key)!r}; use float32, bfloat16 or float16")
     need(self.attention_impl in ("auto", "xla", "cudnn"),
          f"model.attention_impl={self.attention_impl!r}; use auto, xla or cudnn")
+    need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
+         f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
+         f"{self.scan_layers!r}")
     need(self.remat in ("none", "full", "save_dots"),
          f"model.remat={self.remat!r}; use none, full or save_dots")
 

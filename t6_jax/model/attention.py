@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -114,6 +115,10 @@ class Attention(nnx.Module):
   def attend(self, q: Queries, e: dict, mask: Mask) -> jax.Array:
     """Per-head outputs (B, T, H, Dv) of T queries over S keys, K and V materialised."""
 
+  def project(self, x_BxTxD, rope) -> tuple[Queries, dict[str, jax.Array]]:
+    """(queries, entries) of T positions; types may compute both in fewer GEMMs."""
+    return self.queries(x_BxTxD, rope), self.entries(x_BxTxD, rope)
+
   def attend_factors(self, q: Queries, e: dict, mask: Mask) -> jax.Array:
     """`attend` from the cache's own entries (decoding). Types whose cache holds K and V
     (MHA family) have nothing to gain over `attend`."""
@@ -126,8 +131,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, rope, mask: Mask, cache: LayerCache | None = None):
     """(B, T, D) outputs and, with `cache`, the stacked cache entries with this layer's new
     entries written (the queries then attend to slots [0, kv_len) of the cache)."""
-    q = self.queries(x_BxTxD, rope)
-    new = self.entries(x_BxTxD, rope)
+    q, new = self.project(x_BxTxD, rope)
     if cache is None:
       return self.out(self.attend(q, new, mask)), None
     entries = cache.write(new)
@@ -219,6 +223,32 @@ class TPA(Attention):
         "a_v": self._proj(x_BxTxD, self.W_A_v, "btd,dhr->bthr"),
         "b_v": self._proj(x_BxTxD, self.W_B_v, "btd,drk->btrk"),
     }
+
+  def project(self, x_BxTxD, rope):
+    """`queries` and `entries` from one GEMM: the factor projections (or the full query and
+    the K/V factors of TPA-KVonly) concatenated along their output width, so x is read once
+    and one wide GEMM replaces six narrow ones (68 to 384 columns at T6-small), forward and
+    backward. The parameters stay separate. Where the rules split heads or ranks over the
+    mesh (tensor parallelism) the concatenation would mix shardings: separate GEMMs then."""
+    if any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim")):
+      return super().project(x_BxTxD, rope)
+    names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
+    names += ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
+    weights = [getattr(self, n)[...].astype(self.dtype) for n in names]
+    d = x_BxTxD.shape[-1]
+    w_DxN = jnp.concatenate([w.reshape(d, -1) for w in weights], axis=1)
+    y_BxTxN = x_BxTxD.astype(self.dtype) @ w_DxN
+    bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
+    lead = x_BxTxD.shape[:-1]
+    out = {n: y.reshape(lead + w.shape[1:])
+           for n, w, y in zip(names, weights, jnp.split(y_BxTxN, bounds, axis=-1))}
+    if self.factor_q:
+      q = TPAQueries(out["W_A_q"], apply_rope(out["W_B_q"], *rope))
+    else:
+      q = FullQueries(apply_rope(out["c_q"], *rope))
+    entries = {"a_k": out["W_A_k"], "b_k": apply_rope(out["W_B_k"], *rope),
+               "a_v": out["W_A_v"], "b_v": out["W_B_v"]}
+    return q, entries
 
   def materialize_q(self, q: Queries):
     if isinstance(q, FullQueries):

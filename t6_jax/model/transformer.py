@@ -1,8 +1,9 @@
 """The T6 backbone: tied embedding, pre-norm blocks scanned over depth, final norm, fp32 logits.
 
 Blocks are created with their parameters stacked along a leading `layers` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth (`scan_layers=False` unrolls the same
-loop). `apply_blocks` is the one place that walks the layers; training, prefill and decoding
+`jax.lax.scan`: scanned, compile time does not grow with depth (what TPU pod compiles need);
+unrolled, the same loop trains 1.2x faster on an H200 (docs/benchmarks.md). `layers_scanned`
+picks the form from `model.scan_layers` and the backend. `apply_blocks` is the one place that walks the layers; training, prefill and decoding
 all run the same `Block.__call__` through it (decoding with a `LayerCache`).
 
 The model holds its sharding rules table (`rules`, a static attribute of every module that
@@ -28,6 +29,18 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def layers_scanned(cfg: ModelConfig, platform: str | None = None) -> bool:
+  """Whether the layer loop runs as a scan. model.scan_layers true/false decides; auto scans
+  only on TPU: `platform`, else the devices of the mesh being traced under (`jax.set_mesh`, so
+  an AOT compile for a TPU topology on a CPU host scans), else the default backend."""
+  if cfg.scan_layers != "auto":
+    return bool(cfg.scan_layers)
+  if platform is None:
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None) or jax.default_backend()
+  return platform == "tpu"
 
 
 class Block(nnx.Module):
@@ -108,7 +121,7 @@ class Transformer(nnx.Module):
 
     if self.cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    unroll = 1 if self.cfg.scan_layers else self.cfg.num_layers
+    unroll = 1 if layers_scanned(self.cfg) else self.cfg.num_layers
     return jax.lax.scan(body, x_BxTxD, (state, per_layer), unroll=unroll)
 
   def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):

@@ -17,6 +17,7 @@ import jax
 
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
+from t6_jax.model.transformer import layers_scanned
 from t6_jax.train import flops as flops_lib
 from t6_jax.train import step as step_lib
 
@@ -152,7 +153,7 @@ def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = Tr
                                  * t.batch_size * t.seq_len),
       xla_flops_per_chip=None if not cost else cost.get("flops"),
       peak_flops=flops_lib.peak_flops(kind), compile_s=compile_s,
-      scanned=cfg.model.scan_layers)
+      scanned=layers_scanned(cfg.model, devices[0].platform))
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report

@@ -24,8 +24,9 @@ from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config, TrainConfig
 from t6_jax.model import init_params, model_from_params, param_shardings
 from t6_jax.model.transformer import Transformer
+from t6_jax.train import loss as loss_lib
 
-IGNORE = -1  # target id that contributes no loss
+IGNORE = loss_lib.IGNORE  # target id that contributes no loss
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -94,14 +95,16 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 
 
 def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
-  """(sum of token cross-entropies, number of counted tokens); targets == -1 count nothing."""
+  """(sum of token cross-entropies, number of counted tokens); targets == -1 count nothing.
+
+  The tied LM head and the loss run fused over chunks of the sequence (train/loss.py), so the
+  full (B, T, V) logits are never held: same fp32 loss as the model's logits would give."""
   model = model_from_params(cfg.model, params, cfg.mesh.rules)
-  logits_BxTxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  hidden_BxTxD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets_BxT = batch["targets"]
-  keep_BxT = targets_BxT != IGNORE
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), jnp.where(keep_BxT, targets_BxT, 0))
-  return jnp.sum(jnp.where(keep_BxT, nll_BxT, 0.0)), jnp.sum(keep_BxT).astype(jnp.float32)
+  loss_sum = loss_lib.lm_head_cross_entropy(hidden_BxTxD, model.embed.wte[...], targets_BxT,
+                                            dtype=cfg.model.dtype, rules=model.rules)
+  return loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32)
 
 
 def split_micro(batch: dict[str, jax.Array], k: int, cfg: Config) -> dict[str, jax.Array]:

@@ -1,0 +1,123 @@
+"""The fused, chunked LM head + cross-entropy (train/loss.py) against float64 NumPy and against
+the unfused path (the model's fp32 logits and optax's cross-entropy).
+
+Tolerances: everything is float32 here; NumPy is float64. Loss sums of ~100 tokens and their
+gradients agree to 1e-5 relative; a wrong chunk boundary, a missed ignored token or a
+gradient scaled by the wrong factor is off by far more.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t6_jax import config as config_lib
+from t6_jax.model import model_from_params
+from t6_jax.model.transformer import layers_scanned
+from t6_jax.sharding import rules_table
+from t6_jax.train import loss as loss_lib
+from t6_jax.train import step as step_lib
+
+RULES = rules_table("fsdp")
+
+
+def numpy_loss_and_grads(x, w, targets):
+  """float64 sum of -log softmax(x w^T)[target] over kept tokens, and its gradients."""
+  x, w = x.astype(np.float64), w.astype(np.float64)
+  logits = x @ w.T
+  m = logits.max(-1, keepdims=True)
+  lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+  keep = targets != -1
+  safe = np.where(keep, targets, 0)
+  nll = lse - np.take_along_axis(logits, safe[..., None], -1)[..., 0]
+  dlogits = np.exp(logits - lse[..., None])
+  np.put_along_axis(dlogits, safe[..., None], np.take_along_axis(dlogits, safe[..., None], -1)
+                    - 1.0, -1)
+  dlogits *= keep[..., None]
+  return (nll * keep).sum(), dlogits @ w, np.einsum("btv,btd->vd", dlogits, x)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 8])
+def test_chunked_loss_and_grads_match_numpy(chunks):
+  rng = np.random.default_rng(0)
+  b, t, d, v = 3, 8, 16, 37
+  x = rng.standard_normal((b, t, d)).astype(np.float32)
+  w = (0.5 * rng.standard_normal((v, d))).astype(np.float32)
+  targets = rng.integers(0, v, (b, t)).astype(np.int32)
+  targets[rng.random((b, t)) < 0.3] = -1
+
+  def f(x, w):
+    return loss_lib.lm_head_cross_entropy(x, w, targets, dtype="float32", rules=RULES,
+                                          chunks=chunks)
+
+  loss, (dx, dw) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+  want_loss, want_dx, want_dw = numpy_loss_and_grads(x, w, targets)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-6)
+  # Not differentiated (evaluation), the same loss from the forward-only loop.
+  np.testing.assert_allclose(float(jax.jit(f)(x, w)), want_loss, rtol=1e-5)
+  # The cotangent scales both gradients (the backward pass only multiplies).
+  dx3, dw3 = jax.grad(lambda x, w: 3.0 * f(x, w), (0, 1))(x, w)
+  np.testing.assert_allclose(np.asarray(dx3), 3 * want_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dw3), 3 * want_dw, rtol=1e-5, atol=1e-6)
+
+
+def test_num_chunks():
+  assert loss_lib.num_chunks(8, 32, 256, 1) == 1
+  # 64 x 1024 tokens x 50304 logits on one device: 12.3 x CHUNK_LOGITS -> 16 pieces of T.
+  assert loss_lib.num_chunks(64, 1024, 50304, 1) == 16
+  assert loss_lib.num_chunks(64, 1024, 50304, 256) == 1
+  assert loss_lib.num_chunks(1, 7, 2**30, 1) == 7  # at most one position per piece
+
+
+def test_chunks_must_divide_length():
+  x = np.zeros((1, 6, 4), np.float32)
+  with pytest.raises(ValueError, match="must divide the sequence length 6"):
+    loss_lib.lm_head_cross_entropy(x, np.zeros((5, 4), np.float32), np.zeros((1, 6), np.int32),
+                                   dtype="float32", rules=RULES, chunks=4)
+
+
+def test_train_loss_and_grads_equal_unfused_path():
+  """loss_sums (fused head + loss) against the model's own fp32 logits through optax, on the
+  tiny float32 config: the same loss and the same gradient for every parameter."""
+  cfg = config_lib.load("tiny", ["model.num_layers=1"])
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype),
+                        jax.eval_shape(lambda: step_lib.init_params(cfg.model)))
+  tokens = rng.integers(0, cfg.model.vocab_size, (2, 17)).astype(np.int32)
+  targets = tokens[:, 1:].copy()
+  targets[0, :5] = -1
+  batch = {"inputs": tokens[:, :-1], "targets": targets}
+
+  def unfused(p):
+    logits = model_from_params(cfg.model, p)(batch["inputs"])
+    keep = targets != -1
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                          jnp.where(keep, targets, 0))
+    return jnp.sum(jnp.where(keep, nll, 0.0))
+
+  fused = lambda p: step_lib.loss_sums(p, cfg, batch)[0]  # noqa: E731
+  want, want_g = jax.jit(jax.value_and_grad(unfused))(params)
+  got, got_g = jax.jit(jax.value_and_grad(fused))(params)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("setting, platform, scanned", [
+    ("auto", "gpu", False), ("auto", "cpu", False), ("auto", "tpu", True),
+    (True, "gpu", True), (False, "tpu", False)])
+def test_layers_scanned(setting, platform, scanned):
+  cfg = config_lib.ModelConfig(scan_layers=setting)
+  assert layers_scanned(cfg, platform) is scanned
+
+
+def test_layers_scanned_follows_the_traced_mesh():
+  """auto with no platform given: the devices of the mesh under jax.set_mesh (host CPUs)."""
+  cfg = config_lib.ModelConfig()
+  mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    assert layers_scanned(cfg) is False
