@@ -9,7 +9,7 @@ Cases (batch 32 x 1024 tokens, the trained 4096-token BPE of the bundled corpus)
 - `streamed`: the same plays as local text through our tfds builder, tokenized inside the
   pipeline (what a tfds / text corpus costs): the CPU-bound case that worker processes help.
 Tokens/s counts real (non-padding) target tokens. One H200 trains T6-small at about 300k
-tokens/s (REFERENCE.md section 8: 315k), which is the bar the pipeline must clear per GPU.
+tokens/s (docs/model.md section 10: 315k), which is the bar the pipeline must clear per GPU.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _write(args, rows) -> None:
       "Tokens/s counts real target tokens (padding excluded); tokens per CPU-second (the main "
       "process's CPU time, without workers) is what one busy core delivers, less sensitive to "
       "other load on the machine. One H200 trains T6-small at "
-      f"about {H200_T6_SMALL // 1000}k tokens/s (REFERENCE.md section 8).",
+      f"about {H200_T6_SMALL // 1000}k tokens/s (docs/model.md section 10).",
       "",
       "| source | packing | worker processes | tokens/s | x one H200 (T6-small) | "
       "tokens per CPU-second (0 workers) | first batch | padding |",

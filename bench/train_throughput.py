@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REFERENCE = {  # the reference measured on one H200, torch.compile, bf16 autocast, T = 1024
+REFERENCE_H200 = {  # the reference measured on one H200, torch.compile, bf16 autocast, T = 1024
     "t6-small": "batch 64: 322k tokens/s, 34.7% MFU (6N+12LhdT vs 989 TFLOP/s), 62.7 GiB",
     "mha-small": "batch 64: 520k tokens/s, 44.9% MFU (6N+12LhdT vs 989 TFLOP/s), 53.4 GiB",
     "t6-medium": "batch 32: 115k tokens/s, 35.0% MFU (6N+12LhdT vs 989 TFLOP/s), 60.8 GiB",
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
   for name, value in rows:
     print(f"  {name:45s} {value}")
   preset = os.path.basename(args.config).removesuffix(".yaml")
-  if preset in REFERENCE:
-    print(f"  reference (measured, same setup): {REFERENCE[preset]}")
+  if preset in REFERENCE_H200:
+    print(f"  reference (measured, same setup): {REFERENCE_H200[preset]}")
 
   if args.out:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
         "| measure | value |",
         "|---|---|",
     ] + [f"| {name} | {value} |" for name, value in rows]
-    if preset in REFERENCE:
-      lines.append(f"| reference (measured, same setup) | {REFERENCE[preset]} |")
+    if preset in REFERENCE_H200:
+      lines.append(f"| reference (measured, same setup) | {REFERENCE_H200[preset]} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     new_file = not os.path.exists(args.out)
     with open(args.out, "a") as f:

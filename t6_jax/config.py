@@ -53,7 +53,7 @@ def _non_negative(section: str, obj, *keys: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The network. Sizes follow REFERENCE.md section 4; defaults are T6-small."""
+  """The network. Sizes follow docs/model.md section 6; defaults are T6-small."""
 
   attention: str = "tpa"  # one of ATTENTION_TYPES
   vocab_size: int = 50304

@@ -1,6 +1,6 @@
 """An independent float64 NumPy forward of the reference model, for every attention type.
 
-Written from REFERENCE.md sections 1-3 and the state-dict layout of section 7 only: it takes
+Written from docs/model.md sections 1-5 and the state-dict layout of section 7 only: it takes
 the reference's PyTorch state dict (numpy arrays keyed by the reference names, nn.Linear
 weights stored (out, in)) plus the few dimensions the shapes do not say, and never imports
 t6_jax. Tests compare the JAX model (after conversion) against it.
@@ -188,7 +188,7 @@ def forward(sd: dict, tokens_BxT: np.ndarray, dims: Dims, bf16_rope: bool = True
 
 
 def state_dict_shapes(dims: Dims) -> dict[str, tuple[int, ...]]:
-  """Every key of the reference state dict with its (out, in) shape (REFERENCE.md section 7)."""
+  """Every key of the reference state dict with its (out, in) shape (docs/model.md section 7)."""
   d, h, k = dims.d, dims.heads, dims.dh
   shapes = {"transformer.wte.weight": (dims.vocab, d)}
   for i in range(dims.layers):
