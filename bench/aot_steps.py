@@ -154,7 +154,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--context", type=int, default=32768)
   parser.add_argument("overrides", nargs="*")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   cfg = config_lib.load(args.config, args.overrides)
   devices = topology_devices(args.topology)
   if args.what == "train":
