@@ -8,10 +8,12 @@ JSON line: per-chip memory (compiled.memory_analysis()), FLOPs and bytes accesse
 bandwidth). These are compile-time estimates, not TPU timings.
 
 How the whole-step costs are counted. XLA's cost analysis counts a loop body once, so the
-layer scan's cost is not multiplied by depth: memory comes from the real (scanned) step, and
-FLOPs and bytes from two more compiles of the same step with the layers unrolled at depth 1
-and 2, extrapolated linearly to the real depth (cost(L) = cost(1) + (L - 1) (cost(2) -
-cost(1))). Splash declares no cost estimate, so its custom calls look free to XLA; its rows add
+layer scan's cost is not multiplied by depth: memory comes from the real (scanned) step S, and
+FLOPs and bytes from one more compile of the same step with two layers unrolled, U2. With O
+the cost outside the layers and b one layer's, S = O + b and U2 = O + 2b (up to the optimizer
+update of the other L - 2 layers' parameters, elementwise and small next to a layer), so
+b = U2 - S and the step costs S + (L - 1) b. (`--unrolled_pair` instead compiles depth 1 and 2
+unrolled: cost(1) + (L - 1) (cost(2) - cost(1)), one compile more.) Splash declares no cost estimate, so its custom calls look free to XLA; its rows add
 bench/aot_kernels.py's analytic count of the kernel per layer (forward twice under remat).
 
   python bench/aot_steps.py train --config t6-xl --topology v5p:8x8x8 train.batch_size=512 \\
@@ -70,6 +72,15 @@ def compile_train(cfg, devices):
   return step.lower(state, batch).compile(), mesh
 
 
+UNROLLED_PAIR = False  # --unrolled_pair
+
+
+def _extrapolate(costs, depth: int):
+  """Whole-step (FLOPs, bytes) from [one-layer cost, two-layer cost] (see the module doc)."""
+  (f1, b1), (f2, b2) = costs
+  return f1 + (depth - 1) * (f2 - f1), b1 + (depth - 1) * (b2 - b1)
+
+
 def with_model(cfg, **changes):
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
@@ -88,13 +99,11 @@ def train_variant(cfg, devices, impl: str, remats=REMATS):
                           total_gib=mem["total"] / GiB)), flush=True)
     if mem["total"] <= hbm:
       break
-  costs = []
-  for layers in (1, 2):
+  costs = [_cost(compiled)] if not UNROLLED_PAIR else []
+  for layers in (1, 2) if UNROLLED_PAIR else (2,):
     compiled_l, _ = compile_train(with_model(c, num_layers=layers, scan_layers=False), devices)
     costs.append(_cost(compiled_l))
-  depth = cfg.model.num_layers
-  flops = costs[0][0] + (depth - 1) * (costs[1][0] - costs[0][0])
-  nbytes = costs[0][1] + (depth - 1) * (costs[1][1] - costs[0][1])
+  flops, nbytes = _extrapolate(costs, cfg.model.num_layers)
   kernel = (0.0, 0.0)
   if impl == "splash":
     t = cfg.train
@@ -131,12 +140,12 @@ def decode_variant(cfg, devices, kernel: str, batch: int, context: int):
                                                   attention_kernel=kernel)
   compile_s = time.time() - t0
   mem = _memory(compiled)
-  costs = [_cost(decode_aot.compile_decode_step(
+  costs = [_cost(compiled)] if not UNROLLED_PAIR else []
+  costs += [_cost(decode_aot.compile_decode_step(
       with_model(cfg, num_layers=layers, scan_layers=False), devices, batch=batch,
-      context=context, attention_kernel=kernel)[0]) for layers in (1, 2)]
-  depth = cfg.model.num_layers
-  flops = costs[0][0] + (depth - 1) * (costs[1][0] - costs[0][0])
-  nbytes = costs[0][1] + (depth - 1) * (costs[1][1] - costs[0][1])
+      context=context, attention_kernel=kernel)[0])
+            for layers in ((1, 2) if UNROLLED_PAIR else (2,))]
+  flops, nbytes = _extrapolate(costs, cfg.model.num_layers)
   return _row(dict(kind="decode", impl=kernel, mesh=dict(mesh.shape), batch=batch,
                    context=context, compile_s=compile_s), mem, flops, nbytes, (0.0, 0.0),
               kind, hbm)
@@ -153,8 +162,12 @@ def main(argv=None):
                       help="train: remat policies tried in order until the step fits")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--context", type=int, default=32768)
+  parser.add_argument("--unrolled_pair", action="store_true",
+                      help="costs from depth-1 and depth-2 unrolled compiles (see above)")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
+  global UNROLLED_PAIR
+  UNROLLED_PAIR = args.unrolled_pair
   cfg = config_lib.load(args.config, args.overrides)
   devices = topology_devices(args.topology)
   if args.what == "train":
