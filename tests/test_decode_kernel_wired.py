@@ -84,3 +84,21 @@ def test_decode_kernel_choice_follows_the_platform(monkeypatch):
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
   assert kernels.decode_kernel("auto", "tpa_kvonly", "bfloat16") == "triton"
   assert kernels.decode_kernel("auto", "tpa", "float32") is None
+
+
+def test_triton_kernel_under_shard_map_equals_direct_call():
+  """The GPU kernel (interpreted) under the same shard_map specs on the fsdp_tp mesh."""
+  from t6_jax.kernels.sharded import tpa_decode_sharded
+  from t6_jax.kernels.tpa_decode_gpu import tpa_decode_attention
+  rng = np.random.default_rng(4)
+  layers, batch, slots, heads, rank, dim = 2, 4, 40, 6, 2, 8
+  rnd = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+  cache = (rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim),
+           rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim))
+  q = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)
+  pad_B = jnp.asarray([0, 3, 11, 30], jnp.int32)
+  want = tpa_decode_attention(q, *cache, 1, pad_B, 33, kv_len=slots, interpret=True)
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  got = tpa_decode_sharded(tpa_decode_attention, mesh, ("data", "fsdp"), "tensor", q, *cache,
+                           1, pad_B, 33, kv_len=slots, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

@@ -140,7 +140,7 @@ class Transformer(nnx.Module):
     given a `LayerCache`) writes its new entries into the cache, then its queries attend to
     slots [0, kv_len) (static) of that layer's cache under `kernels.cache_mask`, with the
     attention class's own `attend` (or, with `factor_attention`, `attend_factors`; for
-    one-token steps `kernels.use_decode_kernel(attention_kernel, ...)` may pick the fused
+    one-token steps `kernels.decode_kernel(attention_kernel, ...)` may pick the fused
     decode kernel instead, which reads the stacked cache in place). `layout`: None for the
     standard entries, or the `kernels.FactorCacheLayout` they are stored in (the TPU decode
     kernel's, see `kernels.decode_cache_layout`). Returns (fp32 logits
