@@ -77,7 +77,8 @@ class ModelConfig:
   max_seq_len: int = 1024
   dtype: str = "bfloat16"  # compute dtype of matmuls; parameters stay in param_dtype
   param_dtype: str = "float32"
-  attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
+  # auto | xla | cudnn | splash (auto: splash on TPU, cuDNN on GPU where it fits, else XLA)
+  attention_impl: str = "auto"
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
@@ -131,8 +132,8 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       need(getattr(self, key) in ("float32", "bfloat16", "float16"),
            f"model.{key}={getattr(self, key)!r}; use float32, bfloat16 or float16")
-    need(self.attention_impl in ("auto", "xla", "cudnn"),
-         f"model.attention_impl={self.attention_impl!r}; use auto, xla or cudnn")
+    need(self.attention_impl in ("auto", "xla", "cudnn", "splash"),
+         f"model.attention_impl={self.attention_impl!r}; use auto, xla, cudnn or splash")
     need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
          f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
          f"{self.scan_layers!r}")
@@ -274,7 +275,7 @@ class DecodeConfig:
   seed: int = 0
   cache_dtype: str = "bfloat16"
   factor_attention: bool = True  # TPA: attend straight from the cached factors
-  attention_kernel: str = "auto"  # auto | xla | pallas: TPA one-token steps (auto: 1 GPU)
+  attention_kernel: str = "auto"  # auto | xla | pallas: TPA one-token steps (auto: GPU/TPU)
   prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of it
 
   def validate(self) -> None:

@@ -75,3 +75,47 @@ def test_tpa_decode_sharded_compiles_for_v5e():
   assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows // 2},{slots}]" in l]
   out = compiled.output_shardings
   assert out.spec == P(BATCH_AXES, "tensor")
+
+
+# The model wired to the kernels, through the real entry points: the TPU target comes from the
+# topology's devices, so model.attention_impl=auto takes splash and decode.attention_kernel=auto
+# the Mosaic decode kernel, though this host's backend is the CPU.
+MICRO = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.head_dim=16",
+         "model.vocab_size=128", "model.max_seq_len=128", "model.dtype=bfloat16",
+         "train.seq_len=128", "train.batch_size=8"]
+
+
+@pytest.mark.parametrize("topology,mesh", [
+    ("v5e:2x2", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"]),
+    ("v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]),
+])
+def test_train_py_aot_compiles_the_step_with_splash(topology, mesh, capsys):
+  import train
+  assert train.main(["--config", "tiny", "--aot_topology", topology, *MICRO, *mesh]) == 0
+  out = capsys.readouterr().out
+  calls = int(out.split(" TPU kernel calls")[0].rsplit(" ", 1)[1])
+  assert calls >= 2  # splash forward and backward kernels
+
+
+def test_train_step_xla_attention_has_no_kernel():
+  from t6_jax import config as config_lib
+  from t6_jax.train import aot
+  cfg = config_lib.load("tiny", MICRO + ["model.attention_impl=xla", "mesh.fsdp=-1"])
+  assert aot.compile_train_step(cfg, "v5e:2x2").kernel_calls == 0
+
+
+@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly"])
+def test_decode_step_compiles_with_the_mosaic_kernel(attention):
+  from t6_jax import config as config_lib
+  from t6_jax.decode.aot import compile_decode_step
+  from t6_jax.kernels.tpa_decode_tpu import a_rows
+  from t6_jax.train.aot import topology_devices
+  cfg = config_lib.load("tiny", MICRO + [f"model.attention={attention}", "mesh.data=1",
+                                         "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"])
+  slots = 1000
+  compiled, _ = compile_decode_step(cfg, topology_devices("v5e:2x2"), batch=4, context=slots)
+  hlo = compiled.as_text()
+  assert 'custom_call_target="tpu_custom_call"' in hlo
+  # The cache is stored in the kernel's layout: no relayout copy of an A factor per step.
+  rows = a_rows(cfg.model.num_heads // 2, cfg.model.k_rank)
+  assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows},{slots}]" in l]

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t6_jax import kernels
 from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
 from t6_jax.model import model_from_params
 from t6_jax.model.placement import shard_params
-from t6_jax.sharding import put_batch
+from t6_jax.sharding import put_batch, rules_table
 
 MIN_PROMPT_BUCKET = 8
 
@@ -74,17 +75,29 @@ def _model(model_cfg: ModelConfig, params, rules: str):
   return model_from_params(model_cfg, params, rules).in_compute_dtype()
 
 
-@partial(jax.jit, static_argnames=("model_cfg", "rules", "max_len", "cache_dtype", "chunk"))
-def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtype, chunk):
+def cache_layout(model_cfg: ModelConfig, rules: str, batch: int, cache_dtype: str, factor: bool,
+                 kernel: str):
+  """The layout the decode steps' kernel reads the cache in (None: standard), on the target of
+  the current trace (see `kernels.decode_cache_layout`)."""
+  return kernels.decode_cache_layout(kernel if factor else "xla", model_cfg, cache_dtype,
+                                     batch=batch, rules=rules_table(rules))
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "rules", "max_len", "cache_dtype", "chunk",
+                                   "factor", "kernel"))
+def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtype, chunk,
+             factor=True, kernel="auto"):
+  """The prompts' cache, stored in the layout the decode steps (`factor`, `kernel`) read."""
   model = _model(model_cfg, params, rules)
   batch, t_len = tokens_BxT.shape
-  cache = init_cache(model_cfg, batch, max_len, cache_dtype, rules)
+  layout = cache_layout(model_cfg, rules, batch, cache_dtype, factor, kernel)
+  cache = init_cache(model_cfg, batch, max_len, cache_dtype, rules, layout)
   entries = cache.entries
   for start in range(0, t_len, chunk):  # long prompts in chunks, each against the cache
     stop = min(t_len, start + chunk)
     logits_BxV, entries = model.extend(tokens_BxT[:, start:stop], entries, pad_B, start,
-                                       kv_len=stop, factor_attention=False)
-  return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32)), logits_BxV
+                                       kv_len=stop, factor_attention=False, layout=layout)
+  return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32), layout), logits_BxV
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
@@ -115,7 +128,7 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
     entries, length, tok_B, done_B, out_BxN = state
     logits_BxV, entries = model.extend(tok_B[:, None], entries, cache.pad_B, length,
                                        kv_len=cache.max_len, factor_attention=factor,
-                                       attention_kernel=kernel)
+                                       attention_kernel=kernel, layout=cache.layout)
     nxt_B = sample(logits_BxV, jax.random.fold_in(key, i))
     nxt_B = jnp.where(done_B, -1, nxt_B)  # finished rows emit -1 (and are fed token 0)
     out_BxN = jax.lax.dynamic_update_slice(out_BxN, nxt_B[:, None], (0, i))
@@ -134,7 +147,7 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
     state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
                             jnp.arange(1, steps, dtype=jnp.int32))
   entries, length, _, _, out_BxN = state
-  return out_BxN, Cache(entries, cache.pad_B, length)
+  return out_BxN, Cache(entries, cache.pad_B, length, cache.layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +266,8 @@ def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
     tokens, pad = put_batch((tokens, pad), mesh, cfg.mesh.rules, same_on_every_process=True)
     return _prefill(params, tokens, pad, model_cfg=cfg.model, rules=cfg.mesh.rules,
                     max_len=max_len, cache_dtype=cfg.decode.cache_dtype,
-                    chunk=chunk)
+                    chunk=chunk, factor=cfg.decode.factor_attention,
+                    kernel=cfg.decode.attention_kernel)
 
 
 def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, temperature=0.,

@@ -1,68 +1,186 @@
 """Attention kernels, one file per kernel and backend, behind one dispatch.
 
-The model calls these two entry points with its settings and never asks the backend itself:
+The model calls these entry points with its settings and its sharding rules and never asks the
+backend itself; the dispatch reads the TARGET platform from the mesh the program is traced
+under (`jax.set_mesh`: its devices' platform, which is "tpu" when compiling ahead of time for
+a TPU topology on a CPU host), else from the default backend (no mesh, one device):
 
-  attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask, *, scale, impl) -> (B, T, H, V)
-      impl (model.attention_impl): auto | xla | cudnn  (attention_xla.py)
+  attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask, *, scale, impl, rules) -> (B, T, H, V)
+      impl (model.attention_impl): auto | xla | cudnn | splash
+        auto: splash on TPU, cuDNN's flash kernel on GPU where it fits, XLA otherwise.
+        splash: the TPU splash kernel (splash_tpu.py), interpreted off TPU (CPU tests).
+        Splash takes causal self-attention with segment ids; anything else (queries against
+        a cache at an offset, explicit keep masks) stays on XLA (attention_xla.py).
+        On a mesh of more than one device splash runs under `jax.shard_map` (sharded.py):
+        batch over the rules' batch axes, heads over the tensor axis.
+  decode_kernel(setting, attention, cache_dtype) -> "triton" | "mosaic" | None
   use_decode_kernel(setting, attention, t_len, cache_dtype) -> bool
-  tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len) -> fp32 (B, H, d_h)
-      one-token TPA decode straight from the stacked factor cache (tpa_decode_gpu.py,
-      Pallas/Triton; interpreted off GPU)
+  decode_cache_layout(setting, model_cfg, cache_dtype, *, batch, rules)
+      -> FactorCacheLayout | None: the TPU kernel's cache layout when it will read the cache
+  tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len, rules, kernel)
+      -> fp32 (B, H, d_h): one-token TPA decode straight from the stacked factor cache,
+      Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
+      off TPU), under `jax.shard_map` on a mesh.
 
 `Mask` (mask.py) describes what each query may see for every path.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from t6_jax.kernels import attention_xla, tpa_decode_gpu
+from t6_jax.kernels import attention_xla, tpa_decode_gpu, tpa_decode_tpu
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
+from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
+from t6_jax.kernels.splash_tpu import splash_attention
+from t6_jax.kernels.tpa_decode_tpu import FactorCacheLayout  # noqa: F401
+from t6_jax.sharding import Rules, logical_to_spec
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
+FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
+                     "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
+
+
+def target():
+  """(platform, mesh) of the program being traced: the platform of the surrounding mesh's
+  devices (else the default backend), and that mesh when it has more than one device (the
+  kernels then run under shard_map) or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return jax.default_backend(), None
+  device = mesh.abstract_device
+  platform = jax.default_backend() if device is None else device.platform
+  return platform, (mesh if math.prod(mesh.shape.values()) > 1 else None)
+
+
+def _split_axes(names, shape, rules: Rules, mesh):
+  """Per dimension, the mesh axes (a tuple, maybe empty) that split it under `rules` (the same
+  choice `sharding.constrain` makes for these logical names and this shape)."""
+  spec = logical_to_spec(names, rules, shape, mesh)
+  return [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+
+
+def splash_expresses(mask: Mask, t_len: int, s_len: int) -> bool:
+  """Whether splash can run this mask: self-attention (S == T, queries at key positions
+  0..T-1), causal or not, with at most one set of segment ids, and no explicit keep array."""
+  return (t_len == s_len and mask.q_start is None and mask.keep_BxTxS is None
+          and mask.kv_segment_ids_BxS is None)
+
+
+def _splash_heads_split(heads: int, kv_heads: int, tp: int) -> bool:
+  """sharded.splash_attention_sharded's head split: KV heads split like the query heads, or
+  every shard's query heads inside one KV group."""
+  local = heads // tp
+  return heads % tp == 0 and (kv_heads % tp == 0 or (heads // kv_heads) % local == 0)
 
 
 def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask: Mask, *, scale: float,
-              impl: str = "auto"):
+              impl: str = "auto", rules: Rules | None = None):
   """Softmax attention of T queries over S keys (G KV heads serving H query heads).
 
-  auto takes cuDNN's flash kernel on GPU where it fits (jax's own default, the XLA path,
-  materialises (B, H, T, S) scores), else XLA.
+  rules: the model's sharding rules (which mesh axes split the batch and the heads), needed
+  to run splash per shard on a mesh; None: batch and heads are not split.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={impl!r}; use {', '.join(ATTENTION_IMPLS)}")
+  platform, mesh = target()
+  t_len, s_len = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
   if impl == "auto":
-    keep = attention_xla.attention_keep(mask, q_BxTxHxK.shape[1], k_BxSxGxK.shape[1])
-    fused = (jax.default_backend() == "gpu" and mask.aligned_causal
-             and attention_xla.cudnn_fits(q_BxTxHxK, keep))
-    impl = "cudnn" if fused else "xla"
+    if platform == "tpu":
+      impl = "splash"
+    else:
+      keep = attention_xla.attention_keep(mask, t_len, s_len)
+      fused = (platform == "gpu" and mask.aligned_causal
+               and attention_xla.cudnn_fits(q_BxTxHxK, keep))
+      impl = "cudnn" if fused else "xla"
+  if impl == "splash" and splash_expresses(mask, t_len, s_len):
+    interpret = platform != "tpu"
+    if mesh is None or rules is None:
+      return splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, scale=scale,
+                              causal=mask.causal, segment_ids_BxT=mask.segment_ids_BxT,
+                              interpret=interpret)
+    batch_axes, _, head_axes, _ = _split_axes(("batch", None, "act_heads", None),
+                                              q_BxTxHxK.shape, rules, mesh)
+    tp = math.prod(mesh.shape[a] for a in head_axes)
+    if not _splash_heads_split(q_BxTxHxK.shape[2], k_BxSxGxK.shape[2], tp):
+      head_axes = ()  # heads stay whole on every tensor shard (repeated work, still correct)
+    return splash_attention_sharded(
+        q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mesh=mesh, batch_axes=batch_axes,
+        head_axis=head_axes or None, scale=scale, causal=mask.causal,
+        segment_ids_BxT=mask.segment_ids_BxT, interpret=interpret)
+  if impl == "splash":
+    impl = "xla"  # a cache offset, explicit keep mask or S != T: splash cannot express it
   return attention_xla.dot_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask, scale=scale,
                                      implementation=impl)
 
 
-def use_decode_kernel(setting: str, attention: str, t_len: int, cache_dtype) -> bool:
-  """Whether decode.attention_kernel=`setting` runs `tpa_decode` for a step of t_len tokens.
+def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
+  """The one-token decode kernel decode.attention_kernel=`setting` runs on the target:
+  "triton" (GPU), "mosaic" (TPU; interpreted on other platforms) or None (the XLA factor
+  path).
 
-  Only one-token steps of factor-cache attentions take it. auto: one GPU (a sharded cache
-  would need the kernel under shard_map) and a 16-bit cache (the kernel's only input);
-  pallas always (a float32 cache then raises the kernel's own error).
+  auto: the platform's kernel on GPU (16-bit caches) and TPU (16-bit and float32 caches), XLA
+  elsewhere; pallas: the kernel always (Mosaic, interpreted, off GPU and TPU; a cache dtype
+  the kernel does not take raises the kernel's own error). Only factor-cache attentions.
   """
   if setting not in DECODE_KERNELS:
     raise ValueError(f"decode.attention_kernel={setting!r}; use {', '.join(DECODE_KERNELS)}")
-  if setting == "xla" or t_len != 1 or attention not in FACTOR_ATTENTIONS:
-    return False
-  if setting == "pallas":
-    return True
-  return (jax.default_backend() == "gpu" and jax.device_count() == 1
-          and jnp.dtype(cache_dtype) in (jnp.bfloat16, jnp.float16))
+  if setting == "xla" or attention not in FACTOR_ATTENTIONS:
+    return None
+  platform, _ = target()
+  if setting == "auto" and jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES.get(platform, ()):
+    return None
+  return "triton" if platform == "gpu" else "mosaic"
 
 
-def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int, **tuning):
-  """One query per row against layer `layer` of a stacked TPA factor cache (see
-  tpa_decode_gpu.tpa_decode_attention for the operands); interpreted off GPU."""
-  return tpa_decode_gpu.tpa_decode_attention(
-      q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, kv_len=kv_len,
-      interpret=jax.default_backend() != "gpu", **tuning)
+def use_decode_kernel(setting: str, attention: str, t_len: int, cache_dtype) -> bool:
+  """Whether decode.attention_kernel=`setting` runs `tpa_decode` for a step of t_len tokens
+  (one-token steps only: prefill chunks and multi-token extends take the XLA paths)."""
+  return t_len == 1 and decode_kernel(setting, attention, cache_dtype) is not None
+
+
+def decode_head_shards(rules: Rules | None, batch: int, heads: int) -> int:
+  """Tensor shards the decode kernel splits the heads over on the current mesh (1: none)."""
+  platform, mesh = target()
+  del platform
+  if mesh is None or rules is None:
+    return 1
+  _, head_axes, _ = _split_axes(("batch", "act_heads", None), (batch, heads, 1), rules, mesh)
+  return math.prod(mesh.shape[a] for a in head_axes)
+
+
+def decode_cache_layout(setting: str, cfg, cache_dtype, *, batch: int, rules: Rules | None):
+  """The cache layout the decode kernel reads in place: a `FactorCacheLayout` when the Mosaic
+  kernel will decode (its A factors transposed, rows padded per tensor shard), else None (the
+  standard (layers, B, S, ...) entries, which the XLA paths and the Triton kernel read)."""
+  if decode_kernel(setting, cfg.attention, cache_dtype) != "mosaic":
+    return None
+  return FactorCacheLayout(heads=cfg.num_heads, head_dim=cfg.head_dim, k_rank=cfg.k_rank,
+                           v_rank=cfg.v_rank,
+                           shards=decode_head_shards(rules, batch, cfg.num_heads))
+
+
+def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
+               kernel: str, rules: Rules | None = None, **tuning):
+  """One query per row against layer `layer` of a stacked TPA factor cache with `kernel`
+  ("triton" or "mosaic", from `decode_kernel`; see tpa_decode_gpu.tpa_decode_attention and
+  tpa_decode_tpu.tpa_decode_attention_tpu for the operands), interpreted off its platform, and
+  under shard_map on a mesh (batch over the rules' batch axes, heads over the tensor axis)."""
+  platform, mesh = target()
+  if kernel == "triton":
+    fn, interpret = tpa_decode_gpu.tpa_decode_attention, platform != "gpu"
+  else:
+    fn, interpret = tpa_decode_tpu.tpa_decode_attention_tpu, platform != "tpu"
+  if mesh is None or rules is None:
+    return fn(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, kv_len=kv_len,
+              interpret=interpret, **tuning)
+  batch_axes, head_axes, _ = _split_axes(("batch", "act_heads", None), q_BxHxK.shape, rules,
+                                         mesh)
+  return tpa_decode_sharded(fn, mesh, batch_axes, head_axes or None, q_BxHxK, a_k, b_k, a_v,
+                            b_v, layer, pad_B, pos, kv_len=kv_len, interpret=interpret,
+                            **tuning)

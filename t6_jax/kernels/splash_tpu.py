@@ -28,6 +28,7 @@ the same for forward, dq and dkv).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -66,10 +67,16 @@ def _kernel(heads: int, t_pad: int, causal: bool, block_sizes: splash.BlockSizes
   one = splash.CausalMask(shape) if causal else splash.FullMask(shape)
   mask = splash.MultiHeadMask([one] * heads)
   # The mask tables must be concrete constants (this is cached across traces), even when the
-  # first call happens inside a jit or shard_map trace.
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+  # first call happens inside a jit or shard_map trace, and under a `jax.set_mesh` of
+  # compile-only TPU devices (AOT) they cannot be placed on the mesh: build them in a fresh
+  # thread, whose trace and mesh contexts are empty, on the default device.
+  def build():
+    with jax.ensure_compile_time_eval():
+      return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(build).result()
 
 
 def splash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, *, scale: float, causal: bool = True,

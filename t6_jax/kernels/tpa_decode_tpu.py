@@ -41,6 +41,7 @@ the cache end never reaches the result.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -135,6 +136,54 @@ def tpu_a_layout(a, shards: int = 1):
   a = a.reshape(layers, batch, slots, shards, local * rank)
   a = jnp.pad(a, [(0, 0)] * 4 + [(0, a_rows(local, rank) - local * rank)])
   return jnp.swapaxes(a.reshape(layers, batch, slots, -1), 2, 3)
+
+
+def standard_a_layout(a_BxRowsxS, heads: int, rank: int, shards: int = 1):
+  """The inverse of `tpu_a_layout` for one layer: (B, shards * rows, S) -> (B, S, H, R)."""
+  batch, _, slots = a_BxRowsxS.shape
+  local = heads // shards
+  a = a_BxRowsxS.reshape(batch, shards, -1, slots)[:, :, :local * rank]
+  return jnp.moveaxis(a.reshape(batch, heads, rank, slots), 3, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorCacheLayout:
+  """A TPA factor cache stored the way this kernel reads it in place (see the module doc):
+  A_k / A_v as (layers, B, shards * a_rows(H / shards, R), S), B_k / B_v as (layers, B, S,
+  R * d_h). k_rank / v_rank: R of A_k / A_v; shards: the tensor shards the kernel splits the heads over. The cache writes new
+  entries straight into it (`to_cache`) and the XLA paths read a layer back in the standard
+  (B, S, H, R) / (B, S, R, d_h) form (`from_cache`, a copy per call of those paths only)."""
+
+  heads: int
+  head_dim: int
+  k_rank: int
+  v_rank: int
+  shards: int = 1
+
+  def shape(self, name: str, standard: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of entry `name` whose standard shape is (layers, B, S, X, Y)."""
+    layers, batch, slots, x, y = standard
+    if name.startswith("a_"):
+      return (layers, batch, self.shards * a_rows(self.heads // self.shards, y), slots)
+    return (layers, batch, slots, x * y)
+
+  def slot_axis(self, name: str) -> int:
+    """Axis of the stored entry (with the layers axis) that holds the cache slots."""
+    return 3 if name.startswith("a_") else 2
+
+  def to_cache(self, name: str, x):
+    """One layer's new entries (B, T, H, R) / (B, T, R, d_h) in the stored form (B, rows, T) /
+    (B, T, R*d_h)."""
+    if name.startswith("a_"):
+      return tpu_a_layout(x[None], self.shards)[0]
+    return x.reshape(*x.shape[:2], -1)
+
+  def from_cache(self, name: str, x):
+    """One layer of the stored entry back in the standard form (B, S, H, R) / (B, S, R, d_h)."""
+    if name.startswith("a_"):
+      rank = self.k_rank if name == "a_k" else self.v_rank
+      return standard_a_layout(x, self.heads, rank, self.shards)
+    return x.reshape(*x.shape[:2], -1, self.head_dim)
 
 
 def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,

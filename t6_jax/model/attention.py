@@ -67,7 +67,11 @@ class LayerCache:
   entries: {name: (layers, B, S, ...)} of every layer; layer: int32 index; start: slot of the
   first new token; pad_B: (B,) leading padding slots; kv_len (static): slots attended to;
   path (static): "materialize" (attend), "factors" (attend_factors) or "kernel" (the fused
-  one-token decode kernel of `kernels.tpa_decode`, reading the stacked cache in place).
+  one-token decode kernel of `kernels.tpa_decode`, reading the stacked cache in place);
+  kernel (static): which one ("triton" or "mosaic", `kernels.decode_kernel`);
+  layout (static): None for the standard (layers, B, S, ...) entries, or the
+  `kernels.FactorCacheLayout` the TPU kernel reads in place (new entries are written in it,
+  and the XLA paths read a layer back in the standard form).
   """
 
   entries: dict
@@ -76,22 +80,39 @@ class LayerCache:
   pad_B: jax.Array
   kv_len: int
   path: str = "materialize"
+  kernel: str | None = None
+  layout: kernels.FactorCacheLayout | None = None
 
   def write(self, new: dict) -> dict:
     """The stacked entries with this layer's new slots start .. start+T-1 written in place."""
-    return {name: jax.lax.dynamic_update_slice(
-        cache, new[name].astype(cache.dtype)[None],
-        (self.layer, 0, self.start) + (0,) * (cache.ndim - 3))
-            for name, cache in self.entries.items()}
+    out = {}
+    for name, cache in self.entries.items():
+      x = new[name].astype(cache.dtype)
+      slot_axis = 2
+      if self.layout is not None:
+        x, slot_axis = self.layout.to_cache(name, x), self.layout.slot_axis(name)
+      index = [0] * cache.ndim
+      index[0], index[slot_axis] = self.layer, self.start
+      out[name] = jax.lax.dynamic_update_slice(cache, x[None], tuple(index))
+    return out
 
   def view(self, entries: dict, dtype) -> dict:
-    """This layer's slots [0, kv_len) in the compute dtype."""
-    return {name: jax.lax.dynamic_index_in_dim(cache, self.layer, keepdims=False)
-            [:, :self.kv_len].astype(dtype) for name, cache in entries.items()}
+    """This layer's slots [0, kv_len) in the compute dtype (standard layout)."""
+    out = {}
+    for name, cache in entries.items():
+      x = jax.lax.dynamic_index_in_dim(cache, self.layer, keepdims=False)
+      if self.layout is None:
+        x = x[:, :self.kv_len]
+      else:
+        x = self.layout.from_cache(
+            name, jax.lax.slice_in_dim(x, 0, self.kv_len,
+                                       axis=self.layout.slot_axis(name) - 1))
+      out[name] = x.astype(dtype)
+    return out
 
 
 jax.tree_util.register_dataclass(LayerCache, data_fields=["entries", "layer", "start", "pad_B"],
-                                 meta_fields=["kv_len", "path"])
+                                 meta_fields=["kv_len", "path", "kernel", "layout"])
 
 
 class Attention(nnx.Module):
@@ -265,7 +286,7 @@ class TPA(Attention):
     k_BxSxHxK, v_BxSxHxK = self.materialize_kv(e)
     y_BxTxHxK = kernels.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask,
                                   scale=1.0 / math.sqrt(self.cfg.head_dim),
-                                  impl=self.cfg.attention_impl)
+                                  impl=self.cfg.attention_impl, rules=self.rules)
     return self.head_norm(y_BxTxHxK)
 
   def head_norm(self, y_BxTxHxK):
@@ -322,7 +343,7 @@ class TPA(Attention):
     q_BxHxK = kernel_query(q, self.cfg.q_rank, self.cfg.k_rank, self.cfg.head_dim)
     y_BxHxK = kernels.tpa_decode(q_BxHxK, entries["a_k"], entries["b_k"], entries["a_v"],
                                  entries["b_v"], cache.layer, cache.pad_B, cache.start,
-                                 kv_len=cache.kv_len)
+                                 kv_len=cache.kv_len, kernel=cache.kernel, rules=self.rules)
     return self.head_norm(y_BxHxK[:, None].astype(self.dtype))
 
 
@@ -353,7 +374,7 @@ class GQA(Attention):
   def attend(self, q: Queries, e, mask: Mask):
     return kernels.attention(self._constrain_q(q.q_BxTxHxK), e["k"], e["v"], mask,
                              scale=1.0 / math.sqrt(self.cfg.head_dim),
-                             impl=self.cfg.attention_impl)
+                             impl=self.cfg.attention_impl, rules=self.rules)
 
 
 class MLA(Attention):
@@ -400,7 +421,7 @@ class MLA(Attention):
     k_BxSxHxE = jnp.concatenate([k_nope_BxSxHxN, k_pe_BxSxHxR], axis=-1)
     scale = 1.0 / math.sqrt(self.cfg.mla_nope_dim + self.cfg.mla_rope_dim)
     return kernels.attention(self._constrain_q(q.q_BxTxHxK), k_BxSxHxE, v_BxSxHxV, mask,
-                             scale=scale, impl=self.cfg.attention_impl)
+                             scale=scale, impl=self.cfg.attention_impl, rules=self.rules)
 
   def attend_factors(self, q: Queries, e, mask: Mask):
     """`attend` in the latent space (decoding): kv_b is absorbed into the query and the output

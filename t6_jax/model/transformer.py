@@ -144,7 +144,7 @@ class Transformer(nnx.Module):
     return constrain(logits, ("batch", "length", "act_vocab"), self.rules)
 
   def extend(self, tokens_BxT, entries, pad_B, start, *, kv_len: int,
-             factor_attention: bool = False, attention_kernel: str = "auto"):
+             factor_attention: bool = False, attention_kernel: str = "auto", layout=None):
     """Runs T new tokens against a decode cache (prefill chunks and decode steps).
 
     entries: {name: (layers, B, S, ...)} as `attn.entries()` returns per layer; the tokens go
@@ -153,8 +153,10 @@ class Transformer(nnx.Module):
     given a `LayerCache`) writes its new entries into the cache, then its queries attend to
     slots [0, kv_len) (static) of that layer's cache under `kernels.cache_mask`, with the
     attention class's own `attend` (or, with `factor_attention`, `attend_factors`; for
-    one-token steps `kernels.use_decode_kernel(attention_kernel, ...)` may pick the fused
-    decode kernel instead, which reads the stacked cache in place). Returns (fp32 logits
+    one-token steps `kernels.decode_kernel(attention_kernel, ...)` may pick the fused
+    decode kernel instead, which reads the stacked cache in place). `layout`: None for the
+    standard entries, or the `kernels.FactorCacheLayout` they are stored in (the TPU decode
+    kernel's, see `kernels.decode_cache_layout`). Returns (fp32 logits
     (B, V) of the last token, updated entries). The cache is carried through the layer scan
     so it is updated in place.
     """
@@ -164,15 +166,15 @@ class Transformer(nnx.Module):
     mask = kernels.cache_mask(start, t_len, kv_len, pad_B)
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
     cache_dtype = next(iter(entries.values())).dtype
-    path = "materialize"
+    path, kernel = "materialize", None
     if factor_attention:
-      kernel = kernels.use_decode_kernel(attention_kernel, self.cfg.attention, t_len,
-                                         cache_dtype)
-      path = "kernel" if kernel else "factors"
+      kernel = kernels.decode_kernel(attention_kernel, self.cfg.attention, cache_dtype)
+      path = "kernel" if kernel is not None and t_len == 1 else "factors"
 
     def layer(block, carry, i):
       x_BxTxD, entries = carry
-      cache = LayerCache(entries, i, jnp.asarray(start, jnp.int32), pad_B, kv_len, path)
+      cache = LayerCache(entries, i, jnp.asarray(start, jnp.int32), pad_B, kv_len, path,
+                         kernel, layout)
       return block(x_BxTxD, rope, mask, cache), None
 
     layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)

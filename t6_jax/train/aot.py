@@ -65,6 +65,7 @@ class AotReport:
   peak_flops: float | None
   compile_s: float
   scanned: bool = True
+  kernel_calls: int = 0  # TPU kernel (Pallas/Mosaic, e.g. splash) calls in the compiled HLO
 
   @property
   def total_bytes(self) -> int:
@@ -91,7 +92,8 @@ class AotReport:
         f"{self.mesh}",
         f"  step: batch {self.batch_size} x {self.seq_len} tokens ({tokens:,} tokens), "
         f"grad_accum {self.grad_accum}, remat {self.remat}; {self.params:,} parameters; "
-        f"compiled in {self.compile_s:.0f} s",
+        f"compiled in {self.compile_s:.0f} s; {self.kernel_calls} TPU kernel calls (splash "
+        f"attention) in the program",
         "  memory per chip:",
         f"    arguments    {self.argument_bytes / GiB:9.3f} GiB  (state and batch shards)",
         f"    outputs      {self.output_bytes / GiB:9.3f} GiB  "
@@ -153,7 +155,8 @@ def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = Tr
                                  * t.batch_size * t.seq_len),
       xla_flops_per_chip=None if not cost else cost.get("flops"),
       peak_flops=flops_lib.peak_flops(kind), compile_s=compile_s,
-      scanned=layers_scanned(cfg.model, devices[0].platform))
+      scanned=layers_scanned(cfg.model, devices[0].platform),
+      kernel_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report

@@ -1,0 +1,110 @@
+"""Ahead-of-time compile of the real decode step for a TPU topology, on any machine.
+
+The program compiled is `decode_loop` (the jitted token loop of generation) for one model step
+per row (steps=2: the first token comes from the prefill's logits, the second from one
+`Transformer.extend` step against the cache), with abstract, sharded parameters and a full
+cache of `context` slots stored in the layout the decode kernel reads (`kernels.
+decode_cache_layout`, decided for the topology's platform: the Mosaic kernel's layout on TPU
+with decode.attention_kernel auto or pallas). libtpu (the `tpu` extra) describes the slice;
+nothing runs on a TPU.
+
+  python -m t6_jax.decode.aot --config t6-xl --topology v5e:2x4 --batch 64 --context 32768 \\
+      mesh.data=1 mesh.fsdp=-1 mesh.tensor=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from t6_jax import sharding as sharding_lib
+from t6_jax.config import Config
+from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
+from t6_jax.decode.generate import cache_layout, decode_loop
+from t6_jax.model.placement import abstract_params, param_shardings
+
+GiB = 2**30
+
+
+def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
+                        attention_kernel: str | None = None):
+  """(compiled decode step, mesh) of `cfg` on `devices` (e.g. `train.aot.topology_devices`)
+  for `batch` rows against a cache of `context` slots; attention_kernel overrides
+  decode.attention_kernel."""
+  kernel = cfg.decode.attention_kernel if attention_kernel is None else attention_kernel
+  mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
+  rules = cfg.mesh.rules
+  model = cfg.model
+  sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(sharded, abstract_params(model), param_shardings(model, mesh, rules))
+  rows = NamedSharding(mesh, P(*sharding_lib.logical_to_spec(("batch",), rules, (batch,),
+                                                              mesh)))
+  with jax.set_mesh(mesh):  # the layout is decided for the mesh's platform
+    layout = cache_layout(model, rules, batch, cfg.decode.cache_dtype,
+                          cfg.decode.factor_attention, kernel)
+  axes = entry_axes(model, layout)
+  entries = {name: sharded(s, NamedSharding(mesh, sharding_lib.logical_to_spec(
+      axes[name], rules, s.shape, mesh)))
+             for name, s in entry_shapes(model, batch, context, cfg.decode.cache_dtype,
+                                         layout).items()}
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
+  cache = Cache(entries, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+                scalar(jnp.int32), layout)
+  logits = jax.ShapeDtypeStruct((batch, model.vocab_size), jnp.float32, sharding=rows)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  with jax.set_mesh(mesh):
+    lowered = decode_loop.lower(
+        params, cache, logits, key, scalar(jnp.float32), scalar(jnp.int32),
+        scalar(jnp.float32), model_cfg=model, rules=rules, steps=2, greedy=True,
+        use_filters=False, stop_tokens=(), valid_vocab=None,
+        factor=cfg.decode.factor_attention, kernel=kernel)
+  return lowered.compile(), mesh
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="YAML file or preset name")
+  parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v5p:2x2x1")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--context", type=int, default=4096, help="cache slots")
+  parser.add_argument("overrides", nargs="*", help="section.key=value")
+  args = parser.parse_intermixed_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from t6_jax import config as config_lib
+  from t6_jax.train import aot as train_aot
+  from t6_jax.train import flops as flops_lib
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+    devices = train_aot.topology_devices(args.topology)
+    t0 = time.time()
+    compiled, mesh = compile_decode_step(cfg, devices, batch=args.batch, context=args.context)
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  kind = devices[0].device_kind
+  hbm = flops_lib.hbm_bytes(kind)
+  kernel = "tpu_custom_call" in compiled.as_text()
+  print(f"AOT decode step for {args.topology}: {len(devices)} chips of {kind}, mesh "
+        f"{dict(mesh.shape)}; batch {args.batch}, cache {args.context} slots "
+        f"({cfg.decode.cache_dtype}); compiled in {time.time() - t0:.0f} s\n"
+        f"  attention: {'the Mosaic decode kernel' if kernel else 'XLA'} "
+        f"(decode.attention_kernel={cfg.decode.attention_kernel})\n"
+        f"  memory per chip: arguments {mem.argument_size_in_bytes / GiB:.3f} GiB, "
+        f"temporaries {mem.temp_size_in_bytes / GiB:.3f} GiB, total {total / GiB:.3f} GiB of "
+        f"{hbm / GiB:.2f} GiB HBM ({'fits' if total <= hbm else 'DOES NOT FIT'})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
