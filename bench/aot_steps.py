@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -81,6 +82,20 @@ def _extrapolate(costs, depth: int):
   return f1 + (depth - 1) * (f2 - f1), b1 + (depth - 1) * (b2 - b1)
 
 
+def _or_oom(compile_fn, row):
+  """compile_fn()'s result, or (None, None) with a JSON line of the temporaries the compiler
+  said it needed when the program does not fit the chip (it refuses to compile those)."""
+  try:
+    return compile_fn()
+  except Exception as e:  # jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED ... (33.90G)
+    found = re.search(r"HLO temporaries \(([0-9.]+)G\)", str(e))
+    if found is None:
+      raise
+    row.update(temps_needed_gib=float(found.group(1)))  # XLA prints GiB as "G"
+    print(json.dumps(row), flush=True)
+    return None, None
+
+
 def with_model(cfg, **changes):
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
@@ -92,13 +107,19 @@ def train_variant(cfg, devices, impl: str, remats=REMATS):
   for remat in remats:
     c = with_model(cfg, attention_impl=impl, remat=remat)
     t0 = time.time()
-    compiled, mesh = compile_train(c, devices)
+    compiled, mesh = _or_oom(lambda: compile_train(c, devices), dict(
+        kind="train-oom", impl=impl, remat=remat, seq_len=cfg.train.seq_len))
+    if compiled is None:
+      continue
     mem = _memory(compiled)
     compile_s = time.time() - t0
     print(json.dumps(dict(kind="train-try", impl=impl, remat=remat, compile_s=compile_s,
                           total_gib=mem["total"] / GiB)), flush=True)
     if mem["total"] <= hbm:
       break
+  if compiled is None:
+    return None
+  depth = cfg.model.num_layers
   costs = [_cost(compiled)] if not UNROLLED_PAIR else []
   for layers in (1, 2) if UNROLLED_PAIR else (2,):
     compiled_l, _ = compile_train(with_model(c, num_layers=layers, scan_layers=False), devices)
@@ -136,8 +157,11 @@ def decode_variant(cfg, devices, kernel: str, batch: int, context: int):
   kind = devices[0].device_kind
   hbm = flops_lib.hbm_bytes(kind)
   t0 = time.time()
-  compiled, mesh = decode_aot.compile_decode_step(cfg, devices, batch=batch, context=context,
-                                                  attention_kernel=kernel)
+  compiled, mesh = _or_oom(lambda: decode_aot.compile_decode_step(
+      cfg, devices, batch=batch, context=context, attention_kernel=kernel), dict(
+          kind="decode-oom", impl=kernel, batch=batch, context=context))
+  if compiled is None:
+    return None
   compile_s = time.time() - t0
   mem = _memory(compiled)
   costs = [_cost(compiled)] if not UNROLLED_PAIR else []
@@ -160,7 +184,7 @@ def main(argv=None):
   parser.add_argument("--impls", default="", help="comma list (default: xla,splash / xla,pallas)")
   parser.add_argument("--remats", default=",".join(REMATS),
                       help="train: remat policies tried in order until the step fits")
-  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--batch", default="64", help="decode: comma list of batch sizes")
   parser.add_argument("--context", type=int, default=32768)
   parser.add_argument("--unrolled_pair", action="store_true",
                       help="costs from depth-1 and depth-2 unrolled compiles (see above)")
@@ -174,8 +198,9 @@ def main(argv=None):
     for impl in (args.impls or "xla,splash").split(","):
       train_variant(cfg, devices, impl, tuple(args.remats.split(",")))
   else:
-    for kernel in (args.impls or "xla,pallas").split(","):
-      decode_variant(cfg, devices, kernel, args.batch, args.context)
+    for batch in map(int, args.batch.split(",")):
+      for kernel in (args.impls or "xla,pallas").split(","):
+        decode_variant(cfg, devices, kernel, batch, args.context)
 
 
 if __name__ == "__main__":
