@@ -70,6 +70,9 @@ def run(args) -> int:
   from t6_jax.eval import tasks
 
   path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
+  # Join the job first: reading checkpoint metadata (resolve) starts JAX's backend.
+  from t6_jax.distributed import initialize
+  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   found = resolve(path, args.step)  # says so when it falls back past a damaged step
   saved_cfg, spec = read_config(path, step=found.step if found.kind != "export" else None,
                                 report=False)
@@ -83,8 +86,6 @@ def run(args) -> int:
                for name, task_path in task_list]
 
   import jax
-  from t6_jax.distributed import initialize
-  initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax import sharding as sharding_lib
   from t6_jax.data import load_tokenizer, tokenizer_from_spec
   from t6_jax.eval import scoring
