@@ -351,3 +351,30 @@ def test_resume_from_another_run(run, tmp_path):
   with pytest.raises(CheckpointError, match="holds no checkpoint"):
     Checkpointer(str(tmp_path / "fork3"), config_lib.CheckpointConfig(
         resume_from=str(tmp_path)), read_only=True).latest_step()
+
+
+def test_preemption_sync_point_counts_queries_not_steps(tmp_path, monkeypatch):
+  """jax.distributed's preemption point is a count of queries from process start: a notice
+  that arrives before a resumed run's first step agrees on query 1, so that run must stop at
+  its first step (asking with the step number, past 1 after a resume, never matched). Orbax's
+  own check inside save then agrees on the same step."""
+  from jax.experimental import multihost_utils
+  asked = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda n: asked.append(n) or n == 1)
+  ck = Checkpointer(str(tmp_path / "run"), config_lib.CheckpointConfig(every=100))
+  try:
+    assert ck.reached_preemption(7)  # the first step after resuming from step 6
+    assert ck.reached_preemption(7) and asked == [1]  # the same step again: no new query
+    assert ck._manager.reached_preemption(7) and not ck._manager.reached_preemption(8)
+  finally:
+    ck.close()
+  asked.clear()
+  ck = Checkpointer(str(tmp_path / "run2"), config_lib.CheckpointConfig(every=100))
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda n: asked.append(n) or n == 3)
+  try:
+    assert [ck.reached_preemption(s) for s in (11, 12, 13)] == [False, False, True]
+    assert asked == [1, 2, 3] and ck.reached_preemption(13) and asked == [1, 2, 3]
+  finally:
+    ck.close()

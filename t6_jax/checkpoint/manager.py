@@ -32,6 +32,26 @@ from t6_jax.config import CheckpointConfig, Config
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def _reached_sync_point(count: int) -> bool:
+  """jax.distributed's agreed preemption point, reached at query `count` (False without the
+  preemption service, i.e. a single process without jax.distributed)."""
+  from jax.experimental import multihost_utils
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(count))
+  except RuntimeError:
+    return False
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, whose own preemption check (made inside save) answers with the step the
+  Checkpointer agreed on, so the two never query jax's sync point with different counts."""
+
+  preempted_step: int | None = None
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.preempted_step is not None and int(step) == self.preempted_step
+
+
 class Checkpointer:
   """Checkpoints of one run directory (`workdir/checkpoints/<step>`).
 
@@ -62,7 +82,8 @@ class Checkpointer:
         read_only=read_only,
         create=not read_only,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = _Manager(self.directory, options=options)
+    self._sync_calls = 0  # preemption sync-point queries made by this process
     self.problems: list[str] = []  # messages about damaged steps skipped by the last restore
     self._signal: int | None = None
     self._previous_handlers: dict[int, object] = {}
@@ -262,7 +283,16 @@ class Checkpointer:
     preemption sync point of jax.distributed is reached at `step` (Orbax's check: a SIGTERM
     or TPU maintenance notice on any host, agreed by all). Call it at every step boundary on
     every process; on True, save with force=True and stop."""
-    return self._signal is not None or bool(self._manager.reached_preemption(int(step)))
+    if self._signal is not None or self._manager.preempted_step == int(step):
+      return True
+    # jax's sync point is a count of queries, starting when the process starts: a notice that
+    # arrives before the first query agrees on count 1. Passing the step number instead (as
+    # Orbax does) would never match it in a resumed run, whose first step is past 1.
+    self._sync_calls += 1
+    if _reached_sync_point(self._sync_calls):
+      self._manager.preempted_step = int(step)
+      return True
+    return False
 
   @property
   def signal_received(self) -> str | None:
