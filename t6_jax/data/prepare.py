@@ -14,12 +14,16 @@ tokenizer's spec). Train on it with `data.source=arrayrecord data.path=OUT`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from t6_jax import storage
 from t6_jax.data import corpus
 from t6_jax.data import sources as src
 from t6_jax.data.files import save_json
@@ -37,13 +41,20 @@ def _documents(d, split: str):
 
 def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
             progress: bool = True) -> dict:
-  """Writes the ArrayRecord files and meta.json; returns the meta dict."""
+  """Writes the ArrayRecord files and meta.json into `out` (local or gs://...); returns the
+  meta dict. For a bucket, each file is written locally first, then uploaded."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
   d = cfg.data
   tok = load_tokenizer(cfg)
   dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-  os.makedirs(out, exist_ok=True)
+  storage.check(out, "--out")
+  remote = storage.is_remote(out)
+  if remote:
+    staging = tempfile.mkdtemp(prefix="t6_prepare_")
+  else:
+    os.makedirs(out, exist_ok=True)
+  local_out = staging if remote else out
   meta = {"format": "t6_jax tokenized documents, one ArrayRecord record per document",
           "version": 1, "dtype": dtype, "eot_id": tok.eot_id, "vocab_size": tok.vocab_size,
           "probe_ids": tok.encode(PROBE), "tokenizer": tok.spec(),
@@ -54,7 +65,7 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
     if len(docs) == 0:
       raise src.DataError(f"the {d.source} corpus has no {split} documents; nothing to prepare")
     file = f"{split}.array_record"
-    tmp = os.path.join(out, file + ".tmp")
+    tmp = os.path.join(local_out, file + ".tmp")
     writer = ArrayRecordWriter(tmp, "group_size:1")
     n_docs = n_tokens = 0
     bar = tqdm(total=len(docs), unit="doc", desc=f"{split}", disable=not progress)
@@ -67,13 +78,23 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
       bar.update(len(texts))
     bar.close()
     writer.close()
-    os.replace(tmp, os.path.join(out, file))
-    n_bytes = os.path.getsize(os.path.join(out, file))
+    os.replace(tmp, os.path.join(local_out, file))
+    n_bytes = os.path.getsize(os.path.join(local_out, file))
+    if remote:
+      with open(os.path.join(local_out, file), "rb") as fin, \
+          storage.open(storage.join(out, file), "wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
+      os.remove(os.path.join(local_out, file))
+    dest = storage.join(out, file) if remote else os.path.join(out, file)
     meta["splits"][split] = {"file": file, "documents": n_docs, "tokens": n_tokens,
                              "bytes": n_bytes}
     print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens (+{n_docs:,} end-of-text), "
-          f"{n_bytes:,} bytes written to {os.path.join(out, file)}")
-  save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
+          f"{n_bytes:,} bytes written to {dest}")
+  if remote:
+    storage.write_text(storage.join(out, src.PREPARED_META), json.dumps(meta, indent=1))
+    shutil.rmtree(staging, ignore_errors=True)
+  else:
+    save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
   return meta
 
 
@@ -109,7 +130,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     prepare(cfg, args.out, [s for s in args.splits.split(",") if s],
             progress=not args.no_progress)
-  except (src.DataError, TokenizerError, config_lib.ConfigError) as e:
+  except (src.DataError, TokenizerError, config_lib.ConfigError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"done in {time.time() - t0:.1f}s; train with data.source=arrayrecord "

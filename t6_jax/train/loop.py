@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -37,14 +36,15 @@ class NonFiniteLoss(RuntimeError):
 
 def clear_run_dir(workdir: str) -> None:
   """Removes a previous run (for --restart); refuses folders that are not run directories."""
-  if not os.path.isdir(workdir):
+  storage.check(workdir, "train.workdir")
+  if not storage.isdir(workdir):
     return
-  entries = set(os.listdir(workdir))
+  entries = set(storage.listdir(workdir))
   if entries and not entries & set(RUN_FILES):
     raise ValueError(f"--restart would delete {workdir!r}, which does not look like a run "
                      f"directory (no {', '.join(RUN_FILES)}); remove it yourself or choose "
                      f"another train.workdir")
-  shutil.rmtree(workdir)
+  storage.rmtree(workdir)
 
 
 def _batch_keys(cfg: Config) -> tuple[str, ...]:
