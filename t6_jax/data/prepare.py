@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -42,19 +41,23 @@ def _documents(d, split: str):
 def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
             progress: bool = True) -> dict:
   """Writes the ArrayRecord files and meta.json into `out` (local or gs://...); returns the
-  meta dict. For a bucket, each file is written locally first, then uploaded."""
+  meta dict. For a bucket, each file is written into a local temporary folder, then uploaded."""
+  storage.check(out, "--out")
+  if not storage.is_remote(out):
+    os.makedirs(out, exist_ok=True)
+    return _prepare(cfg, out, out, splits, chunk, progress)
+  with tempfile.TemporaryDirectory(prefix="t6_prepare_") as staging:
+    return _prepare(cfg, out, staging, splits, chunk, progress)
+
+
+def _prepare(cfg, out: str, local_out: str, splits, chunk: int, progress: bool) -> dict:
+  """prepare() writing each file into `local_out` first (`out` itself when local)."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
   d = cfg.data
   tok = load_tokenizer(cfg)
   dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-  storage.check(out, "--out")
-  remote = storage.is_remote(out)
-  if remote:
-    staging = tempfile.mkdtemp(prefix="t6_prepare_")
-  else:
-    os.makedirs(out, exist_ok=True)
-  local_out = staging if remote else out
+  remote = local_out != out
   meta = {"format": "t6_jax tokenized documents, one ArrayRecord record per document",
           "version": 1, "dtype": dtype, "eot_id": tok.eot_id, "vocab_size": tok.vocab_size,
           "probe_ids": tok.encode(PROBE), "tokenizer": tok.spec(),
@@ -80,19 +83,16 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
     writer.close()
     os.replace(tmp, os.path.join(local_out, file))
     n_bytes = os.path.getsize(os.path.join(local_out, file))
-    if remote:
-      with open(os.path.join(local_out, file), "rb") as fin, \
-          storage.open(storage.join(out, file), "wb") as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
-      os.remove(os.path.join(local_out, file))
     dest = storage.join(out, file) if remote else os.path.join(out, file)
+    if remote:
+      storage.copy(os.path.join(local_out, file), dest)
+      os.remove(os.path.join(local_out, file))
     meta["splits"][split] = {"file": file, "documents": n_docs, "tokens": n_tokens,
                              "bytes": n_bytes}
     print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens (+{n_docs:,} end-of-text), "
           f"{n_bytes:,} bytes written to {dest}")
   if remote:
     storage.write_text(storage.join(out, src.PREPARED_META), json.dumps(meta, indent=1))
-    shutil.rmtree(staging, ignore_errors=True)
   else:
     save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
   return meta

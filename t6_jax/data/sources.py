@@ -130,8 +130,7 @@ def reference_tokens(path: str, split: str, cache_dir: str = "data_cache") -> Fl
                     f"validation (shard 0 is validation); the train split needs more shards")
   entries = [("bin", f, read_reference_header(f)) for f in chosen]
   entries = [(kind, storage.local_copy(f, cache_dir), n) for kind, f, n in entries]
-  return FlatTokens(entries, GPT2_EOT_ID,
-                    name=f"reference:{split}")
+  return FlatTokens(entries, GPT2_EOT_ID, name=f"reference:{split}")
 
 
 # --------------------------------------------------------------------------------------------
