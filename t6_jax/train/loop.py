@@ -16,12 +16,12 @@ import time
 
 import jax
 import numpy as np
-import yaml
 
 from t6_jax import distributed as distributed_lib
 from t6_jax import storage
 from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (train.py, tests)
 from t6_jax import sharding as sharding_lib
+from t6_jax import config as config_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics
 from t6_jax.train import flops as flops_lib
@@ -130,8 +130,7 @@ class Run:
     self._load_data()
     self._restore_or_init()
     if self.primary:  # the run has started: record what it is
-      storage.write_text(storage.join(self.workdir, "config.yaml"),
-                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+      config_lib.dump(cfg, storage.join(self.workdir, "config.yaml"))
     self.keys = _batch_keys(cfg)
     self.step_fn = step_lib.TrainStep(cfg, self.mesh, batch_keys=self.keys)
     self.tokens_per_step = step_lib.tokens_per_step(cfg)
