@@ -180,3 +180,16 @@ def test_offline_bucket_config_fails_fast_with_one_line():
   assert time.time() - start < 40
   message = str(info.value)
   assert message.startswith("--config=gs://t6-jax-offline-test/x.yaml: ") and "\n" not in message
+
+
+def test_offline_bucket_in_prepare_and_convert_is_one_line(tmp_path, capsys):
+  from t6_jax.convert.main import main as convert_main
+  from t6_jax.data.prepare import main as prepare_main
+  start = time.time()
+  assert prepare_main(["--out", "gs://t6-jax-offline-test/prepared", "--no-progress"]) == 1
+  assert convert_main(["from-torch", "gs://t6-jax-offline-test/ref", str(tmp_path / "x")]) == 2
+  assert time.time() - start < 60
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(errors) == 2 and errors[0].startswith("error: --out=gs://t6-jax-offline-test/")
+  assert errors[1].startswith("error: checkpoint=gs://t6-jax-offline-test/ref: ")
+  assert not os.path.exists(tmp_path / "x")

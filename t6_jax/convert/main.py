@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                       step=args.step)
       if report is not None and not report.passed:
         return 1
-  except (ConvertError, config_lib.ConfigError, CheckpointError) as e:
+  except (ConvertError, config_lib.ConfigError, CheckpointError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
