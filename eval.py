@@ -19,10 +19,11 @@ import argparse
 import dataclasses
 import json
 import os
+import posixpath
 import sys
 import time
 
-from t6_jax import cli
+from t6_jax import cli, storage
 
 
 def parse_args(argv=None):
@@ -43,9 +44,17 @@ def parse_args(argv=None):
   return cli.parse(parser, argv)
 
 
+def normpath(path: str) -> str:
+  """os.path.normpath for local paths; a bucket URI keeps its `gs://`."""
+  if storage.is_remote(path):
+    head, rest = path.split("://", 1)
+    return f"{head}://{posixpath.normpath(rest)}"
+  return os.path.normpath(path)
+
+
 def default_output(path: str, step: int | None) -> str:
   from t6_jax.checkpoint import params as ckpt
-  path = os.path.normpath(path)
+  path = normpath(path)
   if step is None:
     return os.path.join(path, "eval.json")
   run = path
@@ -69,7 +78,11 @@ def run(args) -> int:
   from t6_jax.checkpoint import load_checkpoint, read_config, resolve
   from t6_jax.eval import tasks
 
-  path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
+  path = args.workdir or args.checkpoint
+  path = normpath(path) if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
+  storage.check(path, "--workdir" if args.workdir else "--checkpoint")
+  if args.output:
+    storage.check(args.output, "--output")
   # Join the job first: reading checkpoint metadata (resolve) starts JAX's backend.
   from t6_jax.distributed import initialize
   initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
@@ -132,9 +145,7 @@ def run(args) -> int:
   report["seconds"] = time.perf_counter() - start
   if primary:
     out = args.output or default_output(path, step)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(report, f, indent=2)
+    storage.write_text(out, json.dumps(report, indent=2), atomic=False)
     print(f"results: {out}")
   return 0
 

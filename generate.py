@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from t6_jax import cli
+from t6_jax import cli, storage
 
 
 def parse_args(argv=None):
@@ -65,7 +65,8 @@ def parse_args(argv=None):
 def read_prompts(args) -> list[str]:
   prompts = list(args.prompt)
   if args.prompts_file:
-    with open(args.prompts_file) as f:
+    storage.check(args.prompts_file, "--prompts_file")
+    with storage.open(args.prompts_file) as f:
       for line in f:
         line = line.rstrip("\n")
         if not line.strip():
@@ -88,6 +89,8 @@ def run(args) -> int:
     raise ValueError("--random_init makes fresh params; drop --workdir/--checkpoint, or drop "
                      "--random_init to use the checkpoint")
   prompts = read_prompts(args)
+  if args.out:
+    storage.check(args.out, "--out")  # before the model loads: a bad path fails in seconds
   if not prompts:
     raise ValueError("no prompts; use --prompt TEXT or --prompts_file FILE")
 
@@ -165,7 +168,7 @@ def run(args) -> int:
   texts = ([" ".join(map(str, o)) for o in outputs] if args.ids
            else [tokenizer.decode(o) for o in outputs])
   if args.out:
-    with open(args.out, "w") as f:
+    with storage.open(args.out, "w") as f:
       for p, t, o in zip(prompts, texts, outputs):
         f.write(json.dumps({"prompt": p, "completion": t, "tokens": len(o)}) + "\n")
     print(f"wrote {len(texts)} completions to {args.out}", file=sys.stderr)

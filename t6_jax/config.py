@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from t6_jax import storage
+
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
 SCHEDULES = ("cosine", "wsd", "constant")
 RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
@@ -413,7 +415,13 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
 
 
 def resolve_path(path: str) -> str:
-  """A config path as given, or a preset name looked up in configs/ (`t6-small`)."""
+  """A config path as given (local or gs://...), or a preset name looked up in configs/
+  (`t6-small`)."""
+  if storage.is_remote(path):
+    storage.check(path, "--config")
+    if not storage.exists(path):
+      raise ConfigError(f"config file {path!r} not found")
+    return path
   if os.path.exists(path):
     return path
   for candidate in (os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")):
@@ -427,11 +435,10 @@ def resolve_path(path: str) -> str:
 
 def load_file(path: str, base: Config | None = None) -> Config:
   path = resolve_path(path)
-  with open(path) as f:
-    try:
-      values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f"{path} is not valid YAML: {e}") from e
+  try:
+    values = yaml.safe_load(storage.read_text(path)) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path} is not valid YAML: {e}") from e
   if not isinstance(values, dict):
     raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
   return from_dict(values, base)
@@ -472,8 +479,9 @@ def load_dict(values: dict[str, Any]) -> Config:
 
 
 def dump(config: Config, path: str) -> None:
-  with open(path, "w") as f:
-    yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+  """Writes the config as YAML to a local or bucket path."""
+  storage.check(path, "config file")
+  storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def help_text() -> str:

@@ -12,6 +12,7 @@ seconds, instead of a long retry loop or a local folder named `gs:`.
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import threading
@@ -215,8 +216,23 @@ def write_bytes(p, data: bytes, *, atomic: bool = True) -> None:
 
 
 def copy(src, dst) -> None:
-  """Copies one file (any mix of local and bucket paths)."""
-  write_bytes(dst, read_bytes(src))
+  """Copies one file (any mix of local and bucket paths), streamed in 16 MiB pieces; a local
+  destination is written atomically."""
+  import shutil
+  if is_remote(dst):
+    with path(src).open("rb") as fin, path(dst).open("wb") as fout:
+      shutil.copyfileobj(fin, fout, 16 << 20)
+    return
+  q = path(dst)
+  q.parent.mkdir(parents=True, exist_ok=True)
+  tmp = os.fspath(q.parent / f".{q.name}.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    with path(src).open("rb") as fin, builtins.open(tmp, "wb") as fout:
+      shutil.copyfileobj(fin, fout, 16 << 20)
+    os.replace(tmp, q)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def remove(p) -> None:
@@ -228,3 +244,47 @@ def remove(p) -> None:
 def join(p, *parts: str) -> str:
   """A child path as a string (bucket URIs keep their scheme)."""
   return os.fspath(path(p).joinpath(*parts))
+
+
+def size(p) -> int:
+  """A file's size in bytes."""
+  return int(path(p).stat().length) if is_remote(p) else os.path.getsize(path(p))
+
+
+def walk_files(p) -> list[str]:
+  """Every file below a folder, recursively, sorted."""
+  root = path(p)
+  if not is_remote(root):
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs)
+  found, folders = [], [root]
+  while folders:
+    for child in folders.pop().iterdir():
+      (folders if child.is_dir() else found).append(child)
+  return sorted(os.fspath(f) for f in found)
+
+
+def rmtree(p) -> None:
+  """Removes a folder and everything in it."""
+  q = path(p)
+  if q.exists():
+    q.rmtree()
+
+
+def local_copy(p, cache_dir) -> str:
+  """A local path holding the bytes of `p`: `p` itself when local, else a copy under
+  `<cache_dir>/remote/` made once (for readers that need a local file: memory maps,
+  ArrayRecord). A copy whose size differs from the source is made again."""
+  if not is_remote(p):
+    return os.fspath(p)
+  if is_remote(cache_dir):
+    raise StorageError(f"data.cache_dir={cache_dir} must be a local folder: it holds local "
+                       f"copies of {scheme(p)}:// data for memory maps")
+  import hashlib
+  text = os.fspath(p)
+  digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+  target = os.path.join(os.path.expanduser(os.fspath(cache_dir)), "remote", digest,
+                        os.path.basename(text.rstrip("/")))
+  if os.path.isfile(target) and os.path.getsize(target) == size(text):
+    return target
+  copy(text, target)
+  return target

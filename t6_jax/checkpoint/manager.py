@@ -52,6 +52,13 @@ class _Manager(ocp.CheckpointManager):
     return self.preempted_step is not None and int(step) == self.preempted_step
 
 
+def _same_folder(a: str, b: str) -> bool:
+  """Whether two folders are one (symbolic links resolved locally; bucket URIs compared)."""
+  if storage.is_remote(a) or storage.is_remote(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
 class Checkpointer:
   """Checkpoints of one run directory (`workdir/checkpoints/<step>`).
 
@@ -118,13 +125,14 @@ class Checkpointer:
     """(checkpoints directory, step or None) of checkpoint.resume_from, or None if unset."""
     if not self.cfg.resume_from:
       return None
-    path = os.path.abspath(self.cfg.resume_from)
+    storage.check(self.cfg.resume_from, "checkpoint.resume_from")
+    path = _absolute(self.cfg.resume_from).rstrip("/")  # gs:// kept as is
     step = self.cfg.resume_step if self.cfg.resume_step >= 0 else None
-    name = os.path.basename(path.rstrip("/"))
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-      directory = os.path.join(path, CHECKPOINT_DIR)
-    elif name.isdigit() and os.path.isdir(os.path.join(path, STATE)):
-      directory, step = os.path.dirname(path), int(name)  # a step directory
+    parent, _, name = path.rpartition("/")
+    if storage.isdir(storage.join(path, CHECKPOINT_DIR)):
+      directory = storage.join(path, CHECKPOINT_DIR)
+    elif name.isdigit() and storage.isdir(storage.join(path, STATE)):
+      directory, step = parent, int(name)  # a step directory
     elif committed_steps(path):
       directory = path
     else:
@@ -132,7 +140,7 @@ class Checkpointer:
           f"checkpoint.resume_from={self.cfg.resume_from!r} holds no checkpoint; give a run "
           f"directory (with {CHECKPOINT_DIR}/<step>/), its {CHECKPOINT_DIR}/ folder or one "
           f"step's directory")
-    if os.path.realpath(directory) == os.path.realpath(self.directory):
+    if _same_folder(directory, self.directory):
       return None  # our own directory: nothing to start from yet
     return directory, step
 

@@ -82,8 +82,7 @@ def export_params(path: str, params: dict, config: Config, tokenizer_spec: dict 
   checkpointer.wait_until_finished()
   checkpointer.close()
   if jax.process_index() == 0:
-    storage.write_text(storage.join(path, CONFIG_FILE),
-                       yaml.safe_dump(config.to_dict(), sort_keys=False))
+    config_lib.dump(config, storage.join(path, CONFIG_FILE))
     tokenizer_path = storage.join(path, TOKENIZER_FILE)
     if tokenizer_spec is not None:
       storage.write_text(tokenizer_path, json.dumps(tokenizer_spec, indent=2))

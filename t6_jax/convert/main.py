@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import sys
 
 import numpy as np
 
 from t6_jax import config as config_lib
+from t6_jax import storage
 from t6_jax.convert import layout, torch_io
 from t6_jax.convert.layout import ConvertError
 from t6_jax.convert.verify import (Report, check_golden, check_tokens, compare, load_array,
@@ -85,7 +87,10 @@ def verify(ckpt: str, tokens_path: str, *, logits_path: str | None = None,
   if (logits_path is None) == (dump_path is None):
     raise ConvertError("give exactly one of --logits GOLDEN.npy (check) or --dump OUT.npy")
   from t6_jax.checkpoint import read_config
-  if not os.path.exists(ckpt):
+  storage.check(ckpt, "checkpoint")
+  if dump_path is not None:
+    storage.check(dump_path, "--dump")
+  if not storage.exists(ckpt):
     raise ConvertError(f"checkpoint {ckpt} does not exist")
   tokens = load_array(tokens_path, "tokens")
   golden = load_array(logits_path, "golden logits") if logits_path else None
@@ -99,7 +104,12 @@ def verify(ckpt: str, tokens_path: str, *, logits_path: str | None = None,
         f"{cfg.model.max_seq_len} (RoPE has no hard limit; the model was trained shorter)")
   ours = logits_fp32(model, tokens, batch_size)
   if dump_path is not None:
-    np.save(dump_path, ours.astype(np.float32))
+    if storage.is_remote(dump_path):
+      buffer = io.BytesIO()
+      np.save(buffer, ours.astype(np.float32))
+      storage.write_bytes(dump_path, buffer.getvalue())
+    else:
+      np.save(dump_path, ours.astype(np.float32))
     log(f"wrote {dump_path}: logits {ours.shape} float32 for {tokens_path}")
     return None
   if golden.shape[1] == 1 and tokens.shape[1] != 1:
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
                       step=args.step)
       if report is not None and not report.passed:
         return 1
-  except (ConvertError, config_lib.ConfigError, CheckpointError) as e:
+  except (ConvertError, config_lib.ConfigError, CheckpointError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -16,12 +16,14 @@ import collections
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from t6_jax import storage
 from t6_jax.convert.layout import ConvertError
 
 SAFETENSORS = "model.safetensors"
@@ -204,9 +206,39 @@ def _read_weights_file(path: str) -> dict[str, np.ndarray]:
   return _state_dict_of(read_torch(path), path)
 
 
+def _read_remote_checkpoint(src: str, config_json: str | None
+                            ) -> tuple[dict[str, np.ndarray], dict | None, str]:
+  """read_checkpoint of a bucket path: its weight and JSON files are copied to a temporary
+  folder first (the readers need local files), then read as a local checkpoint."""
+  storage.check(src, "checkpoint")
+  if not storage.exists(src):
+    raise ConvertError(f"{src} does not exist")
+  folder = src.rstrip("/") if storage.isdir(src) else src.rstrip("/").rpartition("/")[0]
+  with tempfile.TemporaryDirectory(prefix="t6_convert_") as tmp:
+    for name in storage.listdir(folder):
+      if name.endswith((".safetensors", ".bin", ".json", ".pt", ".pth")) or (
+          not storage.isdir(src) and name == src.rstrip("/").rpartition("/")[2]):
+        storage.copy(storage.join(folder, name), os.path.join(tmp, name))
+    local_src = tmp if storage.isdir(src) else os.path.join(tmp, src.rpartition("/")[2])
+    local_config = None
+    if config_json is not None:
+      local_config = os.path.join(tmp, "given_" + CONFIG_JSON)
+      storage.copy(config_json, local_config)
+    sd, hf, weights = read_checkpoint(local_src, local_config)
+    return sd, hf, storage.join(folder, os.path.basename(weights))
+
+
 def read_checkpoint(src: str, config_json: str | None = None
                     ) -> tuple[dict[str, np.ndarray], dict | None, str]:
-  """(state dict, config.json dict or None, weights file) of a reference checkpoint."""
+  """(state dict, config.json dict or None, weights file) of a reference checkpoint, local or
+  in a bucket (gs://...)."""
+  if storage.is_remote(src) or (config_json is not None and storage.is_remote(config_json)):
+    if storage.is_remote(src):
+      return _read_remote_checkpoint(src, config_json)
+    storage.check(config_json, "--config_json")
+    hf = json.loads(storage.read_text(config_json))
+    sd, _, weights = read_checkpoint(src)
+    return sd, hf, weights
   if not os.path.exists(src):
     raise ConvertError(f"{src} does not exist")
   hf = None
@@ -229,9 +261,17 @@ def read_checkpoint(src: str, config_json: str | None = None
 
 def write_checkpoint(out_dir: str, sd: dict[str, np.ndarray], hf_config: dict,
                      fmt: str = "auto") -> str:
-  """config.json + pytorch_model.bin (fmt bin, or auto with torch) or model.safetensors."""
+  """config.json + pytorch_model.bin (fmt bin, or auto with torch) or model.safetensors, into a
+  local folder or a bucket (written locally, then uploaded)."""
   if fmt == "auto":
     fmt = "bin" if have_torch() else "safetensors"
+  if storage.is_remote(out_dir):
+    storage.check(out_dir, "--out")
+    with tempfile.TemporaryDirectory(prefix="t6_convert_") as tmp:
+      path = write_checkpoint(tmp, sd, hf_config, fmt)
+      for name in os.listdir(tmp):
+        storage.copy(os.path.join(tmp, name), storage.join(out_dir, name))
+      return storage.join(out_dir, os.path.basename(path))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
     json.dump(hf_config, f, indent=2)

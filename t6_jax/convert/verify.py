@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t6_jax import storage
 from t6_jax.convert.layout import ConvertError
 
 
@@ -67,9 +69,12 @@ def compare(ours: np.ndarray, golden: np.ndarray, atol: float, rtol: float) -> R
 
 
 def load_array(path: str, what: str) -> np.ndarray:
-  if not os.path.exists(path):
+  storage.check(path, what)
+  if not storage.exists(path):
     raise ConvertError(f"{what} file {path} does not exist")
   try:
+    if storage.is_remote(path):
+      return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
     return np.load(path, allow_pickle=False)
   except (ValueError, OSError) as e:
     raise ConvertError(f"{what} file {path} is not a .npy array: {e}") from e
@@ -113,7 +118,8 @@ def load_fp32_model(ckpt: str, step: int | None = None):
   """(config, model) of a run / step / export directory, parameters and compute in fp32."""
   from t6_jax.checkpoint import load_params
   from t6_jax.model import model_from_params
-  if not os.path.exists(ckpt):
+  storage.check(ckpt, "checkpoint")
+  if not storage.exists(ckpt):
     raise ConvertError(f"checkpoint {ckpt} does not exist")
   cfg, params, _ = load_params(ckpt, step=step)
   model_cfg = dataclasses.replace(cfg.model, dtype="float32", param_dtype="float32")

@@ -76,7 +76,8 @@ def corpus_id(d) -> str:
     ident.append(d.val_fraction)
   elif d.source == "text":
     files = src.expand_paths(d.path, src.TEXT_SUFFIXES, "text or JSONL files")
-    ident = [[(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
+    from t6_jax.data.tfds_text import file_ident  # imports tensorflow_datasets: only here
+    ident = [[list(file_ident(f)) for f in files],
              d.text_docs, d.text_key, d.val_fraction]
   else:
     ident = [d.tfds_name, d.train_split, d.text_key]

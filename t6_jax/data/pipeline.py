@@ -309,7 +309,7 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
 
   flat = None
   if d.source == "reference_bin":
-    flat = src.reference_tokens(d.path, split)
+    flat = src.reference_tokens(d.path, split, d.cache_dir)
     if max(int(a.max(initial=0)) for a in flat.arrays[:1]) >= cfg.model.vocab_size:
       raise src.DataError(f"{flat.entries[0][1]} holds token ids >= model.vocab_size="
                           f"{cfg.model.vocab_size}; GPT-2 shards need model.vocab_size >= 50257")
@@ -325,7 +325,7 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
       docs = grain.MapDataset.source(_FlatDocuments(flat))
     elif d.source == "arrayrecord":
       tokenizer = load_tokenizer(cfg)
-      docs = grain.MapDataset.source(src.prepared_documents(d.path, split))
+      docs = grain.MapDataset.source(src.prepared_documents(d.path, split, d.cache_dir))
       to_tokens = _PrependEot(tokenizer.eot_id)
     else:
       tokenizer = load_tokenizer(cfg)

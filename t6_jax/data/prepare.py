@@ -14,12 +14,15 @@ tokenizer's spec). Train on it with `data.source=arrayrecord data.path=OUT`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from t6_jax import storage
 from t6_jax.data import corpus
 from t6_jax.data import sources as src
 from t6_jax.data.files import save_json
@@ -37,13 +40,24 @@ def _documents(d, split: str):
 
 def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
             progress: bool = True) -> dict:
-  """Writes the ArrayRecord files and meta.json; returns the meta dict."""
+  """Writes the ArrayRecord files and meta.json into `out` (local or gs://...); returns the
+  meta dict. For a bucket, each file is written into a local temporary folder, then uploaded."""
+  storage.check(out, "--out")
+  if not storage.is_remote(out):
+    os.makedirs(out, exist_ok=True)
+    return _prepare(cfg, out, out, splits, chunk, progress)
+  with tempfile.TemporaryDirectory(prefix="t6_prepare_") as staging:
+    return _prepare(cfg, out, staging, splits, chunk, progress)
+
+
+def _prepare(cfg, out: str, local_out: str, splits, chunk: int, progress: bool) -> dict:
+  """prepare() writing each file into `local_out` first (`out` itself when local)."""
   from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
   d = cfg.data
   tok = load_tokenizer(cfg)
   dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-  os.makedirs(out, exist_ok=True)
+  remote = local_out != out
   meta = {"format": "t6_jax tokenized documents, one ArrayRecord record per document",
           "version": 1, "dtype": dtype, "eot_id": tok.eot_id, "vocab_size": tok.vocab_size,
           "probe_ids": tok.encode(PROBE), "tokenizer": tok.spec(),
@@ -54,7 +68,7 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
     if len(docs) == 0:
       raise src.DataError(f"the {d.source} corpus has no {split} documents; nothing to prepare")
     file = f"{split}.array_record"
-    tmp = os.path.join(out, file + ".tmp")
+    tmp = os.path.join(local_out, file + ".tmp")
     writer = ArrayRecordWriter(tmp, "group_size:1")
     n_docs = n_tokens = 0
     bar = tqdm(total=len(docs), unit="doc", desc=f"{split}", disable=not progress)
@@ -67,13 +81,20 @@ def prepare(cfg, out: str, splits=("train", "validation"), *, chunk: int = 256,
       bar.update(len(texts))
     bar.close()
     writer.close()
-    os.replace(tmp, os.path.join(out, file))
-    n_bytes = os.path.getsize(os.path.join(out, file))
+    os.replace(tmp, os.path.join(local_out, file))
+    n_bytes = os.path.getsize(os.path.join(local_out, file))
+    dest = storage.join(out, file) if remote else os.path.join(out, file)
+    if remote:
+      storage.copy(os.path.join(local_out, file), dest)
+      os.remove(os.path.join(local_out, file))
     meta["splits"][split] = {"file": file, "documents": n_docs, "tokens": n_tokens,
                              "bytes": n_bytes}
     print(f"{split}: {n_docs:,} documents, {n_tokens:,} tokens (+{n_docs:,} end-of-text), "
-          f"{n_bytes:,} bytes written to {os.path.join(out, file)}")
-  save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
+          f"{n_bytes:,} bytes written to {dest}")
+  if remote:
+    storage.write_text(storage.join(out, src.PREPARED_META), json.dumps(meta, indent=1))
+  else:
+    save_json(os.path.join(out, src.PREPARED_META), meta, indent=1)
   return meta
 
 
@@ -109,7 +130,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     prepare(cfg, args.out, [s for s in args.splits.split(",") if s],
             progress=not args.no_progress)
-  except (src.DataError, TokenizerError, config_lib.ConfigError) as e:
+  except (src.DataError, TokenizerError, config_lib.ConfigError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"done in {time.time() - t0:.1f}s; train with data.source=arrayrecord "

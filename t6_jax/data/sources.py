@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from t6_jax import storage
+
 REF_MAGIC, REF_VERSION, REF_HEADER_BYTES = 20240520, 1, 1024
 GPT2_EOT_ID = 50256  # the reference's shards hold GPT-2 tokens; this one starts every document
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")  # the files data.source=text reads
@@ -69,14 +71,14 @@ class FlatTokens:
 
 def read_reference_header(path: str) -> int:
   """Validates a reference shard (magic, version, token count vs file size); its token count."""
-  if not os.path.isfile(path):
+  if not (storage.exists(path) and not storage.isdir(path)):
     raise DataError(f"reference shard {path!r} not found")
-  size = os.path.getsize(path)
+  size = storage.size(path)
   if size < REF_HEADER_BYTES:
     raise DataError(f"{path} is {size} bytes, shorter than the 1024-byte header of a "
                     f"reference token shard; is it a .bin shard of the reference's "
                     f"data/fineweb-edu script?")
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     header = np.frombuffer(f.read(REF_HEADER_BYTES), dtype="<i4")
   if header[0] != REF_MAGIC:
     raise DataError(f"{path} is not a reference token shard: its header starts with "
@@ -93,12 +95,19 @@ def read_reference_header(path: str) -> int:
 
 
 def expand_paths(pattern: str, suffixes: tuple[str, ...], what: str) -> list[str]:
-  """Files from a comma-separated list of files, directories and globs, sorted."""
+  """Files from a comma-separated list of files, directories and globs (local or gs://...),
+  sorted."""
   if not pattern:
     raise DataError(f"data.path is empty; set it to the {what} (files, a directory or a glob)")
   files = []
   for part in (p.strip() for p in pattern.split(",") if p.strip()):
-    if os.path.isdir(part):
+    if storage.is_remote(part):
+      storage.check(part, "data.path")
+      if storage.isdir(part):
+        found = [f for f in storage.walk_files(part) if f.endswith(suffixes)]
+      else:
+        found = [f for f in storage.glob(part) if not storage.isdir(f)]
+    elif os.path.isdir(part):
       found = [os.path.join(r, f) for r, _, fs in os.walk(part) for f in fs if f.endswith(suffixes)]
     else:
       found = [f for f in glob.glob(part) if os.path.isfile(f)]
@@ -109,16 +118,19 @@ def expand_paths(pattern: str, suffixes: tuple[str, ...], what: str) -> list[str
   return sorted(set(files))
 
 
-def reference_tokens(path: str, split: str) -> FlatTokens:
-  """The reference's shards: files named *_val_* (or else the first shard) are validation."""
+def reference_tokens(path: str, split: str, cache_dir: str = "data_cache") -> FlatTokens:
+  """The reference's shards: files named *_val_* (or else the first shard) are validation.
+  Shards in a bucket are validated there, then copied once under `cache_dir` to be
+  memory-mapped."""
   files = expand_paths(path, (".bin",), "reference token shards")
   val = [f for f in files if "_val_" in os.path.basename(f)] or files[:1]
   chosen = val if split == "validation" else [f for f in files if f not in val]
   if not chosen:
     raise DataError(f"data.path={path!r} holds only {len(files)} shard(s), all used for "
                     f"validation (shard 0 is validation); the train split needs more shards")
-  return FlatTokens([("bin", f, read_reference_header(f)) for f in chosen], GPT2_EOT_ID,
-                    name=f"reference:{split}")
+  entries = [("bin", f, read_reference_header(f)) for f in chosen]
+  entries = [(kind, storage.local_copy(f, cache_dir), n) for kind, f, n in entries]
+  return FlatTokens(entries, GPT2_EOT_ID, name=f"reference:{split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,19 +242,22 @@ def tfds_documents(d, split_name: str) -> TextDocuments:
 
 
 def read_prepared_meta(path: str) -> dict:
-  meta_path = os.path.join(path, PREPARED_META)
-  if not os.path.isfile(meta_path):
+  storage.check(path, "data.path")
+  meta_path = storage.join(path, PREPARED_META)
+  if not (storage.exists(meta_path) and not storage.isdir(meta_path)):
     raise DataError(f"data.path={path!r} is not a prepared dataset (no {PREPARED_META}); "
                     f"create one with `python -m t6_jax.data.prepare --out {path} ...`")
-  with open(meta_path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(meta_path))
 
 
-def prepared_documents(path: str, split: str) -> TokenDocuments:
+def prepared_documents(path: str, split: str, cache_dir: str = "data_cache") -> TokenDocuments:
+  """One split of a prepared dataset; a split file in a bucket is copied once under
+  `cache_dir` (the ArrayRecord reader needs a local file)."""
   meta = read_prepared_meta(path)
   if split not in meta["splits"]:
     raise DataError(f"{path} has no {split!r} split (it has {', '.join(meta['splits'])})")
-  file = os.path.join(path, meta["splits"][split]["file"])
-  if not os.path.isfile(file):
+  file = storage.join(path, meta["splits"][split]["file"])
+  if not (storage.exists(file) and not storage.isdir(file)):
     raise DataError(f"{file} is missing; re-run the prepare command for {path}")
-  return TokenDocuments(file, meta["dtype"], name=f"arrayrecord:{split}")
+  return TokenDocuments(storage.local_copy(file, cache_dir), meta["dtype"],
+                        name=f"arrayrecord:{split}")

@@ -14,6 +14,7 @@ smallest CRC32 of their key (at least one), so the split is the same on every ma
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import zlib
 from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
+
+from t6_jax import storage
 
 
 def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
@@ -31,10 +34,24 @@ def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
   return set(sorted(keys, key=lambda k: (zlib.crc32(k.encode()), k))[:n_val])
 
 
+def _open_text(path: str):
+  """A text file, local or in a bucket, read as UTF-8 with bad bytes replaced."""
+  if not storage.is_remote(path):
+    return open(path, encoding="utf-8", errors="replace")
+  return io.TextIOWrapper(storage.open(path, "rb"), encoding="utf-8", errors="replace")
+
+
+def file_ident(path: str) -> tuple:
+  """What names a file's version for cache keys: path, size and (locally) mtime."""
+  if storage.is_remote(path):
+    return (path, storage.size(path))
+  return (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
+
+
 def iter_documents(path: str, text_docs: str, text_key: str) -> Iterator[tuple[str, str]]:
   """(key, text) for every non-empty document of one file."""
   if path.endswith((".jsonl", ".json")):
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -48,7 +65,7 @@ def iter_documents(path: str, text_docs: str, text_key: str) -> Iterator[tuple[s
         if str(record[text_key]).strip():
           yield f"{path}:{n}", str(record[text_key])
     return
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with _open_text(path) as f:
     text = f.read()
   if text_docs == "file":
     parts = [text]
@@ -66,8 +83,8 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, files: Sequence[str], text_docs: str = "file", text_key: str = "text",
                val_fraction: float = 0.05):
-    files = sorted(os.path.abspath(f) for f in files)
-    ident = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    files = sorted(f if storage.is_remote(f) else os.path.abspath(f) for f in files)
+    ident = [file_ident(f) for f in files]
     digest = hashlib.sha256(json.dumps([ident, text_docs, text_key, val_fraction]).encode())
     super().__init__(name="c" + digest.hexdigest()[:12], version="1.0.0",
                      description=f"{len(files)} local text files")

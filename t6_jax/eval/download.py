@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
+from t6_jax import storage
 from t6_jax.eval.tasks import PAPER_TASKS, TASKS
 
 # (Hugging Face dataset, config) per task, as in lm-evaluation-harness's task YAMLs.
@@ -36,10 +38,12 @@ def download(out: str, names=PAPER_TASKS) -> list[str]:
     path, config = HF_DATASETS[name]
     task = TASKS[name]
     for split in dict.fromkeys((task.eval_split, task.fewshot_split)):
-      target = os.path.join(out, name, f"{split}.jsonl")
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+      target = storage.join(out, name, f"{split}.jsonl")
       ds = load_dataset(path, config, split=split)
-      ds.to_json(target, lines=True, force_ascii=False)
+      with tempfile.TemporaryDirectory() as tmp:  # written locally, then copied (gs:// too)
+        local = os.path.join(tmp, f"{split}.jsonl")
+        ds.to_json(local, lines=True, force_ascii=False)
+        storage.copy(local, target)
       print(f"{name}: {len(ds)} documents -> {target}")
       written.append(target)
   return written
@@ -62,7 +66,12 @@ def main(argv=None) -> int:
   except ImportError:
     print("error: needs the `datasets` package: pip install 't6-jax[eval]'", file=sys.stderr)
     return 2
-  download(os.path.expanduser(args.out), names)
+  try:
+    storage.check(args.out, "--out")
+  except storage.StorageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  download(args.out, names)
   return 0
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
-import yaml
 
 from t6_jax import distributed as distributed_lib
 from t6_jax import storage
 from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (train.py, tests)
 from t6_jax import sharding as sharding_lib
+from t6_jax import config as config_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics
 from t6_jax.train import flops as flops_lib
@@ -37,14 +36,15 @@ class NonFiniteLoss(RuntimeError):
 
 def clear_run_dir(workdir: str) -> None:
   """Removes a previous run (for --restart); refuses folders that are not run directories."""
-  if not os.path.isdir(workdir):
+  storage.check(workdir, "train.workdir")
+  if not storage.isdir(workdir):
     return
-  entries = set(os.listdir(workdir))
+  entries = set(storage.listdir(workdir))
   if entries and not entries & set(RUN_FILES):
     raise ValueError(f"--restart would delete {workdir!r}, which does not look like a run "
                      f"directory (no {', '.join(RUN_FILES)}); remove it yourself or choose "
                      f"another train.workdir")
-  shutil.rmtree(workdir)
+  storage.rmtree(workdir)
 
 
 def _batch_keys(cfg: Config) -> tuple[str, ...]:
@@ -130,8 +130,7 @@ class Run:
     self._load_data()
     self._restore_or_init()
     if self.primary:  # the run has started: record what it is
-      storage.write_text(storage.join(self.workdir, "config.yaml"),
-                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+      config_lib.dump(cfg, storage.join(self.workdir, "config.yaml"))
     self.keys = _batch_keys(cfg)
     self.step_fn = step_lib.TrainStep(cfg, self.mesh, batch_keys=self.keys)
     self.tokens_per_step = step_lib.tokens_per_step(cfg)

@@ -11,28 +11,44 @@ from typing import Any
 
 import numpy as np
 
+from t6_jax import storage
 from t6_jax.eval.tasks.formats import TASKS, Task, TaskError
 from t6_jax.eval.tasks.paper import PAPER_TASKS
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
+def _isfile(path: str) -> bool:
+  if storage.is_remote(path):
+    return storage.exists(path) and not storage.isdir(path)
+  return os.path.isfile(path)
+
+
+def _join(folder: str, *parts: str) -> str:
+  return storage.join(folder, *parts) if storage.is_remote(folder) else os.path.join(folder, *parts)
+
+
 def read_jsonl(path: str, task: Task) -> list[dict]:
   """Documents of `task` from a JSONL file, each checked for the task's fields."""
-  if not os.path.isfile(path):
+  storage.check(path, "task file")
+  if not _isfile(path):
     raise TaskError(f"task file {path!r} for {task.name} does not exist")
   docs = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        doc = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise TaskError(f"{path}:{line_no}: not valid JSON ({e.msg}); a task file holds one "
-                        f"JSON object per line") from e
-      check_doc(task, doc, f"{path}:{line_no}")
-      docs.append(doc)
+  if storage.is_remote(path):
+    lines = storage.read_text(path).splitlines(keepends=True)
+  else:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      doc = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise TaskError(f"{path}:{line_no}: not valid JSON ({e.msg}); a task file holds one "
+                      f"JSON object per line") from e
+    check_doc(task, doc, f"{path}:{line_no}")
+    docs.append(doc)
   if not docs:
     raise TaskError(f"task file {path!r} holds no documents")
   return docs
@@ -61,11 +77,12 @@ def check_doc(task: Task, doc: Any, where: str) -> None:
 
 
 def task_file(task_dir: str, name: str, split: str) -> str:
-  candidates = [os.path.join(task_dir, name, f"{split}.jsonl"),
-                os.path.join(task_dir, f"{name}.{split}.jsonl"),
-                os.path.join(task_dir, f"{name}_{split}.jsonl")]
+  storage.check(task_dir, "eval.task_dir")
+  candidates = [_join(task_dir, name, f"{split}.jsonl"),
+                _join(task_dir, f"{name}.{split}.jsonl"),
+                _join(task_dir, f"{name}_{split}.jsonl")]
   for path in candidates:
-    if os.path.isfile(path):
+    if _isfile(path):
       return path
   raise TaskError(f"no {split} file for task {name} under {task_dir!r}; looked for "
                   f"{', '.join(candidates)}. Export the dataset the harness uses to JSONL "
