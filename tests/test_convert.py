@@ -1,4 +1,4 @@
-"""Reference checkpoints in and out (issue 8): exact round trips for every attention type, the
+"""Reference checkpoints in and out: exact round trips for every attention type, the
 reference key layout checked against tests/numpy_ref.py's independent key list, file formats
 (safetensors, torch zip with and without torch), parity of a converted checkpoint with the
 float64 NumPy forward, and clear errors."""

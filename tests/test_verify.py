@@ -1,4 +1,4 @@
-"""The logit checker (issue 9): golden logits from the independent float64 NumPy forward pass,
+"""The logit checker: golden logits from the independent float64 NumPy forward pass,
 a perturbed logit fails, --dump round-trips, and bad inputs are clear errors (exit 2)."""
 
 import json
