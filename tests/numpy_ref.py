@@ -103,6 +103,30 @@ def causal_attention(q_THK, k_SHK, v_SHV, scale: float) -> np.ndarray:
   return np.einsum("hts,shv->thv", p_HTS, v_SHV)
 
 
+def factor_decode_attention(a_q, b_q, q_full, cache, layer: int, pad, pos: int,
+                            head_dim: int) -> np.ndarray:
+  """One query per row against layer `layer` of a stacked TPA factor cache, from the factors
+  (docs/model.md section 3), in float64: logits sum_r A_k[s,h,r] <Q[h], B_k[s,r]> with
+  Q[h] = sum_q A_q[h,q] B_q[q] / R_q (TPA; through P = B_q B_k^T) or the full query q_full
+  (TPA-KVonly), scaled by 1 / (sqrt(d_h) R_k); row b sees slots pad[b] .. pos and always pos;
+  out[h] = sum_{s,u} alpha[h,s] A_v[s,h,u] B_v[s,u] / R_v. Returns (B, H, d_h)."""
+  a_k, b_k, a_v, b_v = (np.asarray(np.asarray(x, np.float32), np.float64)[layer]
+                        for x in cache)
+  k_rank, v_rank = b_k.shape[2], b_v.shape[2]
+  if q_full is None:
+    p = np.einsum("bsrk,bqk->bsqr", b_k, b_q)
+    logits = np.einsum("bshr,bhq,bsqr->bhs", a_k, a_q, p) / (
+        np.sqrt(head_dim) * a_q.shape[2] * k_rank)
+  else:
+    logits = np.einsum("bshr,bhk,bsrk->bhs", a_k, q_full, b_k) / (np.sqrt(head_dim) * k_rank)
+  s = np.arange(a_k.shape[1])
+  keep = ((s[None] >= pad[:, None]) & (s[None] <= pos)) | (s[None] == pos)
+  logits = np.where(keep[:, None], logits, -np.inf)
+  alpha = np.exp(logits - logits.max(-1, keepdims=True))
+  alpha /= alpha.sum(-1, keepdims=True)
+  return np.einsum("bhs,bshu,bsuk->bhk", alpha, a_v, b_v) / v_rank
+
+
 # --------------------------------------------------------------------------------------------
 # Attention types (one sequence: x is (T, d))
 

@@ -7,30 +7,13 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import numpy_ref as ref
 from t6_jax import config as config_lib
 from t6_jax.decode.cache import entry_shapes
 from t6_jax.model import init_params, model_from_params
 from t6_jax import kernels
 from t6_jax.kernels.tpa_decode_gpu import tpa_decode_attention
 from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
-
-
-def numpy_attention(a_q, b_q, q_full, cache, layer, pad, pos, ranks, head_dim):
-  """The FlashTPA equations (docs/model.md) in float64: P = B_q B_k^T, logits, softmax, values."""
-  a_k, b_k, a_v, b_v = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)[layer]
-                        for x in cache]
-  q_rank, k_rank, v_rank = ranks
-  if q_full is None:
-    p = np.einsum("bsrk,bqk->bsqr", b_k, b_q)
-    logits = np.einsum("bshr,bhq,bsqr->bhs", a_k, a_q, p) / (np.sqrt(head_dim) * q_rank * k_rank)
-  else:
-    logits = np.einsum("bshr,bhk,bsrk->bhs", a_k, q_full, b_k) / (np.sqrt(head_dim) * k_rank)
-  s = np.arange(a_k.shape[1])
-  keep = ((s[None] >= pad[:, None]) & (s[None] <= pos)) | (s[None] == pos)
-  logits = np.where(keep[:, None], logits, -np.inf)
-  alpha = np.exp(logits - logits.max(-1, keepdims=True))
-  alpha /= alpha.sum(-1, keepdims=True)
-  return np.einsum("bhs,bshu,bsuk->bhk", alpha, a_v, b_v) / v_rank
 
 
 @pytest.mark.parametrize("full_query,heads,ranks,head_dim,block,splits", [
@@ -56,9 +39,9 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits)
   got = tpa_decode_attention(q_BxHxK, *cache, jnp.int32(layer), jnp.asarray(pad),
                              jnp.int32(pos), kv_len=slots, block=block, splits=splits,
                              interpret=True)
-  want = numpy_attention(a_q.astype(np.float64), b_q.astype(np.float64),
-                         None if q_full is None else q_full.astype(np.float64),
-                         cache, layer, pad, pos, ranks, head_dim)
+  want = ref.factor_decode_attention(a_q.astype(np.float64), b_q.astype(np.float64),
+                                     None if q_full is None else q_full.astype(np.float64),
+                                     cache, layer, pad, pos, head_dim)
   assert got.shape == want.shape
   # The value weights alpha * A_v go through bf16 (as in the XLA path): ~2^-9 relative.
   np.testing.assert_allclose(np.asarray(got), want, atol=4e-3 * np.abs(want).max())

@@ -7,6 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import numpy_ref
 from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
 from t6_jax.kernels.splash_tpu import block_sizes_for, padded_len, splash_attention
 from t6_jax.kernels.tpa_decode_tpu import tpa_decode_attention_tpu, tpu_a_layout
@@ -119,28 +120,6 @@ def test_splash_sharded_equals_unsharded(kv_heads, grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def numpy_factor_attention(q_parts, cache, layer, pad, pos, head_dim):
-  """One-token TPA attention from the factor cache in float64 (P = B_q B_k^T for TPA; a full
-  query for TPA-KVonly), rows seeing slots pad[b] .. pos and always pos."""
-  a_k, b_k, a_v, b_v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)[layer]
-                        for x in cache)
-  k_rank, v_rank = b_k.shape[2], b_v.shape[2]
-  if "q" in q_parts:
-    logits = np.einsum("bshr,bhk,bsrk->bhs", a_k, q_parts["q"], b_k) / (
-        np.sqrt(head_dim) * k_rank)
-  else:
-    a_q, b_q = q_parts["a_q"], q_parts["b_q"]
-    p = np.einsum("bsrk,bqk->bsqr", b_k, b_q)
-    logits = np.einsum("bshr,bhq,bsqr->bhs", a_k, a_q, p) / (
-        np.sqrt(head_dim) * a_q.shape[2] * k_rank)
-  s = np.arange(a_k.shape[1])
-  keep = ((s[None] >= pad[:, None]) & (s[None] <= pos)) | (s[None] == pos)
-  logits = np.where(keep[:, None], logits, -np.inf)
-  alpha = np.exp(logits - logits.max(-1, keepdims=True))
-  alpha /= alpha.sum(-1, keepdims=True)
-  return np.einsum("bhs,bshu,bsuk->bhk", alpha, a_v, b_v) / v_rank
-
-
 def _decode_case(heads, k_rank, v_rank, slots, full_query, batch=2, head_dim=8, seed=0):
   r = np.random.default_rng(seed)
   layers = 2
@@ -172,7 +151,9 @@ def test_decode_kernel_matches_numpy(heads, ranks, slots, pos, pad, full_query):
   pad_B = jnp.asarray(pad, jnp.int32)
   y = tpa_decode_attention_tpu(q, *cache, 1, pad_B, pos, kv_len=slots, interpret=True,
                                block=128)
-  ref = numpy_factor_attention(q_parts, cache, 1, np.asarray(pad), pos, q.shape[-1])
+  ref = numpy_ref.factor_decode_attention(q_parts.get("a_q"), q_parts.get("b_q"),
+                                          q_parts.get("q"), cache, 1, np.asarray(pad), pos,
+                                          q.shape[-1])
   assert y.shape == ref.shape and y.dtype == jnp.float32
   # The weights alpha * A_v meet B_v in bf16 (as in the GPU kernel): ~3 significant digits.
   np.testing.assert_allclose(np.asarray(y), ref, atol=4e-3 * np.abs(ref).max())
