@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import os
 
 import jax
 import jax.numpy as jnp
