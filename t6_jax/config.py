@@ -19,6 +19,7 @@ import yaml
 from t6_jax import storage
 
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
+GPU_GEMMS = ("cublas", "triton")
 SCHEDULES = ("cosine", "wsd", "constant")
 RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -210,9 +211,11 @@ class TrainConfig:
   eval_batches: int = 20
   sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
   sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
+  gpu_gemm: str = "cublas"  # cublas | triton: who runs the train step's matrix products on GPU
 
   def validate(self) -> None:
     _choice("train.schedule", self.schedule, SCHEDULES)
+    _choice("train.gpu_gemm", self.gpu_gemm, GPU_GEMMS)
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
               "eval_every", "eval_batches", "lr")
     _non_negative("train", self, "warmup_steps", "min_lr", "weight_decay", "clip_norm",

@@ -221,3 +221,19 @@ def test_non_finite_loss_leaves_state_unchanged(one):
   assert int(after["step"]) == 1
   for x, y in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"])):
     np.testing.assert_array_equal(x, y)
+
+
+def test_compiler_options_by_platform():
+  """train.gpu_gemm=cublas turns XLA's Triton GEMMs off on GPU meshes only; CPU and TPU
+  (AOT) meshes compile with the defaults, and triton keeps them everywhere."""
+  class FakeMesh:
+    def __init__(self, platform):
+      self.devices = np.array([type("Device", (), {"platform": platform})()])
+  cfg = config_lib.load("tiny")
+  assert step_lib.compiler_options(cfg, FakeMesh("gpu")) == {"xla_gpu_enable_triton_gemm": False}
+  for platform in ("cpu", "tpu"):
+    assert step_lib.compiler_options(cfg, FakeMesh(platform)) is None
+  triton = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gpu_gemm="triton"))
+  assert step_lib.compiler_options(triton, FakeMesh("gpu")) is None
+  with pytest.raises(config_lib.ConfigError, match="gpu_gemm"):
+    config_lib.load("tiny", ["train.gpu_gemm=cutlass"])
