@@ -1,0 +1,102 @@
+"""Training throughput of several presets under several settings, side by side in one run.
+
+  python bench/train_table.py --presets t6-small:64,mha-medium:32 \\
+      --variants "default=;triton=train.gpu_gemm=triton" --out docs/train_table.md
+
+Each (preset, variant) runs `bench/train_throughput.py` in its own process (so every peak
+memory figure is that run's own), and the results become one markdown table: tokens/s, MFU by
+the reference formula 6N + 12·L·h·d_h·T and peak memory per variant, the first variant's
+tokens/s as the base of the ratios, and the PyTorch reference's measurement where there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from train_throughput import REFERENCE_H200  # noqa: E402
+
+FIELDS = {"tokens/s": r"tokens/s\s+([\d,]+)",
+          "mfu": r"MFU \(reference formula 6N\+12LhdT\)\s+([\d.]+%)",
+          "peak": r"peak memory \([^)]*\)\s+([\d.]+ GiB)",
+          "compile": r"compile \+ first step\s+(\d+ s)"}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--presets", required=True, help="comma-separated PRESET:BATCH pairs")
+  p.add_argument("--variants", default="default=",
+                 help="semicolon-separated NAME=SETTINGS, SETTINGS space-separated key=value")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--timeout_s", type=float, default=150.0, help="per run")
+  p.add_argument("--out", default="", help="markdown file to append the table to")
+  return p.parse_args(argv)
+
+
+def run_one(preset: str, batch: int, settings: list[str], args) -> dict[str, str]:
+  cmd = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--config", preset,
+         "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--out", "", *settings]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    text = done.stdout + done.stderr
+  except subprocess.TimeoutExpired:
+    return {"error": f"over {args.timeout_s:.0f} s"}
+  found = {k: m.group(1) for k, pat in FIELDS.items() if (m := re.search(pat, text))}
+  if "tokens/s" not in found:
+    found["error"] = (text.strip().splitlines() or ["no output"])[-1][:120]
+  return found
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  presets = [(p.split(":")[0], int(p.split(":")[1])) for p in args.presets.split(",")]
+  variants = []
+  for item in args.variants.split(";"):
+    name, _, settings = item.partition("=")
+    variants.append((name.strip(), settings.split()))
+  header = ["preset", "batch"] + [name for name, _ in variants] + ["reference"]
+  rows = []
+  for preset, batch in presets:
+    cells, base = [preset, str(batch)], None
+    for name, settings in variants:
+      r = run_one(preset, batch, settings, args)
+      if "error" in r:
+        cells.append(f"failed: {r['error']}")
+      else:
+        tps = float(r["tokens/s"].replace(",", ""))
+        ratio = "" if base is None else f" ({tps / base:.2f}x)"
+        base = tps if base is None else base
+        cells.append(f"{r['tokens/s']}{ratio}, {r.get('mfu', '?')}, {r.get('peak', '?')}")
+      print(f"{preset} B={batch} {name}: {cells[-1]}", flush=True)
+    cells.append(REFERENCE_H200.get(preset, "").replace(f"batch {batch}: ", ""))
+    rows.append(cells)
+  sys.path.insert(0, os.path.dirname(HERE))
+  from t6_jax import cli
+  cli.quiet_startup()  # no libtpu start-up noise on a host without a TPU
+  import jax
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  lines = ["", f"`python bench/train_table.py --presets {args.presets} --variants "
+           f"\"{args.variants}\"` on {jax.devices()[0].device_kind} (jax {jax.__version__}, "
+           f"{date}); each cell: tokens/s (ratio to the first variant), MFU by 6N+12LhdT, "
+           f"peak memory.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(c) + " |" for c in rows]
+  print("\n".join(lines))
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write("\n".join(lines) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
