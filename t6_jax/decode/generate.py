@@ -93,6 +93,9 @@ def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtyp
   layout = cache_layout(model_cfg, rules, batch, cache_dtype, factor, kernel)
   cache = init_cache(model_cfg, batch, max_len, cache_dtype, rules, layout)
   entries = cache.entries
+  if one_pass_prefill(model_cfg, t_len, chunk):
+    logits_BxV, entries = model.prefill(tokens_BxT, entries, pad_B, layout=layout)
+    return Cache(entries, pad_B, jnp.asarray(t_len, jnp.int32), layout), logits_BxV
   for start in range(0, t_len, chunk):  # long prompts in chunks, each against the cache
     stop = min(t_len, start + chunk)
     logits_BxV, entries = model.extend(tokens_BxT[:, start:stop], entries, pad_B, start,
@@ -212,6 +215,23 @@ def prompt_bucket(longest: int, room: int, chunk: int) -> int:
   if width > chunk:
     width = -(-longest // chunk) * chunk
   return max(longest, min(width, room))
+
+
+def one_pass_prefill(model_cfg: ModelConfig, t_len: int, chunk: int) -> bool:
+  """Whether prompts of t_len tokens fill the cache in one causal pass (`Transformer.prefill`):
+  when they fit one chunk, or when a fused kernel runs the pass without holding the (T, T)
+  scores: splash on TPU, cuDNN's flash kernel on GPU (16-bit, head width <= 128)."""
+  if t_len <= chunk:
+    return True
+  if model_cfg.attention_impl == "xla":
+    return False
+  platform, _ = kernels.target()
+  width = (model_cfg.mla_nope_dim + model_cfg.mla_rope_dim if model_cfg.attention == "mla"
+           else model_cfg.head_dim)
+  if platform == "gpu":
+    return (jnp.dtype(model_cfg.dtype) in (jnp.bfloat16, jnp.float16) and width <= 128
+            and width % 8 == 0)
+  return platform == "tpu"
 
 
 SCORES_BYTES = 2 << 30  # prefill materialises (B, H, chunk, S) fp32 attention scores

@@ -66,8 +66,10 @@ class LayerCache:
 
   entries: {name: (layers, B, S, ...)} of every layer; layer: int32 index; start: slot of the
   first new token; pad_B: (B,) leading padding slots; kv_len (static): slots attended to;
-  path (static): "materialize" (attend), "factors" (attend_factors) or "kernel" (the fused
-  one-token decode kernel of `kernels.tpa_decode`, reading the stacked cache in place);
+  path (static): "materialize" (attend), "factors" (attend_factors), "kernel" (the fused
+  one-token decode kernel of `kernels.tpa_decode`, reading the stacked cache in place) or
+  "prompt" (`Transformer.prefill`: the queries attend to their own new entries, which are
+  then stored);
   kernel (static): which one ("triton" or "mosaic", `kernels.decode_kernel`);
   layout (static): None for the standard (layers, B, S, ...) entries, or the
   `kernels.FactorCacheLayout` the TPU kernel reads in place (new entries are written in it,
@@ -95,6 +97,12 @@ class LayerCache:
       index[0], index[slot_axis] = self.layer, self.start
       out[name] = jax.lax.dynamic_update_slice(cache, x[None], tuple(index))
     return out
+
+  def rotated_back(self, new: dict) -> dict:
+    """Entries of a one-pass prefill (`Transformer.prefill`: rows rotated left by their
+    padding) rotated right again, so each prompt ends at slot T-1 as `extend` stores it."""
+    roll = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
+    return {name: roll(x, self.pad_B) for name, x in new.items()}
 
   def view(self, entries: dict, dtype) -> dict:
     """This layer's slots [0, kv_len) in the compute dtype (standard layout)."""
@@ -155,6 +163,8 @@ class Attention(nnx.Module):
     q, new = self.project(x_BxTxD, rope)
     if cache is None:
       return self.out(self.attend(q, new, mask)), None
+    if cache.path == "prompt":  # an empty cache: attend as in training, then store
+      return self.out(self.attend(q, new, mask)), cache.write(cache.rotated_back(new))
     entries = cache.write(new)
     if cache.path == "kernel":
       y = self.attend_kernel(q, cache, entries)

@@ -183,6 +183,37 @@ class Transformer(nnx.Module):
     return constrain(logits_BxV, ("batch", "act_vocab"), self.rules), entries
 
 
+  def prefill(self, tokens_BxT, entries, pad_B, *, layout=None):
+    """Left-padded prompts (row b's first pad_B[b] tokens are padding) into an empty decode
+    cache in one causal pass: the same (fp32 logits (B, V) of the last token, entries) as
+    `extend(tokens_BxT, entries, pad_B, 0, kv_len=T)`, with the mask of training.
+
+    Each row is rotated left by its padding, so its prompt starts at slot 0 and its padding
+    follows it, where no prompt query sees it: the aligned causal mask is then exact, the
+    fused kernels take it (cuDNN flash on GPU, splash on TPU) and no (T, S) scores are held,
+    whatever the prompt's length. The entries are rotated back as they are stored.
+    """
+    batch, t_len = tokens_BxT.shape
+    rotate = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
+    tokens_BxT = rotate(tokens_BxT, -pad_B)
+    rope = self.rope(jnp.broadcast_to(jnp.arange(t_len, dtype=jnp.int32), (batch, t_len)))
+    mask = kernels.training_mask()
+    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
+
+    def layer(block, carry, i):
+      x_BxTxD, entries = carry
+      cache = LayerCache(entries, i, jnp.asarray(0, jnp.int32), pad_B, t_len, "prompt", None,
+                         layout)
+      return block(x_BxTxD, rope, mask, cache), None
+
+    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
+    last_Bx1x1 = (t_len - 1 - pad_B)[:, None, None]
+    x_Bx1xD = jnp.take_along_axis(x_BxTxD, last_Bx1x1, axis=1)
+    logits_BxV = self.embed.logits(rms_norm(x_Bx1xD))[:, 0]
+    return constrain(logits_BxV, ("batch", "act_vocab"), self.rules), entries
+
+
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
   """Freshly initialised parameters as a nested dict of arrays (the train state's layout)."""
   return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(seed)), nnx.Param))
