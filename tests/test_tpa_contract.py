@@ -90,11 +90,12 @@ def test_dispatch_setting():
   pairs = factors(rng, (2, 6), 3, (2, 2), 8, jnp.bfloat16)
   uses_kernel = lambda impl: "pallas_call" in str(
       jax.make_jaxpr(lambda ps: kernels.tpa_contract(ps, impl=impl))(pairs))
-  assert not uses_kernel("auto")  # the CPU: einsum
+  assert config_lib.load("t6-small").model.contract_impl == "xla"  # the default
   assert not uses_kernel("xla")
   assert uses_kernel("pallas")
-  with pytest.raises(ValueError, match="contract_impl='triton'"):
-    kernels.tpa_contract(pairs, impl="triton")
+  for bad in ("triton", "auto"):
+    with pytest.raises(ValueError, match=f"contract_impl='{bad}'"):
+      kernels.tpa_contract(pairs, impl=bad)
   with pytest.raises(config_lib.ConfigError, match="contract_impl"):
     config_lib.load("tiny", ["model.contract_impl=triton"])
   want = [tpa_contract_gpu.contract_einsum(a, b) for a, b in pairs]
@@ -103,20 +104,19 @@ def test_dispatch_setting():
                                rtol=2**-7, atol=2**-7 * float(jnp.abs(w).max()))
 
 
-def test_auto_takes_the_kernel_on_gpu_for_16_bit_factors(monkeypatch):
+def test_on_gpu_pallas_compiles_the_kernels_and_mixed_dtypes_take_the_einsum(monkeypatch):
+  calls = []
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
   monkeypatch.setattr(tpa_contract_gpu, "tpa_contract",
-                      lambda pairs, interpret: ["kernel"] * len(pairs))
+                      lambda pairs, interpret: calls.append(interpret) or ["kernel"] * len(pairs))
   rng = np.random.default_rng(2)
   q, k, v = factors(rng, (2, 4), 3, (6, 2, 2), 8, jnp.bfloat16)
-  assert kernels.tpa_contract([q, k, v], impl="auto") == ["kernel"] * 3
-  assert kernels.tpa_contract(factors(rng, (2, 4), 3, (1,), 8, jnp.float16),
-                              impl="auto") == ["kernel"]
-  # float32 factors and mixed dtypes take the einsum.
-  f32 = factors(rng, (2, 4), 3, (2,), 8, jnp.float32)
-  assert kernels.tpa_contract(f32, impl="auto")[0].shape == (2, 4, 3, 8)
+  assert kernels.tpa_contract([q, k, v], impl="pallas") == ["kernel"] * 3
+  assert calls == [False]  # one launch, compiled (not interpreted)
+  assert kernels.tpa_contract([q, k, v], impl="xla")[0].shape == (2, 4, 3, 8)
   mixed = [(q[0], q[1].astype(jnp.float32))]
   assert kernels.tpa_contract(mixed, impl="pallas")[0].shape == (2, 4, 3, 8)
+  assert calls == [False]
 
 
 def test_queries_against_a_longer_cache_take_two_launches():

@@ -23,12 +23,12 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       off TPU), under `jax.shard_map` on a mesh.
 
   tpa_contract(pairs, *, impl, rules) -> [(..., H, d_h) per pair]
-      impl (model.contract_impl): auto | xla | pallas. TPA's per-token factor contraction
-      sum_r A[h, r] B[r] / R of (A (B, T, H, R), B (B, T, R, d_h)) pairs; auto: the Pallas
-      Triton kernels (tpa_contract_gpu.py; pairs of one length in one launch) on GPU for
-      16-bit factors, XLA's einsum elsewhere; pallas: the kernels always (interpreted off
-      GPU). Under `jax.shard_map` on a mesh that splits only the batch; where the rules split
-      heads (tensor parallelism) the einsum runs.
+      impl (model.contract_impl): xla | pallas. TPA's per-token factor contraction
+      sum_r A[h, r] B[r] / R of (A (B, T, H, R), B (B, T, R, d_h)) pairs; xla: XLA's einsum
+      (the default: faster in training on an H200 so far); pallas: the Pallas Triton kernels
+      (tpa_contract_gpu.py; pairs of one length in one launch), interpreted off GPU, under
+      `jax.shard_map` on a mesh that splits only the batch; where the rules split heads
+      (tensor parallelism) the einsum runs.
 
 `Mask` (mask.py) describes what each query may see for every path.
 """
@@ -49,7 +49,7 @@ from t6_jax.sharding import Rules, logical_to_spec
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
-CONTRACT_IMPLS = ("auto", "xla", "pallas")
+CONTRACT_IMPLS = ("xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
@@ -195,7 +195,7 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
                             **tuning)
 
 
-def tpa_contract(pairs, *, impl: str = "auto", rules: Rules | None = None):
+def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
   """[(A (B, T, H, R_i), B (B, T, R_i, d_h)), ...] -> [sum_r A B / R_i of shape (B, T, H, d_h),
   ...] in the factors' dtype, by the Pallas kernels or XLA's einsum (model.contract_impl).
 
@@ -207,9 +207,7 @@ def tpa_contract(pairs, *, impl: str = "auto", rules: Rules | None = None):
     raise ValueError(f"model.contract_impl={impl!r}; use {', '.join(CONTRACT_IMPLS)}")
   platform, mesh = target()
   dtype = jnp.dtype(pairs[0][0].dtype)
-  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu"
-                                and dtype in (jnp.bfloat16, jnp.float16))
-  kernel = kernel and all(a.dtype == dtype and b.dtype == dtype for a, b in pairs) and max(
+  kernel = impl == "pallas" and all(a.dtype == dtype and b.dtype == dtype for a, b in pairs) and max(
       math.prod(a.shape[:-1]) * b.shape[-1] for a, b in pairs) <= tpa_contract_gpu.MAX_ELEMENTS
   batch_axes = ()
   if kernel and mesh is not None and rules is not None:

@@ -272,8 +272,9 @@ class TPA(Attention):
     return q, entries
 
   def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: the Pallas
-    kernels contract every pair of one length in one launch (q, k and v in training)."""
+    """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: XLA's einsum,
+    or the Pallas kernels contracting every pair of one length in one launch (q, k and v in
+    training)."""
     pairs = [(e["a_k"], e["b_k"]), (e["a_v"], e["b_v"])]
     if isinstance(q, TPAQueries):
       pairs.insert(0, (q.a_q_BxTxHxQ, q.b_q_BxTxQxK))
