@@ -127,6 +127,21 @@ def factor_decode_attention(a_q, b_q, q_full, cache, layer: int, pad, pos: int,
   return np.einsum("bhs,bshu,bsuk->bhk", alpha, a_v, b_v) / v_rank
 
 
+def tpa_contract(a_NxHxR, b_NxRxK, dout_NxHxK=None):
+  """TPA's per-token factor contraction (docs/model.md section 3) in float64 over any leading
+  axes N: out[n,h,k] = sum_r A[n,h,r] B[n,r,k] / R; with the output gradient dout, also
+  (dA, dB): dA[n,h,r] = sum_k dout[n,h,k] B[n,r,k] / R, dB[n,r,k] = sum_h dout[n,h,k]
+  A[n,h,r] / R."""
+  a, b = (np.asarray(np.asarray(x, np.float32), np.float64) for x in (a_NxHxR, b_NxRxK))
+  rank = a.shape[-1]
+  out = np.einsum("...hr,...rk->...hk", a, b) / rank
+  if dout_NxHxK is None:
+    return out
+  dout = np.asarray(np.asarray(dout_NxHxK, np.float32), np.float64)
+  return (out, np.einsum("...hk,...rk->...hr", dout, b) / rank,
+          np.einsum("...hk,...hr->...rk", dout, a) / rank)
+
+
 # --------------------------------------------------------------------------------------------
 # Attention types (one sequence: x is (T, d))
 

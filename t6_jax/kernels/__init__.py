@@ -22,6 +22,14 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
       off TPU), under `jax.shard_map` on a mesh.
 
+  tpa_contract(pairs, *, impl, rules) -> [(..., H, d_h) per pair]
+      impl (model.contract_impl): xla | pallas. TPA's per-token factor contraction
+      sum_r A[h, r] B[r] / R of (A (B, T, H, R), B (B, T, R, d_h)) pairs; xla: XLA's einsum
+      (the default: faster in training on an H200 so far); pallas: the Pallas Triton kernels
+      (tpa_contract_gpu.py; pairs of one length in one launch), interpreted off GPU, under
+      `jax.shard_map` on a mesh that splits only the batch; where the rules split heads
+      (tensor parallelism) the einsum runs.
+
 `Mask` (mask.py) describes what each query may see for every path.
 """
 
@@ -32,7 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from t6_jax.kernels import attention_xla, tpa_decode_gpu, tpa_decode_tpu
+from t6_jax.kernels import attention_xla, tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
 from t6_jax.kernels.splash_tpu import splash_attention
@@ -41,6 +49,7 @@ from t6_jax.sharding import Rules, logical_to_spec
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
+CONTRACT_IMPLS = ("xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
@@ -184,3 +193,44 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
   return tpa_decode_sharded(fn, mesh, batch_axes, head_axes or None, q_BxHxK, a_k, b_k, a_v,
                             b_v, layer, pad_B, pos, kv_len=kv_len, interpret=interpret,
                             **tuning)
+
+
+def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
+  """[(A (B, T, H, R_i), B (B, T, R_i, d_h)), ...] -> [sum_r A B / R_i of shape (B, T, H, d_h),
+  ...] in the factors' dtype, by the Pallas kernels or XLA's einsum (model.contract_impl).
+
+  The kernels take pairs of one dtype; pairs with the same leading axes (TPA's q, k and v in
+  training) share one launch. The einsum runs where the rules split anything but the batch on
+  the current mesh, and for arrays too large for the kernels' int32 offsets.
+  """
+  if impl not in CONTRACT_IMPLS:
+    raise ValueError(f"model.contract_impl={impl!r}; use {', '.join(CONTRACT_IMPLS)}")
+  platform, mesh = target()
+  dtype = jnp.dtype(pairs[0][0].dtype)
+  kernel = impl == "pallas" and all(a.dtype == dtype and b.dtype == dtype for a, b in pairs) and max(
+      math.prod(a.shape[:-1]) * b.shape[-1] for a, b in pairs) <= tpa_contract_gpu.MAX_ELEMENTS
+  batch_axes = ()
+  if kernel and mesh is not None and rules is not None:
+    for a, b in pairs:
+      a_axes = _split_axes(("batch", "length", "act_heads", None), a.shape, rules, mesh)
+      b_axes = _split_axes(("batch", "length", None, None), b.shape, rules, mesh)
+      if any(a_axes[1:]) or any(b_axes[1:]) or a_axes[0] != b_axes[0]:
+        kernel = False
+      batch_axes = a_axes[0]
+  if not kernel:
+    return [tpa_contract_gpu.contract_einsum(a, b) for a, b in pairs]
+  interpret = platform != "gpu"
+  groups: dict[tuple, list[int]] = {}  # leading axes -> pair indices, one launch each
+  for i, (a, _) in enumerate(pairs):
+    groups.setdefault(a.shape[:-2], []).append(i)
+  outs = [None] * len(pairs)
+  for idx in groups.values():
+    group = [pairs[i] for i in idx]
+    if batch_axes:
+      got = tpa_contract_gpu.tpa_contract_sharded(group, mesh=mesh, batch_axes=batch_axes,
+                                                  interpret=interpret)
+    else:
+      got = tpa_contract_gpu.tpa_contract(group, interpret=interpret)
+    for i, o in zip(idx, got):
+      outs[i] = o
+  return outs

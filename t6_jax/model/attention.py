@@ -281,20 +281,19 @@ class TPA(Attention):
                "a_v": out["W_A_v"], "b_v": out["W_B_v"]}
     return q, entries
 
-  def materialize_q(self, q: Queries):
-    if isinstance(q, FullQueries):
-      return q.q_BxTxHxK
-    return jnp.einsum("bthq,btqk->bthk", q.a_q_BxTxHxQ, q.b_q_BxTxQxK) / self.cfg.q_rank
-
-  def materialize_kv(self, e):
-    k_BxSxHxK = jnp.einsum("bshr,bsrk->bshk", e["a_k"], e["b_k"]) / self.cfg.k_rank
-    v_BxSxHxK = jnp.einsum("bshr,bsrk->bshk", e["a_v"], e["b_v"]) / self.cfg.v_rank
-    return k_BxSxHxK, v_BxSxHxK
+  def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: XLA's einsum,
+    or the Pallas kernels contracting every pair of one length in one launch (q, k and v in
+    training)."""
+    pairs = [(e["a_k"], e["b_k"]), (e["a_v"], e["b_v"])]
+    if isinstance(q, TPAQueries):
+      pairs.insert(0, (q.a_q_BxTxHxQ, q.b_q_BxTxQxK))
+    out = kernels.tpa_contract(pairs, impl=self.cfg.contract_impl, rules=self.rules)
+    return (q.q_BxTxHxK, *out) if isinstance(q, FullQueries) else tuple(out)
 
   def attend(self, q: Queries, e, mask: Mask):
-    q_BxTxHxK = self._constrain_q(self.materialize_q(q))
-    k_BxSxHxK, v_BxSxHxK = self.materialize_kv(e)
-    y_BxTxHxK = kernels.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask,
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = self.materialize(q, e)
+    y_BxTxHxK = kernels.attention(self._constrain_q(q_BxTxHxK), k_BxSxHxK, v_BxSxHxK, mask,
                                   scale=1.0 / math.sqrt(self.cfg.head_dim),
                                   impl=self.cfg.attention_impl, rules=self.rules)
     return self.head_norm(y_BxTxHxK)

@@ -1,0 +1,135 @@
+"""TPA's factor contraction alone (Q, K and V from their factors, forward and backward): the
+Pallas kernels (t6_jax/kernels/tpa_contract_gpu.py) at several launch settings against XLA's
+einsum, on the shapes of one training step's layer.
+
+  python bench/tpa_contract.py                                  # t6-small, batch 64 x 1024
+  python bench/tpa_contract.py --config t6-medium --batch 32 --tuning_out best.json
+
+Times the forward (q, k, v from the six factors), the backward alone (the six factor
+gradients from dq, dk, dv) and their sum; GB/s counts the bytes each must move
+(forward: factors read, outputs written; backward: factors and output gradients read, factor
+gradients written). `--tuning_out` writes the fastest forward and backward settings as JSON
+({"fwd": {...}, "bwd": {...}}, the form of `tpa_contract_gpu.TUNING`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (block_t, head_block, num_warps): tokens per program, largest head chunk, warps.
+SWEEP = [(4, 32, 4), (2, 32, 4), (8, 32, 8), (1, 32, 2), (8, 16, 4), (16, 16, 8)]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="t6-small", help="preset or YAML file")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq_len", type=int, default=1024)
+  p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+  p.add_argument("--calls", type=int, default=10, help="calls per repetition")
+  p.add_argument("--tuning_out", default="", help="JSON file for the fastest settings")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from t6_jax import config as config_lib
+  from t6_jax import kernels
+  from t6_jax.kernels import tpa_contract_gpu
+
+  cfg = config_lib.load(args.config).model
+  interpret = jax.default_backend() != "gpu"  # a CPU smoke run interprets the kernels
+  lead, h, k = (args.batch, args.seq_len), cfg.num_heads, cfg.head_dim
+  ranks = (cfg.q_rank, cfg.k_rank, cfg.v_rank)
+  rng = np.random.default_rng(0)
+  bf16 = jnp.bfloat16
+  rnd = lambda *s: jnp.asarray(rng.standard_normal(lead + s, np.float32), bf16)
+  flat = [x for r in ranks for x in (rnd(h, r), rnd(r, k))]
+  douts = [rnd(h, k) for _ in ranks]
+  nbytes = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
+  out_bytes = nbytes(douts)
+  fwd_gb = (nbytes(flat) + out_bytes) / 1e9
+  bwd_gb = (2 * nbytes(flat) + out_bytes) / 1e9
+  print(f"{args.config}: batch {args.batch} x {args.seq_len}, {h} heads x {k}, ranks {ranks}, "
+        f"bf16; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print(f"bytes moved: forward {fwd_gb:.3f} GB, backward {bwd_gb:.3f} GB")
+  print("model.contract_impl=pallas takes the kernel:", "pallas_call" in str(jax.make_jaxpr(
+      lambda f: kernels.tpa_contract(list(zip(f[0::2], f[1::2])), impl="pallas"))(flat)))
+
+  def timed(fn, *xs):
+    jax.block_until_ready(fn(*xs))
+    jax.block_until_ready(fn(*xs))
+    times = []
+    for _ in range(args.reps):
+      t0 = time.perf_counter()
+      for _ in range(args.calls):
+        out = fn(*xs)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / args.calls)
+    return 1e3 * float(np.median(times))
+
+  def measure(contract):
+    f = lambda *fl: tuple(contract(list(zip(fl[0::2], fl[1::2]))))
+    fwd = jax.jit(f)
+    _, vjp_fn = jax.vjp(f, *flat)
+    bwd = jax.jit(lambda fn, d: fn(tuple(d)))
+    outs = fwd(*flat)
+    grads = bwd(vjp_fn, douts)
+    return timed(fwd, *flat), timed(bwd, vjp_fn, douts), outs, grads
+
+  einsum = lambda pairs: [tpa_contract_gpu.contract_einsum(a, b) for a, b in pairs]
+  f32 = [x.astype(jnp.float32) for x in flat]
+  want_outs, want_vjp = jax.vjp(lambda *fl: tuple(einsum(list(zip(fl[0::2], fl[1::2])))), *f32)
+  want_grads = want_vjp(tuple(d.astype(jnp.float32) for d in douts))
+
+  def error(got, want):
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+               for g, w in zip(got, want))
+
+  def row(name, fwd_ms, bwd_ms, err):
+    print(f"| {name} | {fwd_ms:.3f} | {1e3 * fwd_gb / fwd_ms:.0f} | {bwd_ms:.3f} | "
+          f"{1e3 * bwd_gb / bwd_ms:.0f} | {fwd_ms + bwd_ms:.3f} | {err} |", flush=True)
+
+  print("\n| path | fwd ms | fwd GB/s | bwd ms | bwd GB/s | fwd+bwd ms | max rel. error |")
+  print("|---|---|---|---|---|---|---|")
+  fx, bx, outs, grads = measure(einsum)
+  row("XLA einsum", fx, bx, f"{error(outs, want_outs):.1e} / {error(grads, want_grads):.1e}")
+  best = {"fwd": (fx, None), "bwd": (bx, None)}
+  for block_t, head_block, warps in SWEEP:
+    tune = {"block_t": block_t, "head_block": head_block, "num_warps": warps, "num_stages": 1}
+    name = f"kernel t{block_t} h{head_block} w{warps}"
+    try:
+      fk, bk, outs, grads = measure(
+          lambda pairs: tpa_contract_gpu.tpa_contract(pairs, fwd=tune, bwd=tune,
+                                                      interpret=interpret))
+    except Exception as e:  # a setting Triton cannot compile: report it and go on
+      print(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |")
+      continue
+    row(name, fk, bk, f"{error(outs, want_outs):.1e} / {error(grads, want_grads):.1e}")
+    for key, ms in (("fwd", fk), ("bwd", bk)):
+      if ms < best[key][0]:
+        best[key] = (ms, tune)
+  print(f"\nfastest: forward {best['fwd'][0]:.3f} ms ({best['fwd'][1] or 'einsum'}) vs einsum "
+        f"{fx:.3f} ms; backward {best['bwd'][0]:.3f} ms ({best['bwd'][1] or 'einsum'}) vs "
+        f"einsum {bx:.3f} ms")
+  if args.tuning_out:
+    tuning = {key: best[key][1] or tpa_contract_gpu.TUNING[key] for key in ("fwd", "bwd")}
+    with open(args.tuning_out, "w") as f:
+      json.dump(tuning, f)
+    print(f"wrote {args.tuning_out}: {tuning}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
