@@ -99,16 +99,19 @@ def test_kernel_tokens_equal_xla_and_teacher_forced(attention):
 
 
 def test_grouped_kernel_choice(monkeypatch):
-  """auto: the kernel on one GPU with a 16-bit cache; XLA on CPU/TPU, for a float32 cache and
-  on a mesh of several devices; pallas: the kernel (interpreted off GPU) on one device."""
+  """auto: the kernel on one GPU with a 16-bit cache for MQA/GQA/MLA; XLA for MHA, on CPU/TPU,
+  for a float32 cache and on a mesh of several devices; pallas: the kernel (interpreted off
+  GPU) on one device."""
   choice = kernels.decode_kernel
   assert choice("auto", "gqa", "bfloat16") is None  # this CPU
   assert choice("pallas", "mla", "bfloat16") == "triton"
   assert choice("xla", "mha", "bfloat16") is None
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
-  for attention in ("mha", "mqa", "gqa", "mla"):
+  for attention in ("mqa", "gqa", "mla"):
     assert choice("auto", attention, "bfloat16") == "triton"
     assert choice("auto", attention, "float32") is None
+  assert choice("auto", "mha", "bfloat16") is None  # XLA is fast for one head per KV head
+  assert choice("pallas", "mha", "bfloat16") == "triton"
   monkeypatch.setattr(kernels, "target", lambda: ("tpu", None))
   assert choice("auto", "gqa", "bfloat16") is None
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", object()))

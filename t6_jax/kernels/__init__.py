@@ -46,6 +46,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")  # the grouped (K/V or latent) decode kernel
+# ... which `auto` picks: MHA (one query head per KV head) decodes at 65% of the HBM roofline
+# on XLA already (docs/benchmarks.md), the grouped types at about 20% without the kernel.
+GROUPED_AUTO = ("mqa", "gqa", "mla")
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
 
@@ -131,8 +134,9 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
   auto: the platform's kernel on GPU (16-bit caches) and TPU (16-bit and float32 caches), XLA
   elsewhere; pallas: the kernel always (Mosaic, interpreted, off GPU and TPU; a cache dtype
   the kernel does not take raises the kernel's own error). MHA/MQA/GQA/MLA have the Triton
-  grouped kernel on one device only: auto takes it on GPU for a 16-bit cache, pallas anywhere
-  (interpreted off GPU); on a mesh of several devices, and on TPU under auto, they stay on XLA.
+  grouped kernel on one device only: auto takes it on GPU for MQA/GQA/MLA with a 16-bit cache,
+  pallas for all four anywhere (interpreted off GPU); on a mesh of several devices, and on TPU
+  under auto, they stay on XLA.
   """
   if setting not in DECODE_KERNELS:
     raise ValueError(f"decode.attention_kernel={setting!r}; use {', '.join(DECODE_KERNELS)}")
@@ -141,7 +145,8 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
   if attention in GROUPED_ATTENTIONS:
     platform, mesh = target()
     if mesh is not None or (setting == "auto" and (
-        platform != "gpu" or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"])):
+        platform != "gpu" or attention not in GROUPED_AUTO
+        or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"])):
       return None
     return "triton"
   if attention not in FACTOR_ATTENTIONS:
