@@ -12,7 +12,9 @@ flags, change decode and mesh settings (e.g. decode.cache_dtype=float32 mesh.ten
 Prompts come from --prompt (repeatable) or --prompts_file (one per line, or JSONL with a
 "prompt" field); completions are printed, or written as JSONL with --out. Reports tokens/s.
 Each batch of --batch_size prompts samples with its own key (the seed with the batch index
-folded in). A failure ends in one line (--debug shows the traceback).
+folded in). Prompts of lengths in one bucket (powers of two, then multiples of
+decode.prefill_chunk) share one compiled prefill and token loop; the speeds it reports leave XLA
+compilation out (--warmup: tracing too). A failure ends in one line (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ def parse_args(argv=None):
   parser.add_argument("--top_k", type=int, default=None)
   parser.add_argument("--top_p", type=float, default=None)
   parser.add_argument("--seed", type=int, default=None)
-  parser.add_argument("--max_len", type=int, default=None, help="cache length")
+  parser.add_argument("--max_len", type=int, default=None,
+                      help="cache length (default: the prompts' bucket width + max_new_tokens, "
+                           "at least decode.max_len, so nearby prompt lengths share programs)")
   parser.add_argument("--batch_size", type=int, default=0, help="prompts per batch (0: all)")
   parser.add_argument("--no_stop", action="store_true",
                       help="do not stop at the tokenizer's end-of-text token")
+  parser.add_argument("--warmup", action="store_true",
+                      help="decode the first batch once, untimed, before the timed run: the "
+                           "reported speed is then the steady state (no tracing or compiling)")
   cli.add_common(parser)
   args = cli.parse(parser, argv)
   # Deprecated: the checkpoint as the first positional argument (`generate.py RUN ...`).
@@ -98,7 +105,7 @@ def run(args) -> int:
   from t6_jax.distributed import initialize
   initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   from t6_jax.decode import generate
-  from t6_jax.decode.generate import batch_seed
+  from t6_jax.decode.generate import batch_seed, cache_length
   from t6_jax.sharding import make_mesh
 
   tokenizer_spec = None
@@ -148,22 +155,29 @@ def run(args) -> int:
     if not args.no_stop:
       sampling["stop_tokens"] = (tokenizer.eot_id,)
     sampling["valid_vocab"] = min(tokenizer.vocab_size, cfg.model.vocab_size)
-  longest = max(map(len, ids))
-  max_len = args.max_len or max(d.max_len, longest + sampling["max_new_tokens"])
+  max_len = args.max_len or cache_length(cfg, max(map(len, ids)), sampling["max_new_tokens"])
 
   batch = args.batch_size or len(ids)
-  outputs, new_tokens, decode_s, prefill_s = [], 0, 0.0, 0.0
+  if args.warmup:
+    generate(params, cfg, ids[:batch], max_len=max_len, mesh=mesh, seed=batch_seed(seed, 0),
+             **sampling)
+  outputs, new_tokens, decode_s, prefill_s, compile_s = [], 0, 0.0, 0.0, 0.0
   for index, start in enumerate(range(0, len(ids), batch)):
     stats = {}
     outputs += generate(params, cfg, ids[start:start + batch], max_len=max_len, mesh=mesh,
                         stats=stats, seed=batch_seed(seed, index), **sampling)
+    run_s = stats["decode_s"] - stats["decode_compile_s"]  # the token loop, compile excluded
     new_tokens += stats["new_tokens"]
-    decode_s += stats["decode_s"]
-    prefill_s += stats["prefill_s"]
+    decode_s += run_s
+    prefill_s += stats["prefill_s"] - stats["prefill_compile_s"]
+    compile_s += stats["prefill_compile_s"] + stats["decode_compile_s"]
     print(f"[batch {index}] {stats['new_tokens']} new tokens, prefill "
-          f"{stats['prefill_s']:.2f}s, decode {stats['decode_s']:.2f}s "
-          f"({stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tokens/s"
-          f"{', incl. compilation' if start == 0 else ''})", file=sys.stderr)
+          f"{stats['prefill_s']:.2f}s, decode {stats['decode_s']:.2f}s, of which XLA "
+          f"compilation {stats['prefill_compile_s'] + stats['decode_compile_s']:.2f}s "
+          f"({stats['new_tokens'] / max(run_s, 1e-9):.1f} tokens/s, "
+          f"{1e3 * run_s / max(stats['steps'] - 1, 1):.3f} ms per model step of "
+          f"{stats['batch']} rows (up to {stats['steps'] - 1} steps), "
+          f"cache {max_len})", file=sys.stderr)
 
   texts = ([" ".join(map(str, o)) for o in outputs] if args.ids
            else [tokenizer.decode(o) for o in outputs])
@@ -177,7 +191,7 @@ def run(args) -> int:
       print(f"{p} | {t}" if args.ids else f"=== {p!r}\n{p}{t}\n")
   print(f"{new_tokens} new tokens in {decode_s:.2f}s of decoding: "
         f"{new_tokens / max(decode_s, 1e-9):.1f} tokens/s (prefill {prefill_s:.2f}s; "
-        f"the first batch includes compilation)", file=sys.stderr)
+        f"XLA compilation {compile_s:.2f}s, not counted)", file=sys.stderr)
   return 0
 
 

@@ -1,8 +1,9 @@
 """Decode speed: ms per step and tokens/s of cached decoding, with the HBM roofline fraction.
 
-  python bench/decode.py                      # one H200: T6/MHA/GQA-small, B 1/16/64, 1k/8k/32k
+  python bench/decode.py                      # one H200: T6/MHA/GQA/MLA-small, B 1/16/64, 1k/8k/32k
   python bench/decode.py --tiny               # CPU smoke test with tiny configs
   python bench/decode.py --models t6-small,t6-small:materialised --batches 16 --contexts 8192
+  python bench/decode.py --models gqa-small,gqa-small:xla   # the decode kernel vs the XLA path
 
 Random weights (bf16), a cache of the full context length (bf16). Each step runs the whole
 model for one new token per row against the full cache, inside the same jitted lax.scan that
@@ -30,10 +31,14 @@ DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="t6-small,mha-small,gqa-small",
-                 help="presets; NAME:materialised decodes TPA by materialising K/V")
+  p.add_argument("--models", default="t6-small,mha-small,gqa-small,mla-small",
+                 help="presets; NAME:materialised decodes TPA by materialising K/V (MLA by "
+                      "expanding its latent), NAME:xla without the fused decode kernels")
   p.add_argument("--batches", default="1,16,64")
   p.add_argument("--contexts", default="1024,8192,32768")
+  p.add_argument("--combos", default="",
+                 help="MODEL@BATCHxCONTEXT,... run exactly these, in this order (instead of "
+                      "every model x batch x context)")
   p.add_argument("--steps", type=int, default=16, help="decode steps timed per call")
   p.add_argument("--repeats", type=int, default=2, help="timed calls (best is kept)")
   p.add_argument("--hbm_tbps", type=float, default=4.0)
@@ -53,12 +58,16 @@ def parse_args(argv=None):
 def model_config(name: str, tiny: bool):
   from t6_jax import config as config_lib
   preset, _, mode = name.partition(":")
+  if mode not in ("", "materialised", "xla"):
+    raise ValueError(f"model {name!r}: the mode after ':' is materialised or xla")
   over = ["model.param_dtype=bfloat16", "model.dtype=bfloat16",
           f"decode.factor_attention={'false' if mode == 'materialised' else 'true'}"]
+  if mode == "xla":
+    over.append("decode.attention_kernel=xla")
   if tiny:
     attention = {"t6": "tpa"}.get(preset.split("-")[0], preset.split("-")[0])
     return config_lib.load("tiny", [f"model.attention={attention}", "model.num_kv_heads=2",
-                                    "model.dtype=float32", *over[:1], over[2]])
+                                    "model.dtype=float32", *over[:1], *over[2:]])
   return config_lib.load(preset, over)
 
 
@@ -148,6 +157,13 @@ def main(argv=None) -> int:
 
   batches = [int(b) for b in args.batches.split(",")]
   contexts = [int(c) for c in args.contexts.split(",")]
+  wanted = []  # (model, batch, context) of --combos
+  for combo in filter(None, args.combos.split(",")):
+    name, _, shape = combo.partition("@")
+    batch, _, context = shape.partition("x")
+    wanted.append((name, int(batch), int(context)))
+  if wanted:
+    args.models = ",".join(dict.fromkeys(name for name, _, _ in wanted))
   if args.tiny:
     batches = [b for b in batches if b <= 4] or [1, 2]
     contexts = [c for c in contexts if c <= 256] or [64, 128]
@@ -168,19 +184,21 @@ def main(argv=None) -> int:
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert param_count(cfg.model) * 2 == weight_bytes or args.tiny
     models[name] = (cfg, params, weight_bytes)
-  # Context outermost, models innermost: a run cut short by the budget still compares models.
+  # Context outermost, models innermost: a run cut short by the budget still compares models
+  # (--combos: their own order).
   combos = []
-  for context in contexts:
-    for batch in batches:
-      for name, (cfg, params, weight_bytes) in models.items():
-        cache_bytes = cache_bytes_per_token(cfg.model, args.cache_dtype) * batch * context
-        label = f"{name} (tiny)" if args.tiny else name
-        if cache_bytes + weight_bytes > limit:
-          notes.append(f"{label} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
-                       f"does not fit the {limit / 2**30:.0f} GiB limit; skipped")
-          print(f"# {notes[-1]}", flush=True)
-          continue
-        combos.append((label, cfg, params, weight_bytes, batch, context, cache_bytes))
+  order = wanted or [(name, batch, context) for context in contexts for batch in batches
+                     for name in models]
+  for name, batch, context in order:
+    cfg, params, weight_bytes = models[name]
+    cache_bytes = cache_bytes_per_token(cfg.model, args.cache_dtype) * batch * context
+    label = f"{name} (tiny)" if args.tiny else name
+    if cache_bytes + weight_bytes > limit:
+      notes.append(f"{label} B={batch} ctx={context}: cache {cache_bytes / 2**30:.1f} GiB "
+                   f"does not fit the {limit / 2**30:.0f} GiB limit; skipped")
+      print(f"# {notes[-1]}", flush=True)
+      continue
+    combos.append((label, cfg, params, weight_bytes, batch, context, cache_bytes))
 
   # Trace here, then compile everything in parallel threads (XLA releases the GIL).
   lowered_at = time.perf_counter()

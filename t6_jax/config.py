@@ -285,7 +285,7 @@ class DecodeConfig:
   seed: int = 0
   cache_dtype: str = "bfloat16"
   factor_attention: bool = True  # TPA: attend straight from the cached factors
-  attention_kernel: str = "auto"  # auto | xla | pallas: TPA one-token steps (auto: GPU/TPU)
+  attention_kernel: str = "auto"  # auto | xla | pallas: one-token steps (auto: GPU/TPU)
   prefill_chunk: int = 512  # prompts longer than this are prefilled in chunks of it
 
   def validate(self) -> None:

@@ -54,7 +54,7 @@ def test_use_kernel_setting():
   assert not use_kernel("xla", "tpa", 1, "bfloat16")
   assert use_kernel("pallas", "tpa", 1, "bfloat16")
   assert not use_kernel("pallas", "tpa", 4, "bfloat16")  # prefill chunks stay on XLA
-  assert not use_kernel("pallas", "mha", 1, "bfloat16")
+  assert use_kernel("pallas", "mha", 1, "bfloat16")  # the grouped kernel (one device)
   assert not use_kernel("auto", "tpa", 1, "bfloat16")  # the CPU: XLA (pallas interprets)
   with pytest.raises(ValueError, match="attention_kernel"):
     use_kernel("triton", "tpa", 1, "bfloat16")

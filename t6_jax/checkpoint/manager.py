@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 
-import grain.checkpoint as grain_checkpoint
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -170,6 +169,8 @@ class Checkpointer:
                                             has_data=data_iter is not None)),
     }
     if data_iter is not None:
+      # grain only with a data iterator: eval and generate load checkpoints without it
+      import grain.checkpoint as grain_checkpoint
       items[DATA] = grain_checkpoint.CheckpointSave(data_iter)
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
@@ -200,6 +201,7 @@ class Checkpointer:
       else:
         portable = _check_data_files(step_dir, step)
         if portable is None:
+          import grain.checkpoint as grain_checkpoint
           items[DATA] = grain_checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     if portable is not None:

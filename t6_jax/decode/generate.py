@@ -8,8 +8,11 @@
 Prompts are left-aligned so that they all end at the same cache slot; every step then writes
 one slot shared by the whole batch (an in-place dynamic_update_slice of the donated cache).
 The whole token loop is one jitted function: `lax.scan` over a fixed number of tokens, or a
-`lax.while_loop` that also stops once every row has produced a stop token. It compiles once per
-(batch, cache length, steps, sampling mode), never per step.
+`lax.while_loop` over chunks of a few scanned tokens that also stops once every row has produced
+a stop token (the loop's exit test waits on the device, so it runs once per chunk, not per
+token). It compiles once per (batch, cache length, steps, sampling mode), never per step;
+prompts are padded to a bucket width (`prompt_bucket`) and `cache_length` rounds the cache the
+same way, so prompts of different lengths in one bucket share the compiled programs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,23 @@ from t6_jax.model.placement import shard_params
 from t6_jax.sharding import put_batch, rules_table
 
 MIN_PROMPT_BUCKET = 8
+STOP_CHECK_EVERY = 8  # tokens scanned between the early-stop tests of the while loop
+
+_COMPILE_S = [0.0]  # seconds of XLA compilation so far in this process (see compile_seconds)
+
+
+def _count_compile(event: str, duration: float, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILE_S[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent in XLA compilation (jax's monitoring events): the
+  difference over a call tells its compile time apart from its run time."""
+  return _COMPILE_S[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,9 +90,32 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
 # Jitted kernels (module level so jax's compile cache is shared by every call)
 
 
-def _model(model_cfg: ModelConfig, params, rules: str):
-  """The model with its block weights cast to the compute dtype once, outside the loops."""
-  return model_from_params(model_cfg, params, rules).in_compute_dtype()
+class _CastHead(nnx.Module):
+  """The tied embedding with its LM-head use cast to the compute dtype once, before the token
+  loop (reading a float32 table every step would double the head's bytes); lookups keep the
+  stored table, so the residual stream starts exactly as in training."""
+
+  def __init__(self, embed, head_VxD):
+    self.embed = embed
+    self.head_VxD = nnx.Variable(head_VxD)
+
+  def __call__(self, tokens_BxT):
+    return self.embed(tokens_BxT)
+
+  def logits(self, x_BxTxD):
+    head_VxD = self.head_VxD[...]
+    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(head_VxD.dtype),
+                      head_VxD).astype(jnp.float32)
+
+
+def _model(model_cfg: ModelConfig, params, rules: str, cast_head: bool = False):
+  """The model with its block weights (and with `cast_head` the LM head) cast to the compute
+  dtype once, outside the loops."""
+  model = model_from_params(model_cfg, params, rules).in_compute_dtype()
+  dtype = jnp.dtype(model_cfg.dtype)
+  if cast_head and model.embed.wte[...].dtype != dtype:
+    model.embed = _CastHead(model.embed, model.embed.wte[...].astype(dtype))
+  return model
 
 
 def cache_layout(model_cfg: ModelConfig, rules: str, batch: int, cache_dtype: str, factor: bool,
@@ -117,7 +160,7 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   (decode.attention_kernel). `decode` is the checked entry point; this is the program it
   runs (benchmarks lower it directly).
   """
-  model = _model(model_cfg, params, rules)
+  model = _model(model_cfg, params, rules, cast_head=True)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                    greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -138,19 +181,44 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
     done_B = done_B | jnp.isin(nxt_B, stops)
     return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)
 
-  state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
-  if stop_tokens:
-    def cond(carry):
-      i, state = carry
-      return (i < steps) & ~jnp.all(state[3])
+  if stop_tokens and steps > 1:
+    # Chunks of `every` scanned tokens between exit tests; the last chunk may run past
+    # `steps`: its extra tokens land in padding columns of out_BxN (cut off below) and in
+    # cache slots past the returned length (overwritten before any later step reads them).
+    every = stop_check_every(steps - 1)
+    chunks = -(-(steps - 1) // every)
+    out_BxN = jnp.pad(out_BxN, ((0, 0), (0, chunks * every + 1 - steps)), constant_values=-1)
+    state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
 
-    _, state = jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1], c[0])),
-                                  (jnp.asarray(1, jnp.int32), state))
+    def cond(carry):
+      chunk, state = carry
+      return (chunk < chunks) & ~jnp.all(state[3])
+
+    def chunk_body(carry):
+      chunk, state = carry
+      first = 1 + chunk * every
+      state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
+                              first + jnp.arange(every, dtype=jnp.int32))
+      return chunk + 1, state
+
+    _, state = jax.lax.while_loop(cond, chunk_body, (jnp.asarray(0, jnp.int32), state))
+    entries, length, _, _, out_BxN = state
+    out_BxN, length = out_BxN[:, :steps], jnp.minimum(length, cache.length + steps - 1)
   else:
+    state = (cache.entries, cache.length, tok_B, done_B, out_BxN)
     state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
                             jnp.arange(1, steps, dtype=jnp.int32))
-  entries, length, _, _, out_BxN = state
+    entries, length, _, _, out_BxN = state
   return out_BxN, Cache(entries, cache.pad_B, length, cache.layout)
+
+
+def stop_check_every(n: int) -> int:
+  """Tokens per scanned chunk of the early-stopping loop for n tokens: up to
+  STOP_CHECK_EVERY, the chunk that wastes the fewest tokens past n (ties: the longer)."""
+  if n <= STOP_CHECK_EVERY:
+    return max(n, 1)
+  sizes = range(STOP_CHECK_EVERY, STOP_CHECK_EVERY // 2 - 1, -1)
+  return min(sizes, key=lambda k: -(-n // k) * k - n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +300,15 @@ def one_pass_prefill(model_cfg: ModelConfig, t_len: int, chunk: int) -> bool:
     return (jnp.dtype(model_cfg.dtype) in (jnp.bfloat16, jnp.float16) and width <= 128
             and width % 8 == 0)
   return platform == "tpu"
+
+
+def cache_length(cfg: Config, longest: int, new_tokens: int) -> int:
+  """The cache length for prompts of up to `longest` tokens and `new_tokens` more: the
+  prompt's bucket width (`prompt_bucket`) plus the new tokens, and at least decode.max_len.
+  Every prompt length of one bucket gets the same cache, hence the same compiled programs
+  (the decode kernels read only the slots in use, so the spare slots cost memory, not time)."""
+  width = prompt_bucket(longest, 1 << 30, cfg.decode.prefill_chunk)
+  return max(cfg.decode.max_len, width + new_tokens)
 
 
 SCORES_BYTES = 2 << 30  # prefill materialises (B, H, chunk, S) fp32 attention scores
@@ -331,7 +408,9 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   model_or_pair: a Transformer, (graphdef, params) or a params dict. temperature 0 is greedy;
   top_k 0 and top_p 1 switch those filters off. max_len is the cache length (default
   cfg.decode.max_len): the longest prompt plus max_new_tokens must fit. valid_vocab masks
-  embedding rows past the tokenizer's vocab. `stats`, when given, receives timings.
+  embedding rows past the tokenizer's vocab. `stats`, when given, receives timings
+  (prefill_s, decode_s: wall seconds including any compilation, whose seconds are
+  prefill_compile_s and decode_compile_s).
   """
   steps = cfg.decode.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
   _check_sampling(temperature, top_k, top_p)
@@ -340,16 +419,16 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
     check_prompts(prompts, cfg.model.vocab_size)
     return [[] for _ in prompts]
   max_len = max_len or cfg.decode.max_len
-  t0 = time.perf_counter()
+  c0, t0 = compile_seconds(), time.perf_counter()
   cache, logits_BxV = _prefill_prompts(cfg, params, prompts, max_len=max_len,
                                        room=max_len - steps, mesh=mesh)
   logits_BxV.block_until_ready()
-  t1 = time.perf_counter()
+  c1, t1 = compile_seconds(), time.perf_counter()
   tokens_BxN, _ = _decode_placed(cfg, params, cache, logits_BxV, steps=steps,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
   tokens_BxN = np.asarray(tokens_BxN)
-  t2 = time.perf_counter()
+  c2, t2 = compile_seconds(), time.perf_counter()
   stops = set(int(t) for t in stop_tokens)
   out = []
   for row in tokens_BxN.tolist():
@@ -361,7 +440,8 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
     out.append(new)
   if stats is not None:
     stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(map(len, out)),
-                 batch=len(out), cache_len=max_len)
+                 batch=len(out), cache_len=max_len, steps=steps,
+                 prefill_compile_s=c1 - c0, decode_compile_s=c2 - c1)
   return out
 
 
@@ -385,7 +465,6 @@ def sample_text(cfg: Config, params, tokenizer, prompts: list[str], max_new_toke
   sampling.setdefault("stop_tokens", (tokenizer.eot_id,))
   sampling.setdefault("valid_vocab", min(tokenizer.vocab_size, cfg.model.vocab_size))
   if "max_len" not in sampling:
-    need = max(map(len, ids)) + max_new_tokens
-    sampling["max_len"] = max(cfg.decode.max_len, need)
+    sampling["max_len"] = cache_length(cfg, max(map(len, ids)), max_new_tokens)
   new = generate(params, cfg, ids, max_new_tokens=max_new_tokens, **sampling)
   return [tokenizer.decode(t) for t in new]

@@ -21,6 +21,9 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       -> fp32 (B, H, d_h): one-token TPA decode straight from the stacked factor cache,
       Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
       off TPU), under `jax.shard_map` on a mesh.
+  grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key)
+      -> fp32 (B, G, J, D_v): one-token MHA/MQA/GQA/MLA decode straight from the stacked
+      cache (grouped_decode_gpu.py, Triton; one device), interpreted off GPU.
 
   tpa_contract(pairs, *, impl, rules) -> [(..., H, d_h) per pair]
       impl (model.contract_impl): xla | pallas. TPA's per-token factor contraction
@@ -40,7 +43,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from t6_jax.kernels import attention_xla, tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu
+from t6_jax.kernels import (attention_xla, grouped_decode_gpu, tpa_contract_gpu, tpa_decode_gpu,
+                           tpa_decode_tpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
 from t6_jax.kernels.splash_tpu import splash_attention
@@ -51,6 +55,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 CONTRACT_IMPLS = ("xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
+GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")  # the grouped (K/V or latent) decode kernel
+# ... which `auto` picks: MHA (one query head per KV head) decodes at 65% of the HBM roofline
+# on XLA already (docs/benchmarks.md), the grouped types at about 20% without the kernel.
+GROUPED_AUTO = ("mqa", "gqa", "mla")
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
 
@@ -135,11 +143,23 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
 
   auto: the platform's kernel on GPU (16-bit caches) and TPU (16-bit and float32 caches), XLA
   elsewhere; pallas: the kernel always (Mosaic, interpreted, off GPU and TPU; a cache dtype
-  the kernel does not take raises the kernel's own error). Only factor-cache attentions.
+  the kernel does not take raises the kernel's own error). MHA/MQA/GQA/MLA have the Triton
+  grouped kernel on one device only: auto takes it on GPU for MQA/GQA/MLA with a 16-bit cache,
+  pallas for all four anywhere (interpreted off GPU); on a mesh of several devices, and on TPU
+  under auto, they stay on XLA.
   """
   if setting not in DECODE_KERNELS:
     raise ValueError(f"decode.attention_kernel={setting!r}; use {', '.join(DECODE_KERNELS)}")
-  if setting == "xla" or attention not in FACTOR_ATTENTIONS:
+  if setting == "xla":
+    return None
+  if attention in GROUPED_ATTENTIONS:
+    platform, mesh = target()
+    if mesh is not None or (setting == "auto" and (
+        platform != "gpu" or attention not in GROUPED_AUTO
+        or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"])):
+      return None
+    return "triton"
+  if attention not in FACTOR_ATTENTIONS:
     return None
   platform, _ = target()
   if setting == "auto" and jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES.get(platform, ()):
@@ -234,3 +254,13 @@ def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
     for i, o in zip(idx, got):
       outs[i] = o
   return outs
+
+
+def grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len: int, scale: float,
+                   values=None, value_key: int | None = None, **tuning):
+  """One query per row and KV head group against layer `layer` of a stacked MHA/MQA/GQA or
+  MLA cache (grouped_decode_gpu.grouped_decode_attention), interpreted off GPU."""
+  platform, _ = target()
+  return grouped_decode_gpu.grouped_decode_attention(
+      queries, keys, layer, pad_B, pos, kv_len=kv_len, scale=scale, values=values,
+      value_key=value_key, interpret=platform != "gpu", **tuning)

@@ -385,6 +385,18 @@ class GQA(Attention):
                              scale=1.0 / math.sqrt(self.cfg.head_dim),
                              impl=self.cfg.attention_impl, rules=self.rules)
 
+  def attend_kernel(self, q: Queries, cache: LayerCache, entries: dict) -> jax.Array:
+    """One query token (T == 1) by the grouped decode kernel: the H/G query heads of each KV
+    head attend together to layer `cache.layer` of the stacked K/V cache, read in place once
+    (no K/V repeated to the query heads, no per-layer slice copied)."""
+    batch, _, heads, dim = q.q_BxTxHxK.shape
+    groups = self.cfg.kv_heads
+    q_BxGxJxK = q.q_BxTxHxK[:, 0].reshape(batch, groups, heads // groups, dim)
+    y_BxGxJxK = kernels.grouped_decode(
+        [q_BxGxJxK], [entries["k"]], cache.layer, cache.pad_B, cache.start,
+        kv_len=cache.kv_len, scale=1.0 / math.sqrt(dim), values=entries["v"])
+    return y_BxGxJxK.reshape(batch, 1, heads, dim).astype(self.dtype)
+
 
 class MLA(Attention):
   """Multi-head latent attention (DeepSeek-V2 style, docs/model.md)."""
@@ -456,6 +468,22 @@ class MLA(Attention):
     ctx_BxTxHxL = jnp.einsum("bths,bsl->bthl", probs_BxTxHxS.astype(self.dtype),
                              e["latent"].astype(self.dtype), preferred_element_type=f32)
     return self._proj(ctx_BxTxHxL, self.kv_b_v, "bthl,lhv->bthv")
+
+  def attend_kernel(self, q: Queries, cache: LayerCache, entries: dict) -> jax.Array:
+    """`attend_factors` for one query token (T == 1) by the grouped decode kernel: all heads
+    share one group (the latent is their common key and value), so each latent block is read
+    once for both the logits and the context, in place in the stacked cache."""
+    cfg = self.cfg
+    n = cfg.mla_nope_dim
+    q_BxHxE = q.q_BxTxHxK[:, 0]
+    q_lat_BxHxL = self._proj(q_BxHxE[..., :n], self.kv_b_nope, "bhn,lhn->bhl")
+    shared = lambda x: x[:, :, :, None, :]  # (layers, B, S, 1, D): one KV group
+    ctx_Bx1xHxL = kernels.grouped_decode(
+        [q_lat_BxHxL[:, None], q_BxHxE[:, None, :, n:]],
+        [shared(entries["latent"]), shared(entries["k_pe"])], cache.layer, cache.pad_B,
+        cache.start, kv_len=cache.kv_len, scale=1.0 / math.sqrt(n + cfg.mla_rope_dim),
+        value_key=0)
+    return self._proj(ctx_Bx1xHxL, self.kv_b_v, "bthl,lhv->bthv")
 
 
 def make_attention(cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules) -> Attention:

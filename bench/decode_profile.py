@@ -1,0 +1,164 @@
+"""Where a decode step's time goes: a jax.profiler trace of a few steps of the real token loop.
+
+  python bench/decode_profile.py                                   # t6-small, t6-xl, B=1, 2k
+  python bench/decode_profile.py --models gqa-small,mla-small --batch 64 --context 32768
+  python bench/decode_profile.py --tiny                            # CPU smoke test
+
+Builds the jitted decode loop exactly as bench/decode.py does (random bf16 weights, a bf16
+cache of the full context, `--steps` greedy steps per call), times it without the profiler
+(best of `--repeats` calls), then traces one call and reports per decode step: kernels
+launched, device-busy time (the union of the kernels' intervals on the device streams) against
+the traced wall time from the first kernel to the last, the gap between them (launch overhead:
+the device idles while the host issues the next kernels), time per op category and the kernels
+that take the most time. `--trace_dir` keeps the trace for Perfetto / TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from decode import _args, lower_one, model_config  # noqa: E402  (bench/decode.py)
+from train_profile import category  # noqa: E402  (bench/train_profile.py)
+
+
+def device_spans(trace_file: str) -> list[dict]:
+  """The kernel events of a Perfetto JSON trace on the device streams (GPU/TPU processes;
+  summary lines such as "XLA Ops" that repeat the stream time are left out where stream
+  lines exist)."""
+  opener = gzip.open if trace_file.endswith(".gz") else open
+  with opener(trace_file, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e["args"]["name"]
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  device = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
+  spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
+  streams = {k for k, n in threads.items() if k[0] in device and n.lower().startswith("stream")}
+  if streams:
+    spans = [e for e in spans if (e["pid"], e["tid"]) in streams]
+  return spans
+
+
+def busy_time(spans: list[dict]) -> float:
+  """Microseconds during which at least one kernel runs (overlapping kernels counted once)."""
+  total, end = 0.0, -float("inf")
+  for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in spans):
+    if stop <= end:
+      continue
+    total += stop - max(start, end)
+    end = stop
+  return total
+
+
+def summarise(spans: list[dict], steps: int, top: int) -> str:
+  if not spans:
+    return "no device events in the trace"
+  first = min(e["ts"] for e in spans)
+  last = max(e["ts"] + e["dur"] for e in spans)
+  busy, span = busy_time(spans), last - first
+  by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
+  for e in spans:
+    by_cat[category(e["name"])] += e["dur"]
+    by_name[e["name"]] += e["dur"]
+    counts[e["name"]] += 1
+  total = sum(by_cat.values())
+  lines = [f"per step: {len(spans) / steps:.0f} kernels, device busy {busy / steps / 1e3:.3f} ms "
+           f"of {span / steps / 1e3:.3f} ms traced ({100 * busy / span:.0f}% busy; gaps "
+           f"{(span - busy) / steps / 1e3:.3f} ms, {(span - busy) / max(len(spans), 1):.1f} us "
+           f"per kernel)", "", "| category | ms/step | share |", "|---|---|---|"]
+  lines += [f"| {c} | {t / steps / 1e3:.3f} | {100 * t / total:.1f}% |"
+            for c, t in by_cat.most_common()]
+  lines += ["", f"top {top} kernels:", "| kernel | category | calls/step | us/call | ms/step "
+            "| share |", "|---|---|---|---|---|---|"]
+  lines += [f"| {n[:80]} | {category(n)} | {counts[n] / steps:g} | {t / counts[n]:.1f} | "
+            f"{t / steps / 1e3:.3f} | {100 * t / total:.1f}% |"
+            for n, t in by_name.most_common(top)]
+  return "\n".join(lines)
+
+
+def profile_one(name: str, args) -> str:
+  import jax
+  from t6_jax.model import init_params
+
+  cfg = model_config(name, args.tiny)
+  params = jax.jit(lambda: init_params(cfg.model, 0))()
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  t0 = time.perf_counter()
+  compiled = lower_one(cfg, params, args.batch, args.context, args.steps, args.repeats,
+                       args.cache_dtype).compile()
+  compile_s = time.perf_counter() - t0
+  params_, cache, *rest = _args(cfg, params, args.batch, args.context, args.steps,
+                                args.repeats, args.cache_dtype, abstract=False)
+  tokens, cache = compiled(params_, cache, *rest)
+  tokens.block_until_ready()  # warm-up
+  best = float("inf")
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    tokens, cache = compiled(params_, cache, *rest)
+    tokens.block_until_ready()
+    best = min(best, (time.perf_counter() - t0) / args.steps)
+  print(f"# {name}: compiled in {compile_s:.1f} s, {best * 1e3:.3f} ms/step untraced; tracing",
+        flush=True)
+  trace_dir = (os.path.join(args.trace_dir, name.replace(":", "_")) if args.trace_dir
+               else tempfile.mkdtemp(prefix="t6_decode_trace_"))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    tokens, cache = compiled(params_, cache, *rest)
+    tokens.block_until_ready()
+  del cache
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
+                           recursive=True))
+  head = (f"### {name}, batch {args.batch}, context {args.context}: {best * 1e3:.3f} ms/step "
+          f"untraced (best of {args.repeats} calls of {args.steps} steps; weights "
+          f"{weight_bytes / 1e9:.2f} GB = {weight_bytes / (args.hbm_tbps * 1e9):.3f} ms at "
+          f"{args.hbm_tbps} TB/s; compile {compile_s:.1f} s)")
+  if not files:
+    return f"{head}\n\nno perfetto_trace.json under {trace_dir}"
+  # One traced call runs `steps` + 1 tokens: the first is sampled from the given logits, so
+  # `steps` model steps (and the call's small prologue) are in the trace.
+  return f"{head}\n\n{summarise(device_spans(files[-1]), args.steps, args.top)}"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="t6-small,t6-xl",
+                 help="presets, as bench/decode.py takes them (NAME:xla, NAME:materialised)")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--context", type=int, default=2048)
+  p.add_argument("--steps", type=int, default=8, help="decode steps per (traced) call")
+  p.add_argument("--repeats", type=int, default=3, help="untimed-trace calls, best kept")
+  p.add_argument("--top", type=int, default=15)
+  p.add_argument("--hbm_tbps", type=float, default=4.0)
+  p.add_argument("--cache_dtype", default="bfloat16")
+  p.add_argument("--trace_dir", default="", help="keep the traces here ('': temp dirs)")
+  p.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.context = min(args.context, 128)
+  import jax
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})",
+        flush=True)
+  for name in args.models.split(","):
+    print(profile_one(name, args), flush=True)
+    print(flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
