@@ -19,7 +19,7 @@ import yaml
 from t6_jax import storage
 
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
-GPU_GEMMS = ("cublas", "triton")
+GPU_GEMMS = ("auto", "cublas", "triton")
 SCHEDULES = ("cosine", "wsd", "constant")
 RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -216,7 +216,8 @@ class TrainConfig:
   eval_batches: int = 20
   sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
   sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
-  gpu_gemm: str = "cublas"  # cublas | triton: who runs the train step's matrix products on GPU
+  gpu_gemm: str = "auto"  # auto | cublas | triton: who runs the GPU train step's products
+  # (auto: cuBLAS from d_model 1024 up, XLA's Triton GEMMs below; docs/training.md)
 
   def validate(self) -> None:
     _choice("train.schedule", self.schedule, SCHEDULES)

@@ -224,16 +224,23 @@ def test_non_finite_loss_leaves_state_unchanged(one):
 
 
 def test_compiler_options_by_platform():
-  """train.gpu_gemm=cublas turns XLA's Triton GEMMs off on GPU meshes only; CPU and TPU
-  (AOT) meshes compile with the defaults, and triton keeps them everywhere."""
+  """cuBLAS (XLA's Triton GEMMs off) on GPU meshes only: train.gpu_gemm=cublas, or auto from
+  d_model 1024 up; CPU and TPU (AOT) meshes and triton compile with XLA's defaults."""
   class FakeMesh:
     def __init__(self, platform):
       self.devices = np.array([type("Device", (), {"platform": platform})()])
-  cfg = config_lib.load("tiny")
-  assert step_lib.compiler_options(cfg, FakeMesh("gpu")) == {"xla_gpu_enable_triton_gemm": False}
-  for platform in ("cpu", "tpu"):
-    assert step_lib.compiler_options(cfg, FakeMesh(platform)) is None
-  triton = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gpu_gemm="triton"))
+  cublas = {"xla_gpu_enable_triton_gemm": False}
+  tiny = config_lib.load("tiny")
+  assert tiny.train.gpu_gemm == "auto" and tiny.model.d_model < 1024
+  assert step_lib.compiler_options(tiny, FakeMesh("gpu")) is None
+  wide = config_lib.load("tiny", ["model.d_model=1024", "model.num_heads=16"])
+  assert step_lib.compiler_options(wide, FakeMesh("gpu")) == cublas
+  forced = config_lib.load("tiny", ["train.gpu_gemm=cublas"])
+  assert step_lib.compiler_options(forced, FakeMesh("gpu")) == cublas
+  triton = config_lib.load("tiny", ["model.d_model=1024", "model.num_heads=16",
+                                    "train.gpu_gemm=triton"])
   assert step_lib.compiler_options(triton, FakeMesh("gpu")) is None
+  for platform in ("cpu", "tpu"):
+    assert step_lib.compiler_options(forced, FakeMesh(platform)) is None
   with pytest.raises(config_lib.ConfigError, match="gpu_gemm"):
     config_lib.load("tiny", ["train.gpu_gemm=cutlass"])

@@ -246,16 +246,26 @@ def _jitted_steps(cfg: Config, mesh, batch_keys: tuple[str, ...]):
   return _jit_steps(cfg, mesh, state_shardings(cfg, mesh), batch_keys)
 
 
+# train.gpu_gemm=auto takes cuBLAS from this model width up: on an H200 cuBLAS trained every
+# medium preset (d_model 1024) 1.09-1.26x faster than XLA's Triton GEMMs, while at d_model 768
+# the Triton GEMMs were 1.15x faster for T6 (its per-token factor contractions) and 1.02x for
+# MHA (docs/benchmarks.md).
+CUBLAS_FROM_D_MODEL = 1024
+
+
 def compiler_options(cfg: Config, mesh) -> dict | None:
   """XLA options for the train and eval steps on the mesh's platform.
 
-  On GPU, train.gpu_gemm=cublas turns XLA's own Triton GEMM fusions off, so the matrix
-  products (with their fused casts and activations split off into elementwise kernels) run in
-  cuBLAS: on an H200 that trains MHA-medium 1.26x faster (docs/benchmarks.md lists each
-  preset both ways). Only the train and eval steps get it; decoding keeps XLA's default.
+  On GPU, cuBLAS (train.gpu_gemm=cublas, or auto at d_model >= CUBLAS_FROM_D_MODEL) turns
+  XLA's own Triton GEMM fusions off, so the matrix products run in cuBLAS and the casts and
+  activations XLA would fuse into a Triton GEMM become separate elementwise kernels. Only the
+  train and eval steps get it; decoding, CPU and TPU (AOT included) keep XLA's defaults.
   """
   platform = mesh.devices.flat[0].platform
-  if platform in ("gpu", "cuda", "rocm") and cfg.train.gpu_gemm == "cublas":
+  choice = cfg.train.gpu_gemm
+  if choice == "auto":
+    choice = "cublas" if cfg.model.d_model >= CUBLAS_FROM_D_MODEL else "triton"
+  if platform in ("gpu", "cuda", "rocm") and choice == "cublas":
     return {"xla_gpu_enable_triton_gemm": False}
   return None
 
