@@ -20,7 +20,7 @@ from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
 @pytest.mark.parametrize("full_query,heads,ranks,head_dim,block,splits,tune", [
     (False, 5, (6, 2, 3), 16, 16, None, {}),  # H, R_q and R_v not powers of two, several splits
     (True, 3, (1, 2, 2), 24, 32, 1, {}),      # TPA-KVonly (a full query), d_h 24
-    # 20 heads in two chunks of 16 rows (4 padding), R_k 3, R_v 1, the cache layout read in
+    # 20 heads in two chunks of 16 rows (12 padding), R_k 3, R_v 1, the cache layout read in
     # place, Q without its lo half; slots 40 = 2 whole blocks + a masked tail block.
     (False, 20, (2, 3, 1), 16, 16, None, {"head_tile": 16, "split_q": False, "layout": True}),
     # One chunk of 32 rows; kv_len 36 < the cache's 40 slots (the slots past it are not read).
@@ -63,11 +63,13 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits,
 
 
 def test_head_chunks_cover_the_heads_in_powers_of_two():
-  assert head_chunks(34, 64) == ((0, 32), (32, 16))  # T6-small: 48 rows, not 64
+  assert head_chunks(34, 64) == ((0, 64),)  # T6-small
   assert head_chunks(78, 64) == ((0, 64), (64, 16))  # T6-XL: 80 rows, not 128
   assert head_chunks(78, 32) == ((0, 32), (32, 32), (64, 16))
+  assert head_chunks(20, 16) == ((0, 16), (16, 16))
+  assert head_chunks(128, 64) == ((0, 64), (64, 64))
   assert head_chunks(3, 64) == ((0, 16),)
-  assert head_chunks(34, None) == ((0, 64),)
+  assert head_chunks(78, None) == ((0, 128),)
   with pytest.raises(ValueError, match="power of two"):
     head_chunks(34, 24)
 

@@ -50,7 +50,7 @@ LOG2E = math.log2(math.e)
 # warps, pipeline stages, programs per SM (sets the split count), the largest head chunk,
 # and whether Q goes in as a bf16 hi + lo pair.
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "per_sm": 2, "head_tile": 64,
-          "split_q": True}
+          "split_q": False}
 DEFAULT_SMS = 132  # an H200's SMs, when no GPU is attached (interpret mode, AOT)
 
 
@@ -59,18 +59,17 @@ def _pow2(n: int) -> int:
 
 
 def head_chunks(heads: int, head_tile: int | None) -> tuple[tuple[int, int], ...]:
-  """(first head, rows) of each head chunk: power-of-two row counts from 16 up to head_tile
-  covering `heads` rounded up to 16, largest first (34 -> 32 + 16, 78 -> 64 + 16); head_tile
-  None: one chunk of the next power of two."""
+  """(first head, rows) of each head chunk: chunks of head_tile rows, then one of the next
+  power of two (at least 16) for the heads left (T6-small's 34 -> 64, T6-XL's 78 -> 64 + 16);
+  head_tile None: one chunk of the next power of two."""
   if head_tile is None:
     return ((0, max(16, _pow2(heads))),)
   if head_tile < 16 or _pow2(head_tile) != head_tile:
     raise ValueError(f"head_tile={head_tile} must be a power of two >= 16")
-  chunks, first, left = [], 0, -(-heads // 16) * 16
-  while left:
-    rows = min(head_tile, 1 << (left.bit_length() - 1))
-    chunks.append((first, rows))
-    first, left = first + rows, left - rows
+  chunks = [(first, head_tile) for first in range(0, heads - head_tile + 1, head_tile)]
+  left = heads - head_tile * len(chunks)
+  if left:
+    chunks.append((head_tile * len(chunks), max(16, _pow2(left))))
   return tuple(chunks)
 
 
