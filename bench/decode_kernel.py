@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     return out
 
   if args.sweep is not None:
-    return sweep(args, jax, jnp, np, kernel, interpret, tune, make_loop, timed, make_cache,
-                 reference, (h, k, rk, rv))
+    return sweep(args, kernel, interpret, tune, make_loop, timed, make_cache, reference,
+                 (h, k, rk, rv))
 
   rows = []
   for batch, s_len in shapes_of(args):
@@ -190,8 +190,12 @@ def main(argv=None) -> int:
   return 0
 
 
-def sweep(args, jax, jnp, np, kernel, interpret, tune, make_loop, timed, make_cache, reference,
-          dims) -> int:
+def sweep(args, kernel, interpret, tune, make_loop, timed, make_cache, reference, dims) -> int:
+  """--sweep: every setting of the grid per shape, fastest first (nothing written)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
   h, k, rk, rv = dims
   grid = _settings(args.sweep)
   variants = [dict(tune, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]

@@ -62,6 +62,27 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits,
   assert np.abs(want[2]).max() > 0
 
 
+def test_hi_lo_query_keeps_sharp_attention_accurate():
+  """Logits up to ~15: a bf16 query (the default, the XLA path's precision) is good to ~3e-3
+  of max |out|; split_q's hi + lo pair to under 1e-3."""
+  layers, batch, slots, heads, rank, dim = 1, 2, 64, 34, 2, 64
+  rng = np.random.default_rng(0)
+  rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
+  cache = [jnp.asarray(x, jnp.bfloat16) for x in (
+      rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim),
+      rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim))]
+  q = 0.2 * rnd(batch, heads, dim)  # the kernel's scaled query
+  pad = np.zeros(batch, np.int32)
+  want = ref.factor_decode_attention(None, None, q.astype(np.float64) * np.sqrt(dim) * rank,
+                                     cache, 0, pad, slots - 1, dim)
+  errors = {}
+  for split_q in (False, True):
+    got = tpa_decode_attention(jnp.asarray(q), *cache, 0, jnp.asarray(pad), slots - 1,
+                               kv_len=slots, split_q=split_q, interpret=True)
+    errors[split_q] = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+  assert errors[True] < 1e-3 and errors[False] < 6e-3, errors
+
+
 def test_head_chunks_cover_the_heads_in_powers_of_two():
   assert head_chunks(34, 64) == ((0, 64),)  # T6-small
   assert head_chunks(78, 64) == ((0, 64), (64, 16))  # T6-XL: 80 rows, not 128

@@ -19,10 +19,14 @@ of both products, as queries are in flash attention:
   G_r^T   = Q (H, d_h) . B_k,r (block, d_h)^T          logits = sum_r A_k,r * G_r^T
   acc    += (p * A_v,u) (H, block) @ B_v,u (block, d_h)   for each value rank u
 
-Triton wants power-of-two tiles: the heads go in chunks of 16, 32, 64 ... rows (T6-small's 34
-heads as 32 + 16, T6-XL's 78 as 64 + 16; rows past the last head repeat it and are sliced off),
-and the B tiles of a block are loaded once for all chunks. Q enters as a bf16 hi + lo pair
-(about 16 bits of the fp32 query kept) and in base 2 (the softmax runs on exp2).
+Triton wants power-of-two tiles: the heads go in chunks of 64 rows, then one of the next power
+of two for the rest (T6-small's 34 heads: 64 rows; T6-XL's 78: 64 + 16, not 128; rows past the
+last head repeat it and are sliced off), and the B tiles of a block are loaded once for all
+chunks. With 64 rows and 4 warps each warp owns whole head rows (the softmax reductions stay in
+a warp) and the products run as Hopper warpgroup MMAs. Q enters in base 2 (the softmax runs on
+exp2) and in bf16, the precision of the XLA factor path (which rounds B_q to the cache dtype);
+split_q=True passes a bf16 hi + lo pair instead (about 16 bits of the fp32 query: on sharp
+attention ~15x less error, at 9% (T6-small) to 45% (T6-XL) more time on an H200).
 
 Grid (batch, split): each program walks its share of key blocks (flash-decoding), keeping an
 online (max, sum, acc) per head; a small XLA combine merges the splits. The split count fills
@@ -46,8 +50,9 @@ from t6_jax.kernels.tpa_decode_tpu import a_rows, tpu_a_layout
 
 NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
 LOG2E = math.log2(math.e)
-# Launch settings from a sweep on an H200 (see bench/decode_kernel.py): slots per key block,
-# warps, pipeline stages, programs per SM (sets the split count), the largest head chunk,
+# Launch settings, the fastest of a sweep on an H200 (bench/decode_kernel.py --sweep; cache read
+# at 3.1 TB/s for T6-small B=16 S=32k, 3.7 at B=64, 3.5 for T6-XL B=1 S=1M): slots per key
+# block, warps, pipeline stages, programs per SM (sets the split count), the head chunk rows,
 # and whether Q goes in as a bf16 hi + lo pair.
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "per_sm": 2, "head_tile": 64,
           "split_q": False}
