@@ -86,8 +86,12 @@ def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache
   import jax
   import jax.numpy as jnp
   from t6_jax.decode.cache import Cache, entry_shapes
+  from t6_jax.decode.generate import cache_layout
 
-  shapes = entry_shapes(cfg.model, batch, context, cache_dtype)
+  # The cache in the layout the decode kernel reads in place, as the prefill stores it.
+  layout = cache_layout(cfg.model, cfg.mesh.rules, batch, cache_dtype,
+                        cfg.decode.factor_attention, cfg.decode.attention_kernel)
+  shapes = entry_shapes(cfg.model, batch, context, cache_dtype, layout)
   # The rows look like prompts that end just before the timed steps: every step attends to
   # (and the roofline counts) nearly the whole cache.
   start = context - (repeats + 1) * steps - 2
@@ -96,12 +100,13 @@ def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache
   if abstract:
     spec = jax.ShapeDtypeStruct
     entries = shapes
-    cache = Cache(entries, spec((batch,), jnp.int32), spec((), jnp.int32))
+    cache = Cache(entries, spec((batch,), jnp.int32), spec((), jnp.int32), layout)
     logits = spec((batch, cfg.model.vocab_size), jnp.float32)
     params = jax.tree.map(lambda x: spec(x.shape, x.dtype), params)
   else:
     entries = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
-    cache = Cache(entries, jnp.zeros((batch,), jnp.int32), jnp.asarray(start, jnp.int32))
+    cache = Cache(entries, jnp.zeros((batch,), jnp.int32), jnp.asarray(start, jnp.int32),
+                  layout)
     logits = jnp.zeros((batch, cfg.model.vocab_size), jnp.float32)
   return (params, cache, logits, jax.random.key(0), jnp.float32(1), jnp.int32(0),
           jnp.float32(1))

@@ -12,22 +12,35 @@ from t6_jax import config as config_lib
 from t6_jax.decode.cache import entry_shapes
 from t6_jax.model import init_params, model_from_params
 from t6_jax import kernels
-from t6_jax.kernels.tpa_decode_gpu import tpa_decode_attention
+from t6_jax.kernels import FactorCacheLayout
+from t6_jax.kernels.tpa_decode_gpu import head_chunks, tpa_decode_attention
 from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
 
 
-@pytest.mark.parametrize("full_query,heads,ranks,head_dim,block,splits", [
-    (False, 5, (6, 2, 3), 16, 16, None),   # H, R_q and R_v not powers of two, several splits
-    (True, 3, (1, 2, 2), 24, 32, 1),       # TPA-KVonly (a full query), d_h 24; flat A rows
+@pytest.mark.parametrize("full_query,heads,ranks,head_dim,block,splits,tune", [
+    (False, 5, (6, 2, 3), 16, 16, None, {}),  # H, R_q and R_v not powers of two, several splits
+    (True, 3, (1, 2, 2), 24, 32, 1, {}),      # TPA-KVonly (a full query), d_h 24
+    # 20 heads in two chunks of 16 rows (12 padding), R_k 3, R_v 1, the cache layout read in
+    # place, Q without its lo half; slots 40 = 2 whole blocks + a masked tail block.
+    (False, 20, (2, 3, 1), 16, 16, None, {"head_tile": 16, "split_q": False, "layout": True}),
+    # One chunk of 32 rows; kv_len 36 < the cache's 40 slots (the slots past it are not read).
+    (False, 20, (6, 2, 2), 32, 16, 3, {"head_tile": None, "layout": True, "kv_len": 36}),
 ])
-def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits):
+def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits, tune):
   layers, batch, slots = 2, 3, 40
   q_rank, k_rank, v_rank = ranks
+  tune = dict(tune)
+  in_layout, kv_len = tune.pop("layout", False), tune.pop("kv_len", slots)
   rng = np.random.default_rng(heads + head_dim)
   rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
   cache = [jnp.asarray(x, jnp.bfloat16) for x in (
       rnd(layers, batch, slots, heads, k_rank), rnd(layers, batch, slots, k_rank, head_dim),
       rnd(layers, batch, slots, heads, v_rank), rnd(layers, batch, slots, v_rank, head_dim))]
+  operands = cache
+  if in_layout:
+    layout = FactorCacheLayout(heads, head_dim, k_rank, v_rank)
+    operands = [jnp.stack([layout.to_cache(name, x[i]) for i in range(layers)])
+                for name, x in zip(("a_k", "b_k", "a_v", "b_v"), cache)]
   a_q, b_q, q_full = rnd(batch, heads, q_rank), rnd(batch, q_rank, head_dim), None
   if full_query:
     q_full = rnd(batch, heads, head_dim)
@@ -36,9 +49,9 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits)
     q = TPAQueries(jnp.asarray(a_q)[:, None], jnp.asarray(b_q)[:, None])
   pad, pos, layer = np.array([0, 7, 30]), 33, 1  # ragged left padding; slots > pos unused
   q_BxHxK = kernel_query(q, q_rank, k_rank, head_dim)
-  got = tpa_decode_attention(q_BxHxK, *cache, jnp.int32(layer), jnp.asarray(pad),
-                             jnp.int32(pos), kv_len=slots, block=block, splits=splits,
-                             interpret=True)
+  got = tpa_decode_attention(q_BxHxK, *operands, jnp.int32(layer), jnp.asarray(pad),
+                             jnp.int32(pos), kv_len=kv_len, block=block, splits=splits,
+                             interpret=True, **tune)
   want = ref.factor_decode_attention(a_q.astype(np.float64), b_q.astype(np.float64),
                                      None if q_full is None else q_full.astype(np.float64),
                                      cache, layer, pad, pos, head_dim)
@@ -47,6 +60,39 @@ def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits)
   np.testing.assert_allclose(np.asarray(got), want, atol=4e-3 * np.abs(want).max())
   # The padding row (30 leading pad slots) only sees slots 30..33.
   assert np.abs(want[2]).max() > 0
+
+
+def test_hi_lo_query_keeps_sharp_attention_accurate():
+  """Logits up to ~15: a bf16 query (the default, the XLA path's precision) is good to ~3e-3
+  of max |out|; split_q's hi + lo pair to under 1e-3."""
+  layers, batch, slots, heads, rank, dim = 1, 2, 64, 34, 2, 64
+  rng = np.random.default_rng(0)
+  rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
+  cache = [jnp.asarray(x, jnp.bfloat16) for x in (
+      rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim),
+      rnd(layers, batch, slots, heads, rank), rnd(layers, batch, slots, rank, dim))]
+  q = 0.2 * rnd(batch, heads, dim)  # the kernel's scaled query
+  pad = np.zeros(batch, np.int32)
+  want = ref.factor_decode_attention(None, None, q.astype(np.float64) * np.sqrt(dim) * rank,
+                                     cache, 0, pad, slots - 1, dim)
+  errors = {}
+  for split_q in (False, True):
+    got = tpa_decode_attention(jnp.asarray(q), *cache, 0, jnp.asarray(pad), slots - 1,
+                               kv_len=slots, split_q=split_q, interpret=True)
+    errors[split_q] = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+  assert errors[True] < 1e-3 and errors[False] < 6e-3, errors
+
+
+def test_head_chunks_cover_the_heads_in_powers_of_two():
+  assert head_chunks(34, 64) == ((0, 64),)  # T6-small
+  assert head_chunks(78, 64) == ((0, 64), (64, 16))  # T6-XL: 80 rows, not 128
+  assert head_chunks(78, 32) == ((0, 32), (32, 32), (64, 16))
+  assert head_chunks(20, 16) == ((0, 16), (16, 16))
+  assert head_chunks(128, 64) == ((0, 64), (64, 64))
+  assert head_chunks(3, 64) == ((0, 16),)
+  assert head_chunks(78, None) == ((0, 128),)
+  with pytest.raises(ValueError, match="power of two"):
+    head_chunks(34, 24)
 
 
 def test_use_kernel_setting():

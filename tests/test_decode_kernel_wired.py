@@ -84,6 +84,11 @@ def test_decode_kernel_choice_follows_the_platform(monkeypatch):
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
   assert kernels.decode_kernel("auto", "tpa_kvonly", "bfloat16") == "triton"
   assert kernels.decode_kernel("auto", "tpa", "float32") is None
+  # The Triton kernel reads the cache in the same stored layout as the Mosaic one.
+  m = tiny("tpa", "auto").model
+  assert kernels.decode_cache_layout("auto", m, "bfloat16", batch=4, rules=None) == (
+      FactorCacheLayout(m.num_heads, m.head_dim, m.k_rank, m.v_rank))
+  assert kernels.decode_cache_layout("auto", m, "float32", batch=4, rules=None) is None
 
 
 def test_triton_kernel_under_shard_map_equals_direct_call():
@@ -100,5 +105,12 @@ def test_triton_kernel_under_shard_map_equals_direct_call():
   want = tpa_decode_attention(q, *cache, 1, pad_B, 33, kv_len=slots, interpret=True)
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   got = tpa_decode_sharded(tpa_decode_attention, mesh, ("data", "fsdp"), "tensor", q, *cache,
+                           1, pad_B, 33, kv_len=slots, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+  # The cache as the decode step stores it for the kernel on this mesh (A rows per shard).
+  layout = FactorCacheLayout(heads, dim, rank, rank, shards=2)
+  stored = [jnp.stack([layout.to_cache(name, x[i]) for i in range(layers)])
+            for name, x in zip(("a_k", "b_k", "a_v", "b_v"), cache)]
+  got = tpa_decode_sharded(tpa_decode_attention, mesh, ("data", "fsdp"), "tensor", q, *stored,
                            1, pad_B, 33, kv_len=slots, interpret=True)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

@@ -5,10 +5,11 @@ class (`ENTRY_AXES`) gets an array (layers, batch, cache_length, ...) stacked on
 like the parameters. TPA stores A_k, RoPE-rotated B_k, A_v, B_v; MHA/MQA/GQA rotated K and V
 at their KV-head count; MLA its normalised latent and rotated rope key.
 
-On TPU, when the Mosaic decode kernel will read it, a TPA cache is stored in that kernel's layout
-(`kernels.FactorCacheLayout`: A factors transposed to (layers, B, rows, S), B factors flat), so
-the kernel reads it in place instead of relaying out the whole cache on every step; the model
-writes new entries straight into it and its XLA paths read it back per layer.
+When a decode kernel (Mosaic on TPU, Triton on GPU) will read it, a TPA cache is stored in the
+kernels' layout (`kernels.FactorCacheLayout`: A factors transposed to (layers, B, rows, S), B
+factors flat), so the kernel reads it in place as 2-D tiles instead of relaying out the whole
+cache on every step; the model writes new entries straight into it and its XLA paths read it
+back per layer.
 
 Prompts are left-aligned to a shared end slot, so every sequence writes its next entry into the
 same slot: `length` (a scalar) is the number of slots written, `pad_B` says how many leading

@@ -16,7 +16,7 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
   decode_kernel(setting, attention, cache_dtype) -> "triton" | "mosaic" | None
   use_decode_kernel(setting, attention, t_len, cache_dtype) -> bool
   decode_cache_layout(setting, model_cfg, cache_dtype, *, batch, rules)
-      -> FactorCacheLayout | None: the TPU kernel's cache layout when it will read the cache
+      -> FactorCacheLayout | None: the decode kernels' cache layout when one will read it
   tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len, rules, kernel)
       -> fp32 (B, H, d_h): one-token TPA decode straight from the stacked factor cache,
       Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
@@ -185,9 +185,10 @@ def decode_head_shards(rules: Rules | None, batch: int, heads: int) -> int:
 
 def decode_cache_layout(setting: str, cfg, cache_dtype, *, batch: int, rules: Rules | None):
   """The cache layout the decode kernel reads in place: a `FactorCacheLayout` when the Mosaic
-  kernel will decode (its A factors transposed, rows padded per tensor shard), else None (the
-  standard (layers, B, S, ...) entries, which the XLA paths and the Triton kernel read)."""
-  if decode_kernel(setting, cfg.attention, cache_dtype) != "mosaic":
+  or the Triton kernel will decode (A factors transposed to (rows, S), rows padded per tensor
+  shard; B factors flat), else None (the standard (layers, B, S, ...) entries of the XLA
+  paths)."""
+  if decode_kernel(setting, cfg.attention, cache_dtype) is None:
     return None
   return FactorCacheLayout(heads=cfg.num_heads, head_dim=cfg.head_dim, k_rank=cfg.k_rank,
                            v_rank=cfg.v_rank,

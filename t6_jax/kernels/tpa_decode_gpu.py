@@ -1,6 +1,6 @@
 """One-token TPA decode attention as a Pallas (Triton) kernel, straight from the factor cache.
 
-For one query per row against the stacked cache (layers, B, S, ...) of `Transformer.extend`:
+For one query per row against the stacked cache of `Transformer.extend`:
 
   Q[h]       = sum_q A_q[h, q] B_q[q] / (R_q R_k sqrt(d_h))      (tiny, built outside)
   logit[h,s] = sum_r A_k[s, h, r] <Q[h], B_k[s, r]>               = the FlashTPA logits
@@ -8,37 +8,84 @@ For one query per row against the stacked cache (layers, B, S, ...) of `Transfor
 
 Contracting B_q into Q first is the same sum as the head-shared P = B_q B_k^T followed by
 A_q: it costs h d_h R_k MACs per key instead of R_q R_k d_h + h R_q R_k, all on tensor cores,
-and it serves TPA-KVonly (a full query) unchanged. Q goes in as a bf16 hi + lo pair so the
-logits keep ~16 bits of the fp32 query.
+and it serves TPA-KVonly (a full query) unchanged.
+
+Cache layout (`FactorCacheLayout`, shared with the TPU kernel): A_k / A_v as (layers, B, rows,
+S) with row h R + r holding A[., h, r] for every slot, B_k / B_v as (layers, B, S, R d_h). So
+every operand of a key block is a plain 2-D tile: A of rank r as (heads, block) (one contiguous
+run of slots per head row, 16-byte loads), B of rank r as (block, d_h). Heads are the M rows
+of both products, as queries are in flash attention:
+
+  G_r^T   = Q (H, d_h) . B_k,r (block, d_h)^T          logits = sum_r A_k,r * G_r^T
+  acc    += (p * A_v,u) (H, block) @ B_v,u (block, d_h)   for each value rank u
+
+Triton wants power-of-two tiles: the heads go in chunks of 64 rows, then one of the next power
+of two for the rest (T6-small's 34 heads: 64 rows; T6-XL's 78: 64 + 16, not 128; rows past the
+last head repeat it and are sliced off), and the B tiles of a block are loaded once for all
+chunks. With 64 rows and 4 warps each warp owns whole head rows (the softmax reductions stay in
+a warp) and the products run as Hopper warpgroup MMAs. Q enters in base 2 (the softmax runs on
+exp2) and in bf16, the precision of the XLA factor path (which rounds B_q to the cache dtype);
+split_q=True passes a bf16 hi + lo pair instead (about 16 bits of the fp32 query: on sharp
+attention ~15x less error, at 9% (T6-small) to 45% (T6-XL) more time on an H200).
 
 Grid (batch, split): each program walks its share of key blocks (flash-decoding), keeping an
-online (max, sum, acc) per head; a small XLA combine merges the splits. The kernel reads the
-cache arrays in place, with the layer index as an operand: no per-layer slice is copied.
-Triton wants power-of-two tensors, so heads and d_h are padded to powers of two by clamping
-the gather indices or masking whole A_k / A_v rows (padded heads compute junk that is sliced
-off), and only blocks that hold a valid slot of the row ([pad_B[b], pos]) are read.
+online (max, sum, acc) per head; a small XLA combine merges the splits. The split count fills
+the GPU: about `per_sm` programs per SM over the whole grid. The kernel reads the cache arrays
+in place, with the layer index as an operand (no per-layer slice is copied), and only the
+blocks that hold a valid slot of the row ([pad_B[b], pos]). Only a block that runs past the
+cache end masks its loads; the others load unmasked, fully vectorised tiles.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-plgpu_load = plgpu.load
+from t6_jax.kernels.tpa_decode_tpu import a_rows, tpu_a_layout
 
-NEG = -1e30  # finite "minus infinity": an all-masked block leaves (m, l, acc) unchanged
-# Launch settings, the fastest of a sweep on an H200 (T6-small, B=64, S=32k: 1.18 ms per layer
-# vs 1.57 ms with block 32 and gathered A rows); "programs" sets the split count (about that
-# many programs per call, a few per SM).
-TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "programs": 512, "flat": True}
+NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
+LOG2E = math.log2(math.e)
+# Launch settings, the fastest of a sweep on an H200 (bench/decode_kernel.py --sweep; cache read
+# at 3.1 TB/s for T6-small B=16 S=32k, 3.7 at B=64, 3.5 for T6-XL B=1 S=1M): slots per key
+# block, warps, pipeline stages, programs per SM (sets the split count), the head chunk rows,
+# and whether Q goes in as a bf16 hi + lo pair.
+TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "per_sm": 2, "head_tile": 64,
+          "split_q": False}
+DEFAULT_SMS = 132  # an H200's SMs, when no GPU is attached (interpret mode, AOT)
 
 
 def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+def head_chunks(heads: int, head_tile: int | None) -> tuple[tuple[int, int], ...]:
+  """(first head, rows) of each head chunk: chunks of head_tile rows, then one of the next
+  power of two (at least 16) for the heads left (T6-small's 34 -> 64, T6-XL's 78 -> 64 + 16);
+  head_tile None: one chunk of the next power of two."""
+  if head_tile is None:
+    return ((0, max(16, _pow2(heads))),)
+  if head_tile < 16 or _pow2(head_tile) != head_tile:
+    raise ValueError(f"head_tile={head_tile} must be a power of two >= 16")
+  chunks = [(first, head_tile) for first in range(0, heads - head_tile + 1, head_tile)]
+  left = heads - head_tile * len(chunks)
+  if left:
+    chunks.append((head_tile * len(chunks), max(16, _pow2(left))))
+  return tuple(chunks)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms() -> int:
+  """Streaming multiprocessors of the local GPU (DEFAULT_SMS without one)."""
+  try:
+    device = jax.local_devices(backend="gpu")[0]
+  except RuntimeError:
+    return DEFAULT_SMS
+  return int(getattr(device, "core_count", 0) or DEFAULT_SMS)
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
@@ -48,142 +95,172 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 
 def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, ak_ref, bk_ref, av_ref, bv_ref,
-            m_ref, l_ref, acc_ref, *, heads, head_dim, k_rank, v_rank, block,
-            blocks_per_split, num_slots, flat):
+            m_ref, l_ref, acc_ref, *, heads, head_dim, kp, k_rank, v_rank, chunks, block,
+            blocks_per_split, full_blocks, tail, slots):
   b, split = pl.program_id(0), pl.program_id(1)
   layer, pos, pad = layer_ref[0], pos_ref[0], pad_ref[b]
-  q_hi_HxK, q_lo_HxK = qhi_ref[...], qlo_ref[...]
-  hp, kp = q_hi_HxK.shape
-  h_H = jnp.minimum(jnp.arange(hp, dtype=jnp.int32), heads - 1)[None, :]
-  k_K = jnp.minimum(jnp.arange(kp, dtype=jnp.int32), head_dim - 1)[None, :]
+  k_1xK = jnp.arange(kp, dtype=jnp.int32)[None, :]
+  if kp != head_dim:  # padded d_h columns repeat the last one (sliced off)
+    k_1xK = jnp.minimum(k_1xK, head_dim - 1)
+  # Row of head h in an A factor of rank R: h R + r (clamped: padding heads repeat the last).
+  heads_Hx1 = [jnp.minimum(h0 + jnp.arange(rows, dtype=jnp.int32), heads - 1)[:, None]
+               for h0, rows in chunks]
+  queries = [(qhi_ref[b, pl.ds(h0, rows), :],
+              None if qlo_ref is None else qlo_ref[b, pl.ds(h0, rows), :])
+             for h0, rows in chunks]
+  div = jax.lax.div  # slots are non-negative: no floor-division fix-ups
   first = split * blocks_per_split
-  lo = jnp.maximum(first, pad // block)
-  hi = jnp.minimum(first + blocks_per_split, pos // block + 1)
+  lo = jnp.maximum(first, div(jnp.minimum(pad, pos), block))
+  hi = jnp.minimum(first + blocks_per_split, div(pos, block) + 1)
 
-  def a_factor(ref, s_S, s_ld, rank):
-    """A_k or A_v of the block as (S, H, R) fp32 (flat: one contiguous row per slot)."""
-    if flat:  # ref is (layers, B, S * H * R): vectorised loads of whole rows, masked
-      j_J = jnp.arange(hp * rank, dtype=jnp.int32)
-      idx_SxJ = s_S[:, None] * (heads * rank) + j_J[None, :]
-      ok_SxJ = (s_S < num_slots)[:, None] & (j_J < heads * rank)[None, :]
-      a_SxJ = plgpu_load(ref.at[layer, b, idx_SxJ], mask=ok_SxJ, other=0.0)
-      return a_SxJ.astype(jnp.float32).reshape(block, hp, rank)
-    return [ref[layer, b, s_ld, h_H, r].astype(jnp.float32) for r in range(rank)]
+  def body(t, carry, masked: bool):
+    s0 = t * block
+    s_Sx1 = s0 + jnp.arange(block, dtype=jnp.int32)[:, None]
+    s_1xS = s0 + jnp.arange(block, dtype=jnp.int32)[None, :]
 
-  def body(t, carry):
-    m_H, l_H, acc_HxK = carry
-    s_S = t * block + jnp.arange(block, dtype=jnp.int32)
-    s_ld = jnp.minimum(s_S, num_slots - 1)[:, None]
-    a_k = a_factor(ak_ref, s_S, s_ld, k_rank)
-    r_R = jnp.arange(k_rank, dtype=jnp.int32)[None, None, :]
-    logits_SxH = jnp.zeros((block, hp), jnp.float32)
-    g_SxHxR = jnp.zeros((block, hp, k_rank), jnp.float32)
-    for r in range(k_rank):
-      b_k_SxK = bk_ref[layer, b, s_ld, r, k_K]
-      g_SxH = _dot(b_k_SxK, q_hi_HxK, 1, 1) + _dot(b_k_SxK, q_lo_HxK, 1, 1)
-      if flat:
-        g_SxHxR = g_SxHxR + jnp.where(r_R == r, g_SxH[:, :, None], 0.0)
-      else:
-        logits_SxH += a_k[r] * g_SxH
-    if flat:
-      logits_SxH = jnp.sum(a_k * g_SxHxR, axis=2)
-    keep_Sx1 = (((s_S >= pad) & (s_S <= pos)) | (s_S == pos))[:, None]
-    logits_SxH = jnp.where(keep_Sx1, logits_SxH, NEG)
-    m_new_H = jnp.maximum(m_H, jnp.max(logits_SxH, axis=0))
-    p_SxH = jnp.where(keep_Sx1, jnp.exp(logits_SxH - m_new_H[None, :]), 0.0)
-    corr_H = jnp.exp(m_H - m_new_H)
-    l_H = l_H * corr_H + jnp.sum(p_SxH, axis=0)
-    acc_HxK = acc_HxK * corr_H[:, None]
-    a_v = a_factor(av_ref, s_S, s_ld, v_rank)
-    if flat:
-      pa_SxHxU = p_SxH[:, :, None] * a_v
-      u_U = jnp.arange(v_rank, dtype=jnp.int32)[None, None, :]
-    for u in range(v_rank):
-      b_v_SxK = bv_ref[layer, b, s_ld, u, k_K]
-      if flat:
-        w_SxH = jnp.sum(jnp.where(u_U == u, pa_SxHxU, 0.0), axis=2)
-      else:
-        w_SxH = p_SxH * a_v[u]
-      acc_HxK += _dot(w_SxH.astype(b_v_SxK.dtype), b_v_SxK, 0, 0)
-    return m_new_H, l_H, acc_HxK
+    def load(ref, idx, ok):
+      if not masked:
+        return ref[idx]
+      return plgpu.load(ref.at[idx], mask=ok, other=0.0)
 
-  init = (jnp.full((hp,), NEG, jnp.float32), jnp.zeros((hp,), jnp.float32),
-          jnp.zeros((hp, kp), jnp.float32))
-  m_H, l_H, acc_HxK = jax.lax.fori_loop(lo, hi, body, init)
-  m_ref[...] = m_H
-  l_ref[...] = l_H
-  acc_ref[...] = acc_HxK
+    ok_SxK = jnp.broadcast_to(s_Sx1 < slots, (block, kp)) if masked else None
+    b_k = [load(bk_ref, (layer, b, s_Sx1, r * head_dim + k_1xK), ok_SxK) for r in range(k_rank)]
+    b_v = [load(bv_ref, (layer, b, s_Sx1, u * head_dim + k_1xK), ok_SxK) for u in range(v_rank)]
+    keep_1xS = ((s_1xS >= pad) & (s_1xS <= pos)) | (s_1xS == pos)
+    out = []
+    for (m_H, l_H, acc_HxK), (q_hi, q_lo), h_Hx1 in zip(carry, queries, heads_Hx1):
+      ok_HxS = jnp.broadcast_to(s_1xS < slots, (h_Hx1.shape[0], block)) if masked else None
+      logits_HxS = None
+      for r in range(k_rank):
+        g_HxS = _dot(q_hi, b_k[r], 1, 1)
+        if q_lo is not None:
+          g_HxS += _dot(q_lo, b_k[r], 1, 1)
+        a_HxS = load(ak_ref, (layer, b, h_Hx1 * k_rank + r, s_1xS), ok_HxS).astype(jnp.float32)
+        logits_HxS = a_HxS * g_HxS if logits_HxS is None else logits_HxS + a_HxS * g_HxS
+      # Every block walked holds a valid slot, so m_new is a real logit and masked slots
+      # get exp2(NEG - m_new) = 0.
+      logits_HxS = jnp.where(keep_1xS, logits_HxS, NEG)
+      m_new_H = jnp.maximum(m_H, jnp.max(logits_HxS, axis=1))
+      p_HxS = jnp.exp2(logits_HxS - m_new_H[:, None])
+      corr_H = jnp.exp2(m_H - m_new_H)
+      l_H = l_H * corr_H + jnp.sum(p_HxS, axis=1)
+      acc_HxK = acc_HxK * corr_H[:, None]
+      for u in range(v_rank):
+        a_HxS = load(av_ref, (layer, b, h_Hx1 * v_rank + u, s_1xS), ok_HxS)
+        w_HxS = (p_HxS * a_HxS.astype(jnp.float32)).astype(a_HxS.dtype)
+        acc_HxK += _dot(w_HxS, b_v[u], 1, 0)
+      out.append((m_new_H, l_H, acc_HxK))
+    return tuple(out)
+
+  carry = tuple((jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+                 jnp.zeros((rows, kp), jnp.float32)) for _, rows in chunks)
+  carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_blocks),
+                            functools.partial(body, masked=False), carry)
+  if tail:  # the block that runs past the cache end
+    carry = jax.lax.fori_loop(jnp.maximum(lo, full_blocks), hi,
+                              functools.partial(body, masked=True), carry)
+  for (h0, rows), (m_H, l_H, acc_HxK) in zip(chunks, carry):
+    m_ref[b, split, pl.ds(h0, rows)] = m_H
+    l_ref[b, split, pl.ds(h0, rows)] = l_H
+    acc_ref[b, split, pl.ds(h0, rows), :] = acc_HxK
+
+
+def _splits(batch: int, n_blocks: int, per_sm: int) -> tuple[int, int]:
+  """(splits, blocks per split): about per_sm programs per SM over the whole grid, rounded
+  down so the grid fits one wave of that many programs."""
+  splits = max(1, min(n_blocks, per_sm * num_sms() // batch))
+  blocks_per_split = -(-n_blocks // splits)
+  return -(-n_blocks // blocks_per_split), blocks_per_split
 
 
 def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
                          block: int | None = None, splits: int | None = None,
                          num_warps: int | None = None, num_stages: int | None = None,
-                         flat: bool | None = None, interpret: bool = False):
+                         per_sm: int | None = None, head_tile: int | None | str = "default",
+                         split_q: bool | None = None, interpret: bool = False):
   """Attention of one query per row against layer `layer` of a stacked TPA factor cache.
 
   q_BxHxK: the query already contracted and scaled, Q[h] = sum_q A_q[h,q] B_q[q] /
     (R_q R_k sqrt(d_h)) (TPA-KVonly: q / (R_k sqrt(d_h))), any float dtype.
-  a_k, a_v: (layers, B, S, H, R_k / R_v); b_k, b_v: (layers, B, S, R_k / R_v, d_h); 16-bit.
+  a_k, a_v: the cache layout (layers, B, a_rows(H, R), S) of `FactorCacheLayout` (read in
+    place), or the standard (layers, B, S, H, R_k / R_v) (converted here: a copy per call);
+    b_k, b_v: (layers, B, S, R*d_h) or (layers, B, S, R, d_h) (both read in place). 16-bit.
   layer: int32 scalar; pad_B: (B,) int32 leading padding slots; pos: int32 scalar, the
     query's own slot. Row b sees slots pad_B[b] .. pos (and always pos itself), below kv_len.
-  block / splits / num_warps / num_stages / flat default to the module's TUNING; flat loads
-  A_k / A_v as whole contiguous rows (only for power-of-two R_k and R_v).
+  block / num_warps / num_stages / per_sm / head_tile / split_q default to the module's
+  TUNING; splits (default: from per_sm and the GPU's SMs) overrides the split count.
   Returns fp32 (B, H, d_h): sum_{s,u} alpha[h,s] A_v[s,h,u] B_v[s,u] / R_v.
   """
   tune = dict(TUNING)
   block = tune["block"] if block is None else block
   num_warps = tune["num_warps"] if num_warps is None else num_warps
   num_stages = tune["num_stages"] if num_stages is None else num_stages
-  flat = tune["flat"] if flat is None else flat
-  num_layers, batch, num_slots, heads, k_rank = a_k.shape
-  v_rank, head_dim = b_v.shape[3], b_v.shape[4]
+  per_sm = tune["per_sm"] if per_sm is None else per_sm
+  head_tile = tune["head_tile"] if head_tile == "default" else head_tile
+  split_q = tune["split_q"] if split_q is None else split_q
+  batch, heads, head_dim = q_BxHxK.shape
   if b_k.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"the Pallas TPA decode kernel takes a bfloat16/float16 cache, got "
                      f"{b_k.dtype}; use decode.attention_kernel=xla for other cache dtypes")
-  num_slots = min(num_slots, kv_len)
-  hp, kp = max(16, _pow2(heads)), max(16, _pow2(head_dim))
-  flat = flat and _pow2(k_rank) == k_rank and _pow2(v_rank) == v_rank
+  if a_k.ndim == 5:
+    a_k, a_v = tpu_a_layout(a_k), tpu_a_layout(a_v)
+  if b_k.ndim == 5:
+    b_k, b_v = (x.reshape(*x.shape[:3], -1) for x in (b_k, b_v))
+  slots = a_k.shape[3]
+  k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
+  if (b_k.shape[3] != k_rank * head_dim or b_v.shape[3] != v_rank * head_dim
+      or a_k.shape[2] != a_rows(heads, k_rank) or a_v.shape[2] != a_rows(heads, v_rank)
+      or b_k.shape[2] != slots or b_v.shape[2] != slots or a_v.shape[3] != slots):
+    raise ValueError(f"cache factors (A as layers, B, rows, S) {a_k.shape} {b_k.shape} "
+                     f"{a_v.shape} {b_v.shape} do not match a query of {heads} heads x "
+                     f"{head_dim}; pass the cache of the same attention layer")
+  num_slots = min(slots, kv_len)
+  kp = max(16, _pow2(head_dim))
+  chunks = head_chunks(heads, head_tile)
+  rows = sum(r for _, r in chunks)
   block = max(16, min(_pow2(block), _pow2(num_slots)))
   n_blocks = -(-num_slots // block)
   if splits is None:
-    splits = max(1, min(n_blocks, -(-tune["programs"] // batch)))
-  blocks_per_split = -(-n_blocks // splits)
-  splits = -(-n_blocks // blocks_per_split)
+    splits, blocks_per_split = _splits(batch, n_blocks, per_sm)
+  else:
+    blocks_per_split = -(-n_blocks // max(1, min(splits, n_blocks)))
+    splits = -(-n_blocks // blocks_per_split)
+  full_blocks = slots // block
 
-  q_BxHxK = jnp.pad(q_BxHxK.astype(jnp.float32),
-                    ((0, 0), (0, hp - heads), (0, kp - head_dim)))
+  # Q in base 2 (the kernel's softmax runs on exp2), padded to the chunks' rows and kp.
+  q_BxHxK = jnp.pad(q_BxHxK.astype(jnp.float32) * LOG2E,
+                    ((0, 0), (0, rows - heads), (0, kp - head_dim)))
   q_hi = q_BxHxK.astype(b_k.dtype)
-  q_lo = (q_BxHxK - q_hi.astype(jnp.float32)).astype(b_k.dtype)
+  q_lo = (q_BxHxK - q_hi.astype(jnp.float32)).astype(b_k.dtype) if split_q else None
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(1)
   whole = lambda shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
-  per_row = pl.BlockSpec((None, hp, kp), lambda b, j: (b, 0, 0))
   kernel = functools.partial(
-      _kernel, heads=heads, head_dim=head_dim, k_rank=k_rank, v_rank=v_rank, block=block,
-      blocks_per_split=blocks_per_split, num_slots=num_slots, flat=flat)
+      _kernel, heads=heads, head_dim=head_dim, kp=kp, k_rank=k_rank, v_rank=v_rank,
+      chunks=chunks, block=block, blocks_per_split=blocks_per_split, full_blocks=full_blocks,
+      tail=full_blocks < n_blocks, slots=slots)
+  if not split_q:
+    kernel = functools.partial(lambda k, lr, pr, dr, qh, *refs: k(lr, pr, dr, qh, None, *refs),
+                               kernel)
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  if flat:  # free reshapes (contiguous): one row of H * R numbers per slot
-    a_k = a_k.reshape(num_layers, batch, -1)
-    a_v = a_v.reshape(num_layers, batch, -1)
+  operands = [scalar(layer), scalar(pos), pad_B.astype(jnp.int32), q_hi] + (
+      [q_lo] if split_q else []) + [a_k, b_k, a_v, b_v]
   m, l, acc = pl.pallas_call(
       kernel,
       grid=(batch, splits),
-      in_specs=[whole((1,)), whole((1,)), whole((batch,)), per_row, per_row,
-                whole(a_k.shape), whole(b_k.shape), whole(a_v.shape), whole(b_v.shape)],
-      out_specs=[pl.BlockSpec((None, None, hp), lambda b, j: (b, j, 0)),
-                 pl.BlockSpec((None, None, hp), lambda b, j: (b, j, 0)),
-                 pl.BlockSpec((None, None, hp, kp), lambda b, j: (b, j, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((batch, splits, hp), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, splits, hp), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, splits, hp, kp), jnp.float32)],
+      in_specs=[whole(x.shape) for x in operands],
+      out_specs=[whole((batch, splits, rows)), whole((batch, splits, rows)),
+                 whole((batch, splits, rows, kp))],
+      out_shape=[jax.ShapeDtypeStruct((batch, splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, splits, rows, kp), jnp.float32)],
       interpret=interpret,
       name="tpa_decode",
       **extra,
-  )(scalar(layer), scalar(pos), pad_B.astype(jnp.int32), q_hi, q_lo, a_k, b_k, a_v, b_v)
+  )(*operands)
   # Flash-decoding combine of the splits (splits without a valid slot carry m = NEG, l = 0).
-  w_BxNxH = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))
+  w_BxNxH = jnp.exp2(m - jnp.max(m, axis=1, keepdims=True))
   l_BxH = jnp.sum(w_BxNxH * l, axis=1)
   y_BxHxK = jnp.einsum("bnh,bnhk->bhk", w_BxNxH, acc) / (l_BxH[..., None] * v_rank)
   return y_BxHxK[:, :heads, :head_dim]
-
