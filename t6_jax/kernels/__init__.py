@@ -187,8 +187,9 @@ def decode_cache_layout(setting: str, cfg, cache_dtype, *, batch: int, rules: Ru
   """The cache layout the decode kernel reads in place: a `FactorCacheLayout` when the Mosaic
   or the Triton kernel will decode (A factors transposed to (rows, S), rows padded per tensor
   shard; B factors flat), else None (the standard (layers, B, S, ...) entries of the XLA
-  paths)."""
-  if decode_kernel(setting, cfg.attention, cache_dtype) is None:
+  paths, and the caches of the grouped kernel, which reads them as they are)."""
+  if cfg.attention not in FACTOR_ATTENTIONS or decode_kernel(setting, cfg.attention,
+                                                             cache_dtype) is None:
     return None
   return FactorCacheLayout(heads=cfg.num_heads, head_dim=cfg.head_dim, k_rank=cfg.k_rank,
                            v_rank=cfg.v_rank,
