@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -30,29 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from decode import _args, lower_one, model_config  # noqa: E402  (bench/decode.py)
-from train_profile import category  # noqa: E402  (bench/train_profile.py)
-
-
-def device_spans(trace_file: str) -> list[dict]:
-  """The kernel events of a Perfetto JSON trace on the device streams (GPU/TPU processes;
-  summary lines such as "XLA Ops" that repeat the stream time are left out where stream
-  lines exist)."""
-  opener = gzip.open if trace_file.endswith(".gz") else open
-  with opener(trace_file, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  procs, threads = {}, {}
-  for e in events:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      procs[e["pid"]] = e["args"]["name"]
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      threads[(e["pid"], e["tid"])] = e["args"]["name"]
-  device = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
-  spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
-  streams = {k for k, n in threads.items() if k[0] in device and n.lower().startswith("stream")}
-  if streams:
-    spans = [e for e in spans if (e["pid"], e["tid"]) in streams]
-  return spans
+from train_profile import category, device_events  # noqa: E402  (bench/train_profile.py)
 
 
 def busy_time(spans: list[dict]) -> float:
@@ -131,7 +106,7 @@ def profile_one(name: str, args) -> str:
     return f"{head}\n\nno perfetto_trace.json under {trace_dir}"
   # One traced call runs `steps` + 1 tokens: the first is sampled from the given logits, so
   # `steps` model steps (and the call's small prologue) are in the trace.
-  return f"{head}\n\n{summarise(device_spans(files[-1]), args.steps, args.top)}"
+  return f"{head}\n\n{summarise(device_events(files[-1])[0], args.steps, args.top)}"
 
 
 def main(argv=None) -> int:

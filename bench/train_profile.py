@@ -41,8 +41,12 @@ def category(name: str) -> str:
   return "other"
 
 
-def summarise(trace_file: str, steps: int, top: int = 25) -> str:
-  """Device time per category and the top kernels of a Perfetto JSON trace (per step)."""
+def device_events(trace_file: str):
+  """(kernel spans, device time per trace line, process names) of a Perfetto JSON trace.
+
+  The spans are the complete events of the device processes (GPU/TPU). Device processes carry
+  one line per stream plus summary lines (XLA Ops, Modules) that repeat the same time, so the
+  spans are those of the stream lines where there are any; the per-line times cover all."""
   opener = gzip.open if trace_file.endswith(".gz") else open
   with opener(trace_file, "rt") as f:
     events = json.load(f)
@@ -55,14 +59,18 @@ def summarise(trace_file: str, steps: int, top: int = 25) -> str:
       threads[(e["pid"], e["tid"])] = e["args"]["name"]
   device = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
   spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
-  # Device processes carry one line per stream plus summary lines (XLA Ops, Modules) that
-  # repeat the same time: count the stream lines where there are any.
   per_line = collections.Counter()
   for e in spans:
     per_line[threads.get((e["pid"], e["tid"]), str(e["tid"]))] += e["dur"]
   streams = {k for k, n in threads.items() if k[0] in device and n.lower().startswith("stream")}
   if streams:
     spans = [e for e in spans if (e["pid"], e["tid"]) in streams]
+  return spans, per_line, procs
+
+
+def summarise(trace_file: str, steps: int, top: int = 25) -> str:
+  """Device time per category and the top kernels of a Perfetto JSON trace (per step)."""
+  spans, per_line, procs = device_events(trace_file)
   if not spans:
     return f"no device events in {trace_file} (processes: {sorted(procs.values())})"
   by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()

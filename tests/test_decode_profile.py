@@ -23,7 +23,7 @@ def test_summary_counts_kernels_busy_time_and_gaps(tmp_path):
              {"ph": "X", "pid": 2, "tid": 1, "name": "host", "ts": 0, "dur": 100}]
   path = tmp_path / "perfetto_trace.json"
   path.write_text(json.dumps({"traceEvents": events}))
-  spans = decode_profile.device_spans(str(path))
+  spans = decode_profile.device_events(str(path))[0]
   assert len(spans) == 5  # the stream only: not the XLA Ops line, not the host
   assert decode_profile.busy_time(spans) == 10 + 7 + 10 + 5  # 18..22 overlaps 15..20
   text = decode_profile.summarise(spans, steps=2, top=5)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from t6_jax.kernels.tpa_decode_tpu import a_rows, tpu_a_layout
+from t6_jax.kernels.tpa_decode_tpu import kernel_operands
 
 NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
 LOG2E = math.log2(math.e)
@@ -202,18 +202,9 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
   if b_k.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"the Pallas TPA decode kernel takes a bfloat16/float16 cache, got "
                      f"{b_k.dtype}; use decode.attention_kernel=xla for other cache dtypes")
-  if a_k.ndim == 5:
-    a_k, a_v = tpu_a_layout(a_k), tpu_a_layout(a_v)
-  if b_k.ndim == 5:
-    b_k, b_v = (x.reshape(*x.shape[:3], -1) for x in (b_k, b_v))
+  a_k, b_k, a_v, b_v = kernel_operands(a_k, b_k, a_v, b_v, heads, head_dim)
   slots = a_k.shape[3]
   k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
-  if (b_k.shape[3] != k_rank * head_dim or b_v.shape[3] != v_rank * head_dim
-      or a_k.shape[2] != a_rows(heads, k_rank) or a_v.shape[2] != a_rows(heads, v_rank)
-      or b_k.shape[2] != slots or b_v.shape[2] != slots or a_v.shape[3] != slots):
-    raise ValueError(f"cache factors (A as layers, B, rows, S) {a_k.shape} {b_k.shape} "
-                     f"{a_v.shape} {b_v.shape} do not match a query of {heads} heads x "
-                     f"{head_dim}; pass the cache of the same attention layer")
   num_slots = min(slots, kv_len)
   kp = max(16, _pow2(head_dim))
   chunks = head_chunks(heads, head_tile)

@@ -146,6 +146,30 @@ def standard_a_layout(a_BxRowsxS, heads: int, rank: int, shards: int = 1):
   return jnp.moveaxis(a.reshape(batch, heads, rank, slots), 3, 1)
 
 
+def kernel_operands(a_k, b_k, a_v, b_v, heads: int, head_dim: int):
+  """The cache factors as both decode kernels read them: A as (layers, B, a_rows(H, R), S)
+  (converted from the standard (layers, B, S, H, R), a copy, or taken as stored), B as
+  (layers, B, S, R * d_h) (a free reshape). Raises when they do not fit a query of `heads`
+  heads of `head_dim`."""
+  if a_k.ndim == 5:
+    if a_k.shape[3] != heads or a_v.shape[3] != heads:
+      raise ValueError(f"cache A factors {a_k.shape} {a_v.shape} do not match a query of "
+                       f"{heads} heads x {head_dim}; pass the cache of the same attention layer")
+    a_k, a_v = tpu_a_layout(a_k), tpu_a_layout(a_v)
+  if b_k.ndim == 5:
+    b_k, b_v = (x.reshape(*x.shape[:3], -1) for x in (b_k, b_v))
+  slots = a_k.shape[3]
+  k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
+  if (b_k.shape[3] != k_rank * head_dim or b_v.shape[3] != v_rank * head_dim
+      or a_k.shape[2] != a_rows(heads, k_rank) or a_v.shape[2] != a_rows(heads, v_rank)
+      or b_k.shape[2] != slots or b_v.shape[2] != slots or a_v.shape[3] != slots):
+    raise ValueError(f"cache factors (A as layers, B, rows, S) {a_k.shape} {b_k.shape} "
+                     f"{a_v.shape} {b_v.shape} do not match a query of {heads} heads x "
+                     f"{head_dim}; pass the cache of the same attention layer (A through "
+                     f"tpu_a_layout)")
+  return a_k, b_k, a_v, b_v
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorCacheLayout:
   """A TPA factor cache stored the way this kernel reads it in place (see the module doc):
@@ -208,22 +232,9 @@ def tpa_decode_attention_tpu(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, 
   if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise ValueError(f"the TPU TPA decode kernel takes a bfloat16/float16/float32 cache, got "
                      f"{dtype}; use the XLA factor path for other cache dtypes")
-  if a_k.ndim == 5:
-    if a_k.shape[3] != heads or a_v.shape[3] != heads:
-      raise ValueError(f"cache A factors {a_k.shape} {a_v.shape} do not match a query of "
-                       f"{heads} heads x {head_dim}; pass the cache of the same attention layer")
-    a_k, a_v = tpu_a_layout(a_k), tpu_a_layout(a_v)
-  if b_k.ndim == 5:
-    b_k, b_v = (x.reshape(*x.shape[:3], -1) for x in (b_k, b_v))
+  a_k, b_k, a_v, b_v = kernel_operands(a_k, b_k, a_v, b_v, heads, head_dim)
   slots = a_k.shape[3]
   k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
-  if (b_k.shape[3] != k_rank * head_dim or b_v.shape[3] != v_rank * head_dim
-      or a_k.shape[2] != a_rows(heads, k_rank) or a_v.shape[2] != a_rows(heads, v_rank)
-      or b_k.shape[2] != slots or b_v.shape[2] != slots or a_v.shape[3] != slots):
-    raise ValueError(f"cache factors (A as layers, B, rows, S) {a_k.shape} {b_k.shape} "
-                     f"{a_v.shape} {b_v.shape} do not match a query of {heads} heads x "
-                     f"{head_dim}; pass the cache of the same attention layer (A through "
-                     f"tpu_a_layout)")
   num_slots = min(slots, kv_len)
   if block is None:
     block = min(DEFAULT_BLOCK, -(-num_slots // 128) * 128)
