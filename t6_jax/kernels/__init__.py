@@ -13,17 +13,19 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
         a cache at an offset, explicit keep masks) stays on XLA (attention_xla.py).
         On a mesh of more than one device splash runs under `jax.shard_map` (sharded.py):
         batch over the rules' batch axes, heads over the tensor axis.
-  decode_kernel(setting, attention, cache_dtype) -> "triton" | "mosaic" | None
-  use_decode_kernel(setting, attention, t_len, cache_dtype) -> bool
+  decode_kernel(setting, attention, cache_dtype, rules) -> "triton" | "mosaic" | None
+  use_decode_kernel(setting, attention, t_len, cache_dtype, rules) -> bool
   decode_cache_layout(setting, model_cfg, cache_dtype, *, batch, rules)
       -> FactorCacheLayout | None: the decode kernels' cache layout when one will read it
   tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len, rules, kernel)
       -> fp32 (B, H, d_h): one-token TPA decode straight from the stacked factor cache,
       Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
       off TPU), under `jax.shard_map` on a mesh.
-  grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key)
+  grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key,
+                 rules, cache_axes)
       -> fp32 (B, G, J, D_v): one-token MHA/MQA/GQA/MLA decode straight from the stacked
-      cache (grouped_decode_gpu.py, Triton; one device), interpreted off GPU.
+      cache (grouped_decode_gpu.py, Triton), interpreted off GPU, under `jax.shard_map` on a
+      mesh (batch over the rules' batch axes, KV heads or their query heads over tensor).
 
   tpa_contract(pairs, *, impl, rules) -> [(..., H, d_h) per pair]
       impl (model.contract_impl): xla | pallas. TPA's per-token factor contraction
@@ -38,6 +40,7 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,7 +49,8 @@ import jax.numpy as jnp
 from t6_jax.kernels import (attention_xla, grouped_decode_gpu, tpa_contract_gpu, tpa_decode_gpu,
                            tpa_decode_tpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
-from t6_jax.kernels.sharded import splash_attention_sharded, tpa_decode_sharded
+from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
+                                    tpa_decode_sharded)
 from t6_jax.kernels.splash_tpu import splash_attention
 from t6_jax.kernels.tpa_decode_tpu import FactorCacheLayout  # noqa: F401
 from t6_jax.sharding import Rules, logical_to_spec
@@ -136,7 +140,8 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask: Mask, *, scale: float,
                                      implementation=impl)
 
 
-def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
+def decode_kernel(setting: str, attention: str, cache_dtype,
+                  rules: Rules | None = None) -> str | None:
   """The one-token decode kernel decode.attention_kernel=`setting` runs on the target:
   "triton" (GPU), "mosaic" (TPU; interpreted on other platforms) or None (the XLA factor
   path).
@@ -144,9 +149,11 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
   auto: the platform's kernel on GPU (16-bit caches) and TPU (16-bit and float32 caches), XLA
   elsewhere; pallas: the kernel always (Mosaic, interpreted, off GPU and TPU; a cache dtype
   the kernel does not take raises the kernel's own error). MHA/MQA/GQA/MLA have the Triton
-  grouped kernel on one device only: auto takes it on GPU for MQA/GQA/MLA with a 16-bit cache,
-  pallas for all four anywhere (interpreted off GPU); on a mesh of several devices, and on TPU
-  under auto, they stay on XLA.
+  grouped kernel: auto takes it on GPU for MQA/GQA/MLA with a 16-bit cache, pallas for all
+  four anywhere (interpreted off GPU); on TPU under auto they stay on XLA. On a mesh of
+  several devices it runs per shard (`grouped_decode`), which needs `rules` (the model's
+  sharding rules; None there: XLA), and MLA stays on XLA where the rules put its latent's
+  features on a mesh axis of more than one device (`grouped_decode_shards`).
   """
   if setting not in DECODE_KERNELS:
     raise ValueError(f"decode.attention_kernel={setting!r}; use {', '.join(DECODE_KERNELS)}")
@@ -154,9 +161,10 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
     return None
   if attention in GROUPED_ATTENTIONS:
     platform, mesh = target()
-    if mesh is not None or (setting == "auto" and (
-        platform != "gpu" or attention not in GROUPED_AUTO
-        or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"])):
+    if setting == "auto" and (platform != "gpu" or attention not in GROUPED_AUTO
+                              or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"]):
+      return None
+    if mesh is not None and not grouped_decode_shards(attention, rules, mesh):
       return None
     return "triton"
   if attention not in FACTOR_ATTENTIONS:
@@ -167,10 +175,23 @@ def decode_kernel(setting: str, attention: str, cache_dtype) -> str | None:
   return "triton" if platform == "gpu" else "mosaic"
 
 
-def use_decode_kernel(setting: str, attention: str, t_len: int, cache_dtype) -> bool:
-  """Whether decode.attention_kernel=`setting` runs `tpa_decode` for a step of t_len tokens
+def grouped_decode_shards(attention: str, rules: Rules | None, mesh) -> bool:
+  """Whether the grouped kernel can run per shard of `mesh` under `rules`, reading each
+  shard's cache in place: always for MHA/MQA/GQA (KV heads the tensor size does not divide
+  are replicated over it, as their cache is); for MLA only where the rules keep the latent's
+  features whole (fsdp_tp puts `kv_lora` on tensor: every head needs the whole latent, so a
+  shard could read its part only after gathering the layer's cache on every step)."""
+  if rules is None:
+    return False
+  return attention != "mla" or all(mesh.shape.get(a, 1) == 1
+                                   for a in rules.mesh_axes("kv_lora"))
+
+
+def use_decode_kernel(setting: str, attention: str, t_len: int, cache_dtype,
+                      rules: Rules | None = None) -> bool:
+  """Whether decode.attention_kernel=`setting` runs a decode kernel for a step of t_len tokens
   (one-token steps only: prefill chunks and multi-token extends take the XLA paths)."""
-  return t_len == 1 and decode_kernel(setting, attention, cache_dtype) is not None
+  return t_len == 1 and decode_kernel(setting, attention, cache_dtype, rules) is not None
 
 
 def decode_head_shards(rules: Rules | None, batch: int, heads: int) -> int:
@@ -259,10 +280,45 @@ def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
 
 
 def grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len: int, scale: float,
-                   values=None, value_key: int | None = None, **tuning):
+                   values=None, value_key: int | None = None, rules: Rules | None = None,
+                   cache_axes=None, **tuning):
   """One query per row and KV head group against layer `layer` of a stacked MHA/MQA/GQA or
-  MLA cache (grouped_decode_gpu.grouped_decode_attention), interpreted off GPU."""
-  platform, _ = target()
-  return grouped_decode_gpu.grouped_decode_attention(
-      queries, keys, layer, pad_B, pos, kv_len=kv_len, scale=scale, values=values,
-      value_key=value_key, interpret=platform != "gpu", **tuning)
+  MLA cache (grouped_decode_gpu.grouped_decode_attention), interpreted off GPU.
+
+  On a mesh (with `rules`) it runs per shard under shard_map, each shard's cache in place:
+  the batch over the axes that split the cache's rows, the G KV heads over the axes that
+  split them (the cache's own split), or else, where the KV heads stay whole (fewer than the
+  tensor size, MQA's one), each group's J query heads over the query heads' tensor axes when
+  they divide J, every shard reading the whole (replicated) K/V of its rows; otherwise the
+  heads are whole on every shard (repeated work, still correct). cache_axes (needed with
+  rules): the logical names of each cache operand (keys, then values), as the cache is
+  sharded; their slot and feature axes must not be split (`grouped_decode_shards`).
+  """
+  platform, mesh = target()
+  fn = functools.partial(grouped_decode_gpu.grouped_decode_attention,
+                         interpret=platform != "gpu", **tuning)
+  if mesh is None or rules is None:
+    return fn(queries, keys, layer, pad_B, pos, kv_len=kv_len, scale=scale, values=values,
+              value_key=value_key)
+  caches = list(keys) + ([] if values is None else [values])
+  if cache_axes is None or len(cache_axes) != len(caches):
+    raise ValueError(f"grouped_decode on a mesh needs the logical axes of each of its "
+                     f"{len(caches)} cache operands (cache_axes)")
+  splits = [_split_axes(names, c.shape, rules, mesh) for c, names in zip(caches, cache_axes)]
+  batch_axes, group_axes = splits[0][1], splits[0][3]
+  for split, names in zip(splits, cache_axes):
+    layers, rows, slots, kv_heads, features = split
+    if (rows, kv_heads) != (batch_axes, group_axes) or layers or slots or features:
+      raise ValueError(f"the grouped decode kernel reads caches split only by rows and KV "
+                       f"heads, alike; {names} is split as {split} under "
+                       f"mesh.rules={rules.name}; use decode.attention_kernel=xla")
+  batch, groups, group = queries[0].shape[:3]
+  head_axes = ()
+  if not group_axes:
+    _, q_head_axes, _ = _split_axes(("batch", "act_heads", None), (batch, groups * group, 1),
+                                    rules, mesh)
+    if group % math.prod(mesh.shape[a] for a in q_head_axes) == 0:
+      head_axes = q_head_axes
+  return grouped_decode_sharded(fn, mesh, batch_axes, group_axes, head_axes, queries, keys,
+                                layer, pad_B, pos, kv_len=kv_len, scale=scale, values=values,
+                                value_key=value_key)

@@ -12,6 +12,10 @@ split needs no communication at all:
     (replicated over tensor), the query is split by heads. Each shard's output heads depend only
     on its own query heads and A columns plus the shared B rows, so the (B, H, d_h) output is
     split by heads exactly as the query, with no cross-shard combine.
+  * grouped decode (MHA/MQA/GQA/MLA): the cache and the queries split by KV heads where the
+    cache is, else each KV head's query heads split over tensor against the whole
+    (replicated) K/V of the shard's rows; a query head needs only its own KV head's cache, so
+    the output splits as the queries, again with no combine.
 """
 
 from __future__ import annotations
@@ -115,6 +119,44 @@ def tpa_decode_sharded(kernel_fn, mesh, batch_axes, head_axis, q_BxHxK, a_k, b_k
       q, ak, bk, av, bv, layer, pad, pos, kv_len=kv_len, **kernel_kwargs)
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
                                check_vma=False))(q_BxHxK, a_k, b_k, a_v, b_v,
+                                                jnp.asarray(layer, jnp.int32),
+                                                pad_B.astype(jnp.int32),
+                                                jnp.asarray(pos, jnp.int32))
+
+
+def grouped_decode_sharded(kernel_fn, mesh, batch_axes, group_axis, head_axis, queries, keys,
+                           layer, pad_B, pos, *, kv_len: int, values=None, value_key=None,
+                           **kernel_kwargs):
+  """The grouped decode kernel (`grouped_decode_attention`, same operands) run per shard of
+  the stacked cache: rows over `batch_axes`, the G KV heads over `group_axis` (queries
+  (B, G, J, D) and caches (layers, B, S, G, D) alike), or, with `head_axis`, each KV head's J
+  query heads (the caches then whole over it). At most one of group_axis and head_axis.
+  Returns fp32 (B, G, J, D_v), split as the queries.
+  """
+  batch_axes, group_axes = _axes(mesh, batch_axes), _axes(mesh, group_axis)
+  head_axes = _axes(mesh, head_axis)
+  if group_axes and head_axes:
+    raise ValueError(f"split the KV heads ({group_axes}) or their query heads ({head_axes}), "
+                     f"not both")
+  batch, groups, group = queries[0].shape[:3]
+  _check_split("batch", batch, _size(mesh, batch_axes), batch_axes)
+  _check_split("KV heads", groups, _size(mesh, group_axes), group_axes)
+  _check_split("query heads per KV head", group, _size(mesh, head_axes), head_axes)
+  spec = lambda axes: axes if axes else None
+  bspec = spec(batch_axes)
+  q_spec = P(bspec, spec(group_axes), spec(head_axes), None)
+  cache_spec = P(None, bspec, None, spec(group_axes), None)
+  caches = list(keys) + ([] if values is None else [values])
+  n_keys = len(keys)
+
+  def local(qs, caches, layer, pad, pos):
+    vals = caches[n_keys] if values is not None else None
+    return kernel_fn(qs, caches[:n_keys], layer, pad, pos, kv_len=kv_len, values=vals,
+                     value_key=value_key, **kernel_kwargs)
+
+  in_specs = ([q_spec] * len(queries), [cache_spec] * len(caches), P(), P(bspec), P())
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                               check_vma=False))(list(queries), caches,
                                                 jnp.asarray(layer, jnp.int32),
                                                 pad_B.astype(jnp.int32),
                                                 jnp.asarray(pos, jnp.int32))

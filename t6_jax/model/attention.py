@@ -394,7 +394,8 @@ class GQA(Attention):
     q_BxGxJxK = q.q_BxTxHxK[:, 0].reshape(batch, groups, heads // groups, dim)
     y_BxGxJxK = kernels.grouped_decode(
         [q_BxGxJxK], [entries["k"]], cache.layer, cache.pad_B, cache.start,
-        kv_len=cache.kv_len, scale=1.0 / math.sqrt(dim), values=entries["v"])
+        kv_len=cache.kv_len, scale=1.0 / math.sqrt(dim), values=entries["v"],
+        rules=self.rules, cache_axes=[("layers",) + self.ENTRY_AXES[n] for n in ("k", "v")])
     return y_BxGxJxK.reshape(batch, 1, heads, dim).astype(self.dtype)
 
 
@@ -478,11 +479,13 @@ class MLA(Attention):
     q_BxHxE = q.q_BxTxHxK[:, 0]
     q_lat_BxHxL = self._proj(q_BxHxE[..., :n], self.kv_b_nope, "bhn,lhn->bhl")
     shared = lambda x: x[:, :, :, None, :]  # (layers, B, S, 1, D): one KV group
+    axes = [("layers",) + self.ENTRY_AXES[name][:2] + (None,) + self.ENTRY_AXES[name][2:]
+            for name in ("latent", "k_pe")]
     ctx_Bx1xHxL = kernels.grouped_decode(
         [q_lat_BxHxL[:, None], q_BxHxE[:, None, :, n:]],
         [shared(entries["latent"]), shared(entries["k_pe"])], cache.layer, cache.pad_B,
         cache.start, kv_len=cache.kv_len, scale=1.0 / math.sqrt(n + cfg.mla_rope_dim),
-        value_key=0)
+        value_key=0, rules=self.rules, cache_axes=axes)
     return self._proj(ctx_Bx1xHxL, self.kv_b_v, "bthl,lhv->bthv")
 
 

@@ -168,7 +168,8 @@ class Transformer(nnx.Module):
     cache_dtype = next(iter(entries.values())).dtype
     path, kernel = "materialize", None
     if factor_attention:
-      kernel = kernels.decode_kernel(attention_kernel, self.cfg.attention, cache_dtype)
+      kernel = kernels.decode_kernel(attention_kernel, self.cfg.attention, cache_dtype,
+                                     self.rules)
       path = "kernel" if kernel is not None and t_len == 1 else "factors"
 
     def layer(block, carry, i):
