@@ -119,3 +119,18 @@ def test_decode_step_compiles_with_the_mosaic_kernel(attention):
   # The cache is stored in the kernel's layout: no relayout copy of an A factor per step.
   rows = a_rows(cfg.model.num_heads // 2, cfg.model.k_rank)
   assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows},{slots}]" in l]
+
+
+def test_prefill_compiles_one_pass_with_splash():
+  """A prompt longer than a prefill chunk compiles for a TPU topology as one causal pass with
+  the splash kernel, without (T, T) scores in memory."""
+  from t6_jax import config as config_lib
+  from t6_jax.decode.aot import compile_prefill
+  from t6_jax.train.aot import topology_devices
+  cfg = config_lib.load("tiny", MICRO + ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                                         "mesh.rules=fsdp_tp", "decode.prefill_chunk=128"])
+  compiled, _ = compile_prefill(cfg, topology_devices("v5e:2x2"), batch=4, prompt_len=1024,
+                                context=1100)
+  assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+  scores = 4 * cfg.model.num_heads * 1024 * 1024 * 4  # fp32 (B, H, T, T)
+  assert compiled.memory_analysis().temp_size_in_bytes < scores / 4

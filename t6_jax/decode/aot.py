@@ -10,12 +10,14 @@ nothing runs on a TPU.
 
   python -m t6_jax.decode.aot --config t6-xl --topology v5e:2x4 --batch 64 --context 32768 \\
       mesh.data=1 mesh.fsdp=-1 mesh.tensor=1
+
+`--prompt_len N` also compiles the prefill of N-token prompts into that cache
+(`compile_prefill`: on a TPU topology the one-pass prefill with the splash kernel).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -27,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
-from t6_jax.decode.generate import cache_layout, decode_loop
+from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
 from t6_jax.model.placement import abstract_params, param_shardings
 
 GiB = 2**30
@@ -68,6 +70,30 @@ def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
   return lowered.compile(), mesh
 
 
+def compile_prefill(cfg: Config, devices, *, batch: int, prompt_len: int, context: int):
+  """(compiled prefill, mesh) of `cfg` on `devices`: `batch` prompts of `prompt_len` tokens into
+  an empty cache of `context` slots, stored in the layout the decode steps read. A TPU
+  topology takes the one-pass prefill with the splash kernel (`Transformer.prefill`) for any
+  prompt length."""
+  if prompt_len > context:
+    raise ValueError(f"prompt_len={prompt_len} does not fit a cache of {context} slots")
+  mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
+  rules = cfg.mesh.rules
+  sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(sharded, abstract_params(cfg.model),
+                        param_shardings(cfg.model, mesh, rules))
+  rows = sharding_lib.logical_to_spec(("batch",), rules, (batch,), mesh)
+  tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
+                                sharding=NamedSharding(mesh, P(*rows, None)))
+  pad = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(*rows)))
+  with jax.set_mesh(mesh):
+    lowered = _prefill.lower(
+        params, tokens, pad, model_cfg=cfg.model, rules=rules, max_len=context,
+        cache_dtype=cfg.decode.cache_dtype, chunk=prefill_chunk(cfg, batch, context),
+        factor=cfg.decode.factor_attention, kernel=cfg.decode.attention_kernel)
+  return lowered.compile(), mesh
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,9 +101,12 @@ def main(argv=None) -> int:
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v5p:2x2x1")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--context", type=int, default=4096, help="cache slots")
+  parser.add_argument("--prompt_len", type=int, default=0,
+                      help="also compile the prefill of prompts this long into that cache")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
   args = parser.parse_intermixed_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from t6_jax import cli
+  cli.quiet_aot_startup()  # compile on the CPU backend, without libtpu start-up noise
   from t6_jax import config as config_lib
   from t6_jax.train import aot as train_aot
   from t6_jax.train import flops as flops_lib
@@ -103,6 +132,21 @@ def main(argv=None) -> int:
         f"  memory per chip: arguments {mem.argument_size_in_bytes / GiB:.3f} GiB, "
         f"temporaries {mem.temp_size_in_bytes / GiB:.3f} GiB, total {total / GiB:.3f} GiB of "
         f"{hbm / GiB:.2f} GiB HBM ({'fits' if total <= hbm else 'DOES NOT FIT'})")
+  if args.prompt_len:
+    try:
+      compiled, _ = compile_prefill(cfg, devices, batch=args.batch, prompt_len=args.prompt_len,
+                                    context=args.context)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    splash = "tpu_custom_call" in compiled.as_text()
+    print(f"  prefill of {args.batch} x {args.prompt_len} tokens: attention "
+          f"{'splash (one pass)' if splash else 'XLA'}; memory per chip: temporaries "
+          f"{mem.temp_size_in_bytes / GiB:.3f} GiB, total {total / GiB:.3f} GiB "
+          f"({'fits' if total <= hbm else 'DOES NOT FIT'})")
   return 0
 
 
