@@ -22,6 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t6_jax import cli  # noqa: E402
+
+cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 HEADING = "## Decoding"
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",

@@ -25,6 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from t6_jax import cli  # noqa: E402
+
+cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 from decode import _args, lower_one, model_config  # noqa: E402  (bench/decode.py)
 from train_profile import category, device_events  # noqa: E402  (bench/train_profile.py)

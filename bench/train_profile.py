@@ -22,6 +22,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t6_jax import cli  # noqa: E402
+
+cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 CATEGORIES = (  # first match wins; names are GPU kernel or XLA op names
     ("attention kernel", r"flash|fmha|sdpa|cudnn|attention"),

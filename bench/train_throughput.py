@@ -23,6 +23,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t6_jax import cli  # noqa: E402
+
+cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 REFERENCE_H200 = {  # the reference measured on one H200, torch.compile, bf16 autocast, T = 1024
     "t6-small": "batch 64: 322k tokens/s, 34.7% MFU (6N+12LhdT vs 989 TFLOP/s), 62.7 GiB",

@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end on the CPU with tiny configs (their GPU figures come
+from the same code paths), each in its own process as a user runs them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPTS = {
+    "decode": (["bench/decode.py", "--tiny", "--no_write", "--models", "t6-small,gqa-small",
+                "--batches", "2", "--contexts", "256"], "| t6-small (tiny) | 2 | 256 |"),
+    "decode_profile": (["bench/decode_profile.py", "--tiny"], "ms/step untraced"),
+    "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "64,600",
+                 "--repeats", "1"], "chunks of 512"),
+    "train_table": (["bench/train_table.py", "--presets", "tiny:8", "--steps", "1",
+                     "--warmup", "1", "--variants", "default=;triton=train.gpu_gemm=triton"],
+                    "| tiny | 8 |"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bench_runs(name):
+  argv, expect = SCRIPTS[name]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert expect in done.stdout, done.stdout[-2000:]
+  assert "failed" not in done.stdout
