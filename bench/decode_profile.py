@@ -16,7 +16,6 @@ that take the most time. `--trace_dir` keeps the trace for Perfetto / TensorBoar
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
 import os
 import sys
@@ -30,7 +29,7 @@ from t6_jax import cli  # noqa: E402
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 from decode import _args, lower_one, model_config  # noqa: E402  (bench/decode.py)
-from train_profile import category, device_events  # noqa: E402  (bench/train_profile.py)
+from train_profile import category, device_events, tally  # noqa: E402  (bench/train_profile.py)
 
 
 def busy_time(spans: list[dict]) -> float:
@@ -50,11 +49,7 @@ def summarise(spans: list[dict], steps: int, top: int) -> str:
   first = min(e["ts"] for e in spans)
   last = max(e["ts"] + e["dur"] for e in spans)
   busy, span = busy_time(spans), last - first
-  by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
-  for e in spans:
-    by_cat[category(e["name"])] += e["dur"]
-    by_name[e["name"]] += e["dur"]
-    counts[e["name"]] += 1
+  by_cat, by_name, counts = tally(spans)
   total = sum(by_cat.values())
   lines = [f"per step: {len(spans) / steps:.0f} kernels, device busy {busy / steps / 1e3:.3f} ms "
            f"of {span / steps / 1e3:.3f} ms traced ({100 * busy / span:.0f}% busy; gaps "

@@ -71,16 +71,22 @@ def device_events(trace_file: str):
   return spans, per_line, procs
 
 
-def summarise(trace_file: str, steps: int, top: int = 25) -> str:
-  """Device time per category and the top kernels of a Perfetto JSON trace (per step)."""
-  spans, per_line, procs = device_events(trace_file)
-  if not spans:
-    return f"no device events in {trace_file} (processes: {sorted(procs.values())})"
+def tally(spans: list[dict]):
+  """(device time per category, device time per kernel, calls per kernel) of the spans."""
   by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
   for e in spans:
     by_cat[category(e["name"])] += e["dur"]
     by_name[e["name"]] += e["dur"]
     counts[e["name"]] += 1
+  return by_cat, by_name, counts
+
+
+def summarise(trace_file: str, steps: int, top: int = 25) -> str:
+  """Device time per category and the top kernels of a Perfetto JSON trace (per step)."""
+  spans, per_line, procs = device_events(trace_file)
+  if not spans:
+    return f"no device events in {trace_file} (processes: {sorted(procs.values())})"
+  by_cat, by_name, counts = tally(spans)
   total = sum(by_cat.values())
   lines = [f"device time per step: {total / steps / 1e3:.1f} ms summed over "
            f"{len({(e['pid'], e['tid']) for e in spans})} stream(s), {len(spans) // steps} "

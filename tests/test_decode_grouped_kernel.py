@@ -15,8 +15,10 @@ from t6_jax import config as config_lib
 from t6_jax import kernels
 from t6_jax.decode import generate
 from t6_jax.kernels.grouped_decode_gpu import grouped_decode_attention
-from t6_jax.model import init_params, model_from_params
+from t6_jax.model import model_from_params
 from t6_jax.sharding import RULES, logical_to_spec, make_mesh
+
+from test_decode_kernel_wired import random_params
 
 PROMPTS = [[3, 17, 250, 9, 41], [7, 7, 100, 2, 64, 33, 201, 5], [99], [1, 2, 3]]
 NEW = 5
@@ -74,15 +76,6 @@ def tiny(attention: str, kernel: str, rules: str = "fsdp"):
       "model.mla_nope_dim=8", "model.mla_rope_dim=8", "model.mla_v_dim=12",
       "decode.cache_dtype=float32", "model.rope_bf16_tables=false",
       f"decode.attention_kernel={kernel}", f"mesh.rules={rules}"])
-
-
-def random_params(cfg):
-  """N(0, 1/d) weights (zero-initialised output projections would hide attention)."""
-  shapes = jax.eval_shape(lambda: init_params(cfg.model, 0))
-  rng = np.random.default_rng(1)
-  std = cfg.model.d_model ** -0.5
-  return jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype),
-                      shapes)
 
 
 @pytest.fixture(scope="module", params=["mha", "mqa", "gqa", "mla"])

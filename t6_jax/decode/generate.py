@@ -288,18 +288,13 @@ def prompt_bucket(longest: int, room: int, chunk: int) -> int:
 def one_pass_prefill(model_cfg: ModelConfig, t_len: int, chunk: int) -> bool:
   """Whether prompts of t_len tokens fill the cache in one causal pass (`Transformer.prefill`):
   when they fit one chunk, or when a fused kernel runs the pass without holding the (T, T)
-  scores: splash on TPU, cuDNN's flash kernel on GPU (16-bit, head width <= 128)."""
-  if t_len <= chunk:
-    return True
-  if model_cfg.attention_impl == "xla":
-    return False
-  platform, _ = kernels.target()
-  width = (model_cfg.mla_nope_dim + model_cfg.mla_rope_dim if model_cfg.attention == "mla"
-           else model_cfg.head_dim)
-  if platform == "gpu":
-    return (jnp.dtype(model_cfg.dtype) in (jnp.bfloat16, jnp.float16) and width <= 128
-            and width % 8 == 0)
-  return platform == "tpu"
+  scores (`kernels.fused_causal`: splash on TPU, cuDNN's flash kernel on GPU)."""
+  if model_cfg.attention == "mla":  # q and k are [nope, rope]; a narrower v is padded to them
+    width = max(model_cfg.mla_nope_dim + model_cfg.mla_rope_dim, model_cfg.mla_v_dim)
+  else:
+    width = model_cfg.head_dim
+  return t_len <= chunk or kernels.fused_causal(model_cfg.attention_impl, model_cfg.dtype,
+                                                width)
 
 
 def cache_length(cfg: Config, longest: int, new_tokens: int) -> int:

@@ -13,6 +13,8 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
         a cache at an offset, explicit keep masks) stays on XLA (attention_xla.py).
         On a mesh of more than one device splash runs under `jax.shard_map` (sharded.py):
         batch over the rules' batch axes, heads over the tensor axis.
+  fused_causal(impl, dtype, head_width) -> bool: whether `attention` runs causal
+      self-attention of that kind through a fused kernel (no (T, T) scores held)
   decode_kernel(setting, attention, cache_dtype, rules) -> "triton" | "mosaic" | None
   use_decode_kernel(setting, attention, t_len, cache_dtype, rules) -> bool
   decode_cache_layout(setting, model_cfg, cache_dtype, *, batch, rules)
@@ -140,6 +142,17 @@ def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask: Mask, *, scale: float,
                                      implementation=impl)
 
 
+def fused_causal(impl: str, dtype, head_width: int) -> bool:
+  """Whether `attention(..., impl=impl)` runs causal self-attention (the training mask) of
+  this dtype and head width through a fused kernel on the target, holding no (T, T) scores:
+  splash on TPU, cuDNN's flash kernel on GPU."""
+  platform, _ = target()
+  if platform == "tpu":
+    return impl in ("auto", "splash")
+  return (platform == "gpu" and impl in ("auto", "cudnn")
+          and attention_xla.cudnn_takes(dtype, head_width))
+
+
 def decode_kernel(setting: str, attention: str, cache_dtype,
                   rules: Rules | None = None) -> str | None:
   """The one-token decode kernel decode.attention_kernel=`setting` runs on the target:
@@ -250,8 +263,10 @@ def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
     raise ValueError(f"model.contract_impl={impl!r}; use {', '.join(CONTRACT_IMPLS)}")
   platform, mesh = target()
   dtype = jnp.dtype(pairs[0][0].dtype)
-  kernel = impl == "pallas" and all(a.dtype == dtype and b.dtype == dtype for a, b in pairs) and max(
-      math.prod(a.shape[:-1]) * b.shape[-1] for a, b in pairs) <= tpa_contract_gpu.MAX_ELEMENTS
+  one_dtype = all(a.dtype == dtype and b.dtype == dtype for a, b in pairs)
+  fits = max(math.prod(a.shape[:-1]) * b.shape[-1]
+             for a, b in pairs) <= tpa_contract_gpu.MAX_ELEMENTS
+  kernel = impl == "pallas" and one_dtype and fits
   batch_axes = ()
   if kernel and mesh is not None and rules is not None:
     for a, b in pairs:

@@ -8,10 +8,15 @@ import jax.numpy as jnp
 from t6_jax.kernels.mask import Mask
 
 
+def cudnn_takes(dtype, head_width: int) -> bool:
+  """Whether cuDNN's flash kernel takes heads of this dtype and width."""
+  return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_width <= 128
+          and head_width % 8 == 0)
+
+
 def cudnn_fits(q_BxTxHxK: jax.Array, keep) -> bool:
   """Shapes and dtypes cuDNN's flash kernel takes (and no materialised mask to pass)."""
-  return (keep is None and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
-          and q_BxTxHxK.shape[-1] <= 128 and q_BxTxHxK.shape[-1] % 8 == 0)
+  return keep is None and cudnn_takes(q_BxTxHxK.dtype, q_BxTxHxK.shape[-1])
 
 
 def dot_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxV, mask: Mask, *, scale: float,

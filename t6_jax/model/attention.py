@@ -60,6 +60,11 @@ jax.tree_util.register_dataclass(TPAQueries, data_fields=["a_q_BxTxHxQ", "b_q_Bx
 Queries = FullQueries | TPAQueries
 
 
+def roll_rows(x_BxTx_, shift_B):
+  """Row b of x rotated along its second axis by shift_B[b] (out[b, t] = x[b, t - shift])."""
+  return jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))(x_BxTx_, shift_B)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
   """One layer's view of the stacked decode cache during `Transformer.extend`.
@@ -101,8 +106,7 @@ class LayerCache:
   def rotated_back(self, new: dict) -> dict:
     """Entries of a one-pass prefill (`Transformer.prefill`: rows rotated left by their
     padding) rotated right again, so each prompt ends at slot T-1 as `extend` stores it."""
-    roll = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
-    return {name: roll(x, self.pad_B) for name, x in new.items()}
+    return {name: roll_rows(x, self.pad_B) for name, x in new.items()}
 
   def view(self, entries: dict, dtype) -> dict:
     """This layer's slots [0, kv_len) in the compute dtype (standard layout)."""

@@ -21,7 +21,7 @@ from flax import nnx
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.model.attention import LayerCache, Mask, make_attention
+from t6_jax.model.attention import LayerCache, Mask, make_attention, roll_rows
 from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
 from t6_jax.sharding import Rules, constrain, rules_table
 
@@ -164,25 +164,17 @@ class Transformer(nnx.Module):
     slot_T = start + jnp.arange(t_len, dtype=jnp.int32)
     rope = self.rope(jnp.maximum(slot_T[None, :] - pad_B[:, None], 0))
     mask = kernels.cache_mask(start, t_len, kv_len, pad_B)
-    x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
     cache_dtype = next(iter(entries.values())).dtype
     path, kernel = "materialize", None
     if factor_attention:
       kernel = kernels.decode_kernel(attention_kernel, self.cfg.attention, cache_dtype,
                                      self.rules)
       path = "kernel" if kernel is not None and t_len == 1 else "factors"
-
-    def layer(block, carry, i):
-      x_BxTxD, entries = carry
-      cache = LayerCache(entries, i, jnp.asarray(start, jnp.int32), pad_B, kv_len, path,
-                         kernel, layout)
-      return block(x_BxTxD, rope, mask, cache), None
-
-    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-    (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
-    logits_BxV = self.embed.logits(rms_norm(x_BxTxD[:, -1:]))[:, 0]
-    return constrain(logits_BxV, ("batch", "act_vocab"), self.rules), entries
-
+    x_BxTxD, entries = self._through_cache(
+        tokens_BxT, rope, mask, entries,
+        lambda entries, i: LayerCache(entries, i, jnp.asarray(start, jnp.int32), pad_B, kv_len,
+                                      path, kernel, layout))
+    return self._last_logits(x_BxTxD[:, -1:]), entries
 
   def prefill(self, tokens_BxT, entries, pad_B, *, layout=None):
     """Left-padded prompts (row b's first pad_B[b] tokens are padding) into an empty decode
@@ -195,24 +187,31 @@ class Transformer(nnx.Module):
     whatever the prompt's length. The entries are rotated back as they are stored.
     """
     batch, t_len = tokens_BxT.shape
-    rotate = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
-    tokens_BxT = rotate(tokens_BxT, -pad_B)
+    tokens_BxT = roll_rows(tokens_BxT, -pad_B)
     rope = self.rope(jnp.broadcast_to(jnp.arange(t_len, dtype=jnp.int32), (batch, t_len)))
-    mask = kernels.training_mask()
+    x_BxTxD, entries = self._through_cache(
+        tokens_BxT, rope, kernels.training_mask(), entries,
+        lambda entries, i: LayerCache(entries, i, jnp.asarray(0, jnp.int32), pad_B, t_len,
+                                      "prompt", None, layout))
+    last_Bx1x1 = (t_len - 1 - pad_B)[:, None, None]
+    return self._last_logits(jnp.take_along_axis(x_BxTxD, last_Bx1x1, axis=1)), entries
+
+  def _through_cache(self, tokens_BxT, rope, mask, entries, layer_cache):
+    """(x after the last block, entries): every block run with its `layer_cache(entries,
+    layer index)`, the cache carried through the layer scan so it is updated in place."""
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
 
     def layer(block, carry, i):
       x_BxTxD, entries = carry
-      cache = LayerCache(entries, i, jnp.asarray(0, jnp.int32), pad_B, t_len, "prompt", None,
-                         layout)
-      return block(x_BxTxD, rope, mask, cache), None
+      return block(x_BxTxD, rope, mask, layer_cache(entries, i)), None
 
     layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
     (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
-    last_Bx1x1 = (t_len - 1 - pad_B)[:, None, None]
-    x_Bx1xD = jnp.take_along_axis(x_BxTxD, last_Bx1x1, axis=1)
+    return x_BxTxD, entries
+
+  def _last_logits(self, x_Bx1xD):
     logits_BxV = self.embed.logits(rms_norm(x_Bx1xD))[:, 0]
-    return constrain(logits_BxV, ("batch", "act_vocab"), self.rules), entries
+    return constrain(logits_BxV, ("batch", "act_vocab"), self.rules)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
