@@ -36,7 +36,8 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="t6-small,mha-small,gqa-small,mla-small",
                  help="presets; NAME:materialised decodes TPA by materialising K/V (MLA by "
-                      "expanding its latent), NAME:xla without the fused decode kernels")
+                      "expanding its latent), NAME:xla without the fused decode kernels, NAME:pallas "
+                      "with them wherever one exists (MHA through the grouped kernel)")
   p.add_argument("--batches", default="1,16,64")
   p.add_argument("--contexts", default="1024,8192,32768")
   p.add_argument("--combos", default="",
@@ -61,12 +62,12 @@ def parse_args(argv=None):
 def model_config(name: str, tiny: bool):
   from t6_jax import config as config_lib
   preset, _, mode = name.partition(":")
-  if mode not in ("", "materialised", "xla"):
-    raise ValueError(f"model {name!r}: the mode after ':' is materialised or xla")
+  if mode not in ("", "materialised", "xla", "pallas"):
+    raise ValueError(f"model {name!r}: the mode after ':' is materialised, xla or pallas")
   over = ["model.param_dtype=bfloat16", "model.dtype=bfloat16",
           f"decode.factor_attention={'false' if mode == 'materialised' else 'true'}"]
-  if mode == "xla":
-    over.append("decode.attention_kernel=xla")
+  if mode in ("xla", "pallas"):
+    over.append(f"decode.attention_kernel={mode}")
   if tiny:
     attention = {"t6": "tpa"}.get(preset.split("-")[0], preset.split("-")[0])
     return config_lib.load("tiny", [f"model.attention={attention}", "model.num_kv_heads=2",
