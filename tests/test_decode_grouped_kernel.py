@@ -170,18 +170,16 @@ def test_sharded_kernel_equals_direct_call_and_reads_the_cache_in_place(groups, 
 
 
 def test_grouped_kernel_choice(monkeypatch):
-  """auto: the kernel on GPU with a 16-bit cache for MQA/GQA/MLA; XLA for MHA, on CPU/TPU and
-  for a float32 cache; pallas: the kernel (interpreted off GPU). On a mesh of several devices
+  """auto: the kernel on GPU with a 16-bit cache; XLA on CPU/TPU and for a float32 cache; pallas: the kernel (interpreted off GPU). On a mesh of several devices
   it needs the rules, and MLA stays on XLA where they split its latent's features."""
   choice = kernels.decode_kernel
   assert choice("auto", "gqa", "bfloat16") is None  # this CPU
   assert choice("pallas", "mla", "bfloat16") == "triton"
   assert choice("xla", "mha", "bfloat16") is None
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
-  for attention in ("mqa", "gqa", "mla"):
+  for attention in ("mha", "mqa", "gqa", "mla"):
     assert choice("auto", attention, "bfloat16") == "triton"
     assert choice("auto", attention, "float32") is None
-  assert choice("auto", "mha", "bfloat16") is None  # XLA is fast for one head per KV head
   assert choice("pallas", "mha", "bfloat16") == "triton"
   monkeypatch.setattr(kernels, "target", lambda: ("tpu", None))
   assert choice("auto", "gqa", "bfloat16") is None

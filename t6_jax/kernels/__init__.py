@@ -62,9 +62,9 @@ DECODE_KERNELS = ("auto", "xla", "pallas")
 CONTRACT_IMPLS = ("xla", "pallas")
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")  # the grouped (K/V or latent) decode kernel
-# ... which `auto` picks: MQA/GQA/MLA, measured at 2.0-2.8x their XLA paths on an H200; MHA
-# stays on XLA until the kernel is timed on it (docs/decoding.md).
-GROUPED_AUTO = ("mqa", "gqa", "mla")
+# ... which `auto` picks: all four, measured on an H200 at 32k context (docs/benchmarks.md):
+# GQA/MLA 1.7-5.4x their XLA paths, MHA 1.4x (batch 16) and 3.0x (batch 64).
+GROUPED_AUTO = ("mha", "mqa", "gqa", "mla")
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
 

@@ -19,13 +19,15 @@ slot of the row ([pad_B[b], pos]) are read.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-NEG = -1e30  # finite "minus infinity": an all-masked block leaves (m, l, acc) unchanged
+NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
+LOG2E = math.log2(math.e)
 # Launch settings; "programs" sets the split count (about that many programs per call).
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "programs": 512}
 
@@ -41,7 +43,7 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 
 def _kernel(layer_ref, pos_ref, pad_ref, *refs, n_keys, value_key, key_dims, value_dim,
-            scale, block, blocks_per_split, splits, num_slots):
+            scale, block, blocks_per_split, splits, full_blocks, num_slots):
   q_refs, k_refs = refs[:n_keys], refs[n_keys:2 * n_keys]
   v_ref = None if value_key is not None else refs[2 * n_keys]
   m_ref, l_ref, acc_ref = refs[-3:]
@@ -50,40 +52,56 @@ def _kernel(layer_ref, pos_ref, pad_ref, *refs, n_keys, value_key, key_dims, val
   layer, pos, pad = layer_ref[0], pos_ref[0], pad_ref[b]
   qs = [r[...] for r in q_refs]
   jp = qs[0].shape[0]
+  div = jax.lax.div  # slots are non-negative: no floor-division fix-ups
   first = split * blocks_per_split
-  lo = jnp.maximum(first, pad // block)
-  hi = jnp.minimum(first + blocks_per_split, pos // block + 1)
-  # Padded feature columns repeat the last real one (clamped indices): the query's padded
-  # columns are zero, and padded output columns are sliced off.
-  cols = [jnp.minimum(jnp.arange(q.shape[1], dtype=jnp.int32), d - 1)[None, :]
-          for q, d in zip(qs, key_dims)]
+  lo = jnp.maximum(first, div(jnp.minimum(pad, pos), block))
+  hi = jnp.minimum(first + blocks_per_split, div(pos, block) + 1)
 
-  def body(t, carry):
+  def columns(width, dim):
+    """Feature columns 0..width-1; padded ones (width > dim) repeat the last real column
+    (the query's padded columns are zero; padded output columns are sliced off). Unpadded
+    columns stay a plain range, so Triton sees contiguous rows and issues wide loads."""
+    c = jnp.arange(width, dtype=jnp.int32)
+    return (c if width == dim else jnp.minimum(c, dim - 1))[None, :]
+
+  cols = [columns(q.shape[1], d) for q, d in zip(qs, key_dims)]
+  vp = acc_ref.shape[-1]
+  v_cols = columns(vp, value_dim) if value_key is None else None
+
+  def body(t, carry, masked: bool):
     m_J, l_J, acc_JxV = carry
-    s_S = t * block + jnp.arange(block, dtype=jnp.int32)
-    s_ld = jnp.minimum(s_S, num_slots - 1)[:, None]
-    keys = [ref[layer, b, s_ld, g, c] for ref, c in zip(k_refs, cols)]
+    s_Sx1 = t * block + jnp.arange(block, dtype=jnp.int32)[:, None]
+    s_1xS = t * block + jnp.arange(block, dtype=jnp.int32)[None, :]
+
+    def load(ref, c_1xC):
+      if not masked:  # a block wholly inside the cache: plain loads
+        return ref[layer, b, s_Sx1, g, c_1xC]
+      ok = jnp.broadcast_to(s_Sx1 < num_slots, (block, c_1xC.shape[1]))
+      return plgpu.load(ref.at[layer, b, s_Sx1, g, c_1xC], mask=ok, other=0.0)
+
+    keys = [load(ref, c) for ref, c in zip(k_refs, cols)]
     logits_JxS = _dot(qs[0], keys[0], 1, 1)
     for q, key in zip(qs[1:], keys[1:]):
       logits_JxS += _dot(q, key, 1, 1)
-    keep_1xS = (((s_S >= pad) & (s_S <= pos)) | (s_S == pos))[None, :]
+    keep_1xS = ((s_1xS >= pad) & (s_1xS <= pos)) | (s_1xS == pos)
+    # Every block walked holds a valid slot: m_new is a real logit, masked slots add 0.
     logits_JxS = jnp.where(keep_1xS, logits_JxS * scale, NEG)
     m_new_J = jnp.maximum(m_J, jnp.max(logits_JxS, axis=1))
-    p_JxS = jnp.where(keep_1xS, jnp.exp(logits_JxS - m_new_J[:, None]), 0.0)
-    corr_J = jnp.exp(m_J - m_new_J)
+    p_JxS = jnp.exp2(logits_JxS - m_new_J[:, None])
+    corr_J = jnp.exp2(m_J - m_new_J)
     l_J = l_J * corr_J + jnp.sum(p_JxS, axis=1)
-    if value_key is not None:
-      value_SxV = keys[value_key]
-    else:
-      v_cols = jnp.minimum(jnp.arange(acc_JxV.shape[1], dtype=jnp.int32), value_dim - 1)
-      value_SxV = v_ref[layer, b, s_ld, g, v_cols[None, :]]
+    value_SxV = keys[value_key] if value_key is not None else load(v_ref, v_cols)
     acc_JxV = acc_JxV * corr_J[:, None] + _dot(p_JxS.astype(value_SxV.dtype), value_SxV, 1, 0)
     return m_new_J, l_J, acc_JxV
 
-  vp = qs[value_key].shape[1] if value_key is not None else max(16, _pow2(value_dim))
   init = (jnp.full((jp,), NEG, jnp.float32), jnp.zeros((jp,), jnp.float32),
           jnp.zeros((jp, vp), jnp.float32))
-  m_J, l_J, acc_JxV = jax.lax.fori_loop(lo, hi, body, init)
+  carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_blocks),
+                            functools.partial(body, masked=False), init)
+  if full_blocks * block < num_slots:  # the block that runs past the cache end
+    carry = jax.lax.fori_loop(jnp.maximum(lo, full_blocks), hi,
+                              functools.partial(body, masked=True), carry)
+  m_J, l_J, acc_JxV = carry
   m_ref[...] = m_J
   l_ref[...] = l_J
   acc_ref[...] = acc_JxV
@@ -138,10 +156,11 @@ def grouped_decode_attention(queries, keys, layer, pad_B, pos, *, kv_len: int, s
   q_specs = [pl.BlockSpec((None, None, jp, q.shape[-1]), lambda b, j: (b, j // splits, 0, 0))
              for q in qs]
   caches = list(keys) + ([] if values is None else [values])
+  # Logits in base 2 (exp2 in the kernel), so the combine's m is in base 2 too.
   kernel = functools.partial(
       _kernel, n_keys=len(keys), value_key=value_key, key_dims=key_dims, value_dim=value_dim,
-      scale=scale, block=block, blocks_per_split=blocks_per_split, splits=splits,
-      num_slots=num_slots)
+      scale=scale * LOG2E, block=block, blocks_per_split=blocks_per_split,
+      splits=splits, full_blocks=num_slots // block, num_slots=num_slots)
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -165,7 +184,7 @@ def grouped_decode_attention(queries, keys, layer, pad_B, pos, *, kv_len: int, s
   m = m.reshape(batch, kv_heads, splits, jp)
   l = l.reshape(batch, kv_heads, splits, jp)
   acc = acc.reshape(batch, kv_heads, splits, jp, vp)
-  w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
+  w = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))
   l_BxGxJ = jnp.sum(w * l, axis=2)
   y = jnp.einsum("bgnj,bgnjv->bgjv", w, acc) / l_BxGxJ[..., None]
   return y[:, :, :group, :value_dim]
