@@ -83,8 +83,9 @@ class ModelConfig:
   # auto | xla | cudnn | splash (auto: splash on TPU, cuDNN on GPU where it fits, else XLA)
   attention_impl: str = "auto"
   # tpa/tpa_kvonly: Q/K/V from their factors by xla (einsum) | pallas (the Triton kernels of
-  # kernels/tpa_contract_gpu.py, interpreted off GPU; slower than xla on an H200 so far)
-  contract_impl: str = "xla"
+  # kernels/tpa_contract_gpu.py, interpreted off GPU) | auto (pallas in a GPU train step whose
+  # products run in cuBLAS, see train.gpu_gemm; xla elsewhere)
+  contract_impl: str = "auto"
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
@@ -140,8 +141,8 @@ class ModelConfig:
            f"model.{key}={getattr(self, key)!r}; use float32, bfloat16 or float16")
     need(self.attention_impl in ("auto", "xla", "cudnn", "splash"),
          f"model.attention_impl={self.attention_impl!r}; use auto, xla, cudnn or splash")
-    need(self.contract_impl in ("xla", "pallas"),
-         f"model.contract_impl={self.contract_impl!r}; use xla or pallas")
+    need(self.contract_impl in ("auto", "xla", "pallas"),
+         f"model.contract_impl={self.contract_impl!r}; use auto, xla or pallas")
     need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
          f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
          f"{self.scan_layers!r}")

@@ -90,10 +90,11 @@ def test_dispatch_setting():
   pairs = factors(rng, (2, 6), 3, (2, 2), 8, jnp.bfloat16)
   uses_kernel = lambda impl: "pallas_call" in str(
       jax.make_jaxpr(lambda ps: kernels.tpa_contract(ps, impl=impl))(pairs))
-  assert config_lib.load("t6-small").model.contract_impl == "xla"  # the default
+  assert config_lib.load("t6-small").model.contract_impl == "auto"  # the default
   assert not uses_kernel("xla")
+  assert not uses_kernel("auto")  # outside a GPU train step: XLA's einsum
   assert uses_kernel("pallas")
-  for bad in ("triton", "auto"):
+  for bad in ("triton", "cuda"):
     with pytest.raises(ValueError, match=f"contract_impl='{bad}'"):
       kernels.tpa_contract(pairs, impl=bad)
   with pytest.raises(config_lib.ConfigError, match="contract_impl"):

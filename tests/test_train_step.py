@@ -242,5 +242,12 @@ def test_compiler_options_by_platform():
   assert step_lib.compiler_options(triton, FakeMesh("gpu")) is None
   for platform in ("cpu", "tpu"):
     assert step_lib.compiler_options(forced, FakeMesh(platform)) is None
+  # model.contract_impl=auto follows: the Pallas contraction where cuBLAS runs the products.
+  impl = lambda cfg, platform: step_lib.settled(cfg, FakeMesh(platform)).model.contract_impl
+  assert impl(tiny, "gpu") == "xla" and impl(triton, "gpu") == "xla"
+  assert impl(wide, "gpu") == "pallas" and impl(forced, "gpu") == "pallas"
+  assert impl(forced, "cpu") == "xla" and impl(forced, "tpu") == "xla"
+  chosen = config_lib.load("tiny", ["train.gpu_gemm=cublas", "model.contract_impl=xla"])
+  assert impl(chosen, "gpu") == "xla"  # an explicit setting stands
   with pytest.raises(config_lib.ConfigError, match="gpu_gemm"):
     config_lib.load("tiny", ["train.gpu_gemm=cutlass"])

@@ -59,7 +59,7 @@ from t6_jax.sharding import Rules, logical_to_spec
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
-CONTRACT_IMPLS = ("xla", "pallas")
+CONTRACT_IMPLS = ("auto", "xla", "pallas")  # auto here: xla (train steps resolve it first)
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")  # the grouped (K/V or latent) decode kernel
 # ... which `auto` picks: all four, measured on an H200 at 32k context (docs/benchmarks.md):
@@ -253,7 +253,8 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
 
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
   """[(A (B, T, H, R_i), B (B, T, R_i, d_h)), ...] -> [sum_r A B / R_i of shape (B, T, H, d_h),
-  ...] in the factors' dtype, by the Pallas kernels or XLA's einsum (model.contract_impl).
+  ...] in the factors' dtype, by the Pallas kernels or XLA's einsum (model.contract_impl;
+  auto, which a GPU train step resolves by `train.step.settled`, is the einsum here).
 
   The kernels take pairs of one dtype; pairs with the same leading axes (TPA's q, k and v in
   training) share one launch. The einsum runs where the rules split anything but the batch on
