@@ -20,10 +20,13 @@ lanes of a store share an address (interpret mode scatters them).
 
 Measured on an H200 (T6-small, batch 64 x 1024, one layer's q, k and v; bench/tpa_contract.py):
 the forward kernel takes 0.32 ms (3.1 TB/s) against XLA's 0.43 ms (2.3 TB/s), but the backward
-kernel 0.91-1.11 ms (1.0-1.2 TB/s) against XLA's 0.65 ms (1.7 TB/s), and whole training steps
-are slower (0.98x at T6-small, 0.83x at T6-medium), so model.contract_impl defaults to xla.
-The backward is where the kernel loses (its head and d_h reductions): with head chunks of 16
-and 8-16 tokens per program it took 8 ms, and T6-medium's 47 heads run a chunk of 16.
+kernel 0.91-1.11 ms (1.0-1.2 TB/s) against XLA's Triton GEMM fusions' 0.65 ms (1.7 TB/s): with
+XLA's Triton GEMMs whole training steps are slower (0.98x at T6-small, 0.83x at T6-medium).
+Where the train step's products run in cuBLAS (train.gpu_gemm), XLA's contraction becomes slow
+batched cuBLAS products and the kernels win (T6-medium 1.13x, T6-XL 1.08x): model.contract_impl
+=auto takes them there. The backward is where the kernel loses (its head and d_h reductions):
+with head chunks of 16 and 8-16 tokens per program it took 8 ms, and T6-medium's 47 heads run
+a chunk of 16.
 """
 
 from __future__ import annotations
