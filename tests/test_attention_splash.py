@@ -30,10 +30,12 @@ def tiny(attention: str):
 
 @functools.lru_cache(maxsize=None)
 def params_of(cfg):
-  """N(0, 1/d) weights from NumPy (zero-initialised output projections would hide attention)."""
+  """N(0, 1/d) weights from NumPy (zero-initialised output projections would hide attention).
+  Host arrays: each jit places them on its own mesh (a cached device array made under one
+  test's mesh would not fit the next test's)."""
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(lambda: init_params(cfg, 0))
-  return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) / 8, x.dtype), shapes)
+  return jax.tree.map(lambda x: (rng.standard_normal(x.shape) / 8).astype(x.dtype), shapes)
 
 
 def inputs(segments: bool):
