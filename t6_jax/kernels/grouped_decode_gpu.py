@@ -32,9 +32,9 @@ LOG2E = math.log2(math.e)
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "programs": 512,
           "wide_block": 32, "wide_warps": 8}
 # A program whose (J, V) accumulator holds at least this many fp32 numbers (MLA-XL: 64 padded
-# heads x a 512-wide latent) takes wide_block / wide_warps instead: at 4 warps and 64-slot
-# blocks it spilled registers (MLA-XL, batch 1, 262k context: 27.8 ms per step, vs 14.4-17.4
-# ms with 32-slot blocks on an H200).
+# heads x a 512-wide latent) takes wide_block / wide_warps instead, against register spills:
+# MLA-XL, batch 1, 262k context on an H200: 27.8 ms per step at 4 warps and 64-slot blocks,
+# 36.0 at 4 warps and 32-slot blocks, 16.6 at 8 warps and 32-slot blocks.
 WIDE_ACCUMULATOR = 32768
 
 
@@ -127,7 +127,8 @@ def grouped_decode_attention(queries, keys, layer, pad_B, pos, *, kv_len: int, s
     the value (MLA's latent);
   layer: int32 scalar; pad_B: (B,) int32 leading padding slots; pos: int32 scalar, the query's
     own slot. Row b sees slots pad_B[b] .. pos (and always pos itself), below kv_len.
-  block / splits / num_warps / num_stages default to the module's TUNING.
+  block / splits / num_warps / num_stages default to the module's TUNING (wide_block /
+  wide_warps for an accumulator of WIDE_ACCUMULATOR numbers or more).
   Returns fp32 (B, G, J, D_v): softmax(scale * logits) @ values.
   """
   if (values is None) == (value_key is None):
