@@ -62,10 +62,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 CONTRACT_IMPLS = ("auto", "xla", "pallas")  # auto here: xla (train steps resolve it first)
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
-GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")  # the grouped (K/V or latent) decode kernel
-# ... which `auto` picks: all four, measured on an H200 at 32k context (docs/benchmarks.md):
-# GQA/MLA 1.7-5.4x their XLA paths, MHA 1.4x (batch 16) and 3.0x (batch 64).
-GROUPED_AUTO = ("mha", "mqa", "gqa", "mla")
+# The grouped (K/V or latent) decode kernel, which `auto` takes for all four on GPU: measured
+# on an H200 at 32k context (docs/benchmarks.md), GQA/MLA 1.7-5.4x their XLA paths, MHA 1.4x
+# (batch 16) and 3.0x (batch 64).
+GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),
                      "tpu": (jnp.bfloat16, jnp.float16, jnp.float32)}
 
@@ -175,7 +175,7 @@ def decode_kernel(setting: str, attention: str, cache_dtype,
     return None
   if attention in GROUPED_ATTENTIONS:
     platform, mesh = target()
-    if setting == "auto" and (platform != "gpu" or attention not in GROUPED_AUTO
+    if setting == "auto" and (platform != "gpu"
                               or jnp.dtype(cache_dtype) not in FAST_CACHE_DTYPES["gpu"]):
       return None
     if mesh is not None and not grouped_decode_shards(attention, rules, mesh):

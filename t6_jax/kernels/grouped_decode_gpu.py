@@ -19,15 +19,15 @@ slot of the row ([pad_B[b], pos]) are read.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
-LOG2E = math.log2(math.e)
+# The TPA decode kernel's finite minus infinity, base-2 softmax constant and helpers.
+from t6_jax.kernels.tpa_decode_gpu import LOG2E, NEG, _dot, _pow2
+
 # Launch settings; "programs" sets the split count (about that many programs per call).
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "programs": 512,
           "wide_block": 32, "wide_warps": 8}
@@ -36,16 +36,6 @@ TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "programs": 512,
 # MLA-XL, batch 1, 262k context on an H200: 27.8 ms per step at 4 warps and 64-slot blocks,
 # 36.0 at 4 warps and 32-slot blocks, 16.6 at 8 warps and 32-slot blocks.
 WIDE_ACCUMULATOR = 32768
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def _dot(a, b, contract_a: int, contract_b: int):
-  """2-D product with fp32 accumulation, contracting the given axes (tensor cores)."""
-  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                             preferred_element_type=jnp.float32)
 
 
 def _kernel(layer_ref, pos_ref, pad_ref, *refs, n_keys, value_key, key_dims, value_dim,
@@ -145,7 +135,8 @@ def grouped_decode_attention(queries, keys, layer, pad_B, pos, *, kv_len: int, s
   jp = max(16, _pow2(group))
   key_dims = [k.shape[-1] for k in keys]
   value_dim = keys[value_key].shape[-1] if values is None else values.shape[-1]
-  wide = jp * max(16, _pow2(value_dim)) >= WIDE_ACCUMULATOR
+  vp = max(16, _pow2(value_dim))  # padded value width (MLA: the latent's, its key width)
+  wide = jp * vp >= WIDE_ACCUMULATOR
   if block is None:
     block = tune["wide_block" if wide else "block"]
   if num_warps is None:
@@ -160,7 +151,6 @@ def grouped_decode_attention(queries, keys, layer, pad_B, pos, *, kv_len: int, s
   qs = [jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, jp - group),
                                   (0, max(16, _pow2(d)) - d)))
         for q, d in zip(queries, key_dims)]
-  vp = qs[value_key].shape[-1] if values is None else max(16, _pow2(value_dim))
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(1)
   whole = lambda shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
   q_specs = [pl.BlockSpec((None, None, jp, q.shape[-1]), lambda b, j: (b, j // splits, 0, 0))
