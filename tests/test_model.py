@@ -99,6 +99,26 @@ def test_forward_matches_numpy_reference(attention, bf16):
   assert rel_err(ours, ref.forward(sd, tokens, dims, bf16_rope=not bf16)) > 1e-4
 
 
+@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly", "mla"])
+def test_per_layer_decode_model_matches_numpy_reference(attention):
+  """`in_compute_dtype(per_layer=True)` (what a batched decode loop runs: per-layer blocks,
+  TPA's projections packed) computes the same forward as the equations."""
+  from flax import nnx
+  sd, cfg, params, _ = converted(attention, False)
+  dims = dims_for(attention)
+  tokens = tokens_for(dims)
+  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+
+  @jax.jit
+  def forward(tokens, positions):
+    model = model_from_params(cfg, params).in_compute_dtype(per_layer=True)
+    assert isinstance(model.blocks, nnx.List) and len(model.blocks) == cfg.num_layers
+    assert hasattr(model.blocks[0].attn, "packed_proj") == attention.startswith("tpa")
+    return model(tokens, positions)
+
+  assert rel_err(forward(tokens, positions), ref.forward(sd, tokens, dims, bf16_rope=False)) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------
 # Causality and RoPE
 

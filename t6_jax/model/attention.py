@@ -267,11 +267,10 @@ class TPA(Attention):
     mesh (tensor parallelism) the concatenation would mix shardings: separate GEMMs then."""
     if any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim")):
       return super().project(x_BxTxD, rope)
-    names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
-    names += ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
-    weights = [getattr(self, n)[...].astype(self.dtype) for n in names]
-    d = x_BxTxD.shape[-1]
-    w_DxN = jnp.concatenate([w.reshape(d, -1) for w in weights], axis=1)
+    names = self.projection_names()
+    weights = [getattr(self, n)[...] for n in names]
+    packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
+    w_DxN = packed[...] if packed is not None else self.packed_projection()
     y_BxTxN = x_BxTxD.astype(self.dtype) @ w_DxN
     bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
     lead = x_BxTxD.shape[:-1]
@@ -284,6 +283,22 @@ class TPA(Attention):
     entries = {"a_k": out["W_A_k"], "b_k": apply_rope(out["W_B_k"], *rope),
                "a_v": out["W_A_v"], "b_v": out["W_B_v"]}
     return q, entries
+
+  def projection_names(self) -> tuple[str, ...]:
+    names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
+    return names + ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
+
+  def packed_projection(self):
+    """The factor projections' weights side by side: (D, N) in the compute dtype."""
+    weights = [getattr(self, n)[...].astype(self.dtype) for n in self.projection_names()]
+    return jnp.concatenate([w.reshape(w.shape[0], -1) for w in weights], axis=1)
+
+  def pack_projection(self):
+    """Stores `packed_projection()` on this (one layer's) module as `packed_proj`, so a decode
+    loop reads packed weights instead of concatenating them in every step (XLA does not hoist
+    the concatenation out of the token loop). Not where `project` takes separate GEMMs."""
+    if not any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim")):
+      self.packed_proj = nnx.Variable(self.packed_projection())
 
   def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: XLA's einsum,

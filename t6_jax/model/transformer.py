@@ -100,11 +100,26 @@ class Transformer(nnx.Module):
     return rope_tables(positions_BxT, self.rope_dim, self.cfg.rope_base,
                        self.cfg.rope_bf16_tables)
 
-  def in_compute_dtype(self) -> "Transformer":
+  def in_compute_dtype(self, per_layer: bool = False) -> "Transformer":
     """This model with its block weights cast to the compute dtype (a no-op when they are
-    already): decoding casts once before its token loop."""
+    already), prepared once before a decode loop. With `per_layer` (and unrolled layers),
+    `blocks` becomes a list of per-layer blocks, each layer's weights sliced out once and
+    TPA's factor projections packed into one matrix: a token loop whose products are GEMMs
+    (batch > 1) otherwise copies every weight matrix out of its stacked array, and
+    concatenates TPA's projections, in every step. At batch 1 XLA turns the products into
+    multiply-reductions that read the stacked weights in place, and keeping them stacked is
+    faster on an H200 (T6-XL 3.6 vs 4.2 ms a step)."""
     graphdef, blocks, rest = nnx.split(self, lambda path, _: "blocks" in path, ...)
-    return nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
+    model = nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
+    if per_layer and not layers_scanned(self.cfg) and not isinstance(model.blocks, nnx.List):
+      block_def, state = nnx.split(model.blocks)
+      layers = [nnx.merge(block_def, jax.tree.map(lambda x, i=i: x[i], state))
+                for i in range(self.cfg.num_layers)]
+      for block in layers:
+        if hasattr(block.attn, "pack_projection"):
+          block.attn.pack_projection()
+      model.blocks = nnx.List(layers)
+    return model
 
   def apply_blocks(self, x_BxTxD, layer_fn: Callable[[Block, jax.Array, Any], tuple],
                    per_layer: Any = None):
@@ -112,6 +127,12 @@ class Transformer(nnx.Module):
 
     Returns the final x and the per-layer outputs stacked along a leading axis.
     """
+    if isinstance(self.blocks, nnx.List):  # per-layer blocks (`in_compute_dtype`)
+      outs = []
+      for i, block in enumerate(self.blocks):
+        x_BxTxD, out = layer_fn(block, x_BxTxD, jax.tree.map(lambda x, i=i: x[i], per_layer))
+        outs.append(out)
+      return x_BxTxD, jax.tree.map(lambda *o: jnp.stack(o), *outs)
     graphdef, state = nnx.split(self.blocks)
     state = _in_compute_dtype(state, jnp.dtype(self.cfg.dtype))
 
