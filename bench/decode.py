@@ -36,8 +36,9 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="t6-small,mha-small,gqa-small,mla-small",
                  help="presets; NAME:materialised decodes TPA by materialising K/V (MLA by "
-                      "expanding its latent), NAME:xla without the fused decode kernels, NAME:pallas "
-                      "with them wherever one exists (MHA through the grouped kernel)")
+                      "expanding its latent), NAME:xla without the fused decode kernels, "
+                      "NAME:pallas with them wherever one exists (MHA through the grouped "
+                      "kernel)")
   p.add_argument("--batches", default="1,16,64")
   p.add_argument("--contexts", default="1024,8192,32768")
   p.add_argument("--combos", default="",

@@ -171,7 +171,8 @@ def test_sharded_kernel_equals_direct_call_and_reads_the_cache_in_place(groups, 
 
 def test_grouped_kernel_choice(monkeypatch):
   """auto: the kernel on GPU with a 16-bit cache; XLA on CPU/TPU and for a float32 cache;
-  pallas: the kernel (interpreted off GPU). On a mesh of several devices it needs the rules, and MLA stays on XLA where they split its latent's features."""
+  pallas: the kernel (interpreted off GPU). On a mesh of several devices it needs the rules,
+  and MLA stays on XLA where they split its latent's features."""
   choice = kernels.decode_kernel
   assert choice("auto", "gqa", "bfloat16") is None  # this CPU
   assert choice("pallas", "mla", "bfloat16") == "triton"

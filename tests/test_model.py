@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import numpy_ref as ref
 from t6_jax import config as config_lib
@@ -103,7 +104,6 @@ def test_forward_matches_numpy_reference(attention, bf16):
 def test_per_layer_decode_model_matches_numpy_reference(attention):
   """`in_compute_dtype(per_layer=True)` (what a batched decode loop runs: per-layer blocks,
   TPA's projections packed) computes the same forward as the equations."""
-  from flax import nnx
   sd, cfg, params, _ = converted(attention, False)
   dims = dims_for(attention)
   tokens = tokens_for(dims)
@@ -116,7 +116,8 @@ def test_per_layer_decode_model_matches_numpy_reference(attention):
     assert hasattr(model.blocks[0].attn, "packed_proj") == attention.startswith("tpa")
     return model(tokens, positions)
 
-  assert rel_err(forward(tokens, positions), ref.forward(sd, tokens, dims, bf16_rope=False)) < 1e-5
+  golden = ref.forward(sd, tokens, dims, bf16_rope=False)
+  assert rel_err(forward(tokens, positions), golden) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------

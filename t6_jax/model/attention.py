@@ -265,7 +265,7 @@ class TPA(Attention):
     and one wide GEMM replaces six narrow ones (68 to 384 columns at T6-small), forward and
     backward. The parameters stay separate. Where the rules split heads or ranks over the
     mesh (tensor parallelism) the concatenation would mix shardings: separate GEMMs then."""
-    if any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim")):
+    if not self.packs_projection():
       return super().project(x_BxTxD, rope)
     names = self.projection_names()
     weights = [getattr(self, n)[...] for n in names]
@@ -284,6 +284,10 @@ class TPA(Attention):
                "a_v": out["W_A_v"], "b_v": out["W_B_v"]}
     return q, entries
 
+  def packs_projection(self) -> bool:
+    """Whether `project` runs one GEMM: not where the rules split heads or ranks."""
+    return not any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim"))
+
   def projection_names(self) -> tuple[str, ...]:
     names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
     return names + ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
@@ -297,7 +301,7 @@ class TPA(Attention):
     """Stores `packed_projection()` on this (one layer's) module as `packed_proj`, so a decode
     loop reads packed weights instead of concatenating them in every step (XLA does not hoist
     the concatenation out of the token loop). Not where `project` takes separate GEMMs."""
-    if not any(self.rules.mesh_axes(a) for a in ("heads", "q_rank", "kv_rank", "head_dim")):
+    if self.packs_projection():
       self.packed_proj = nnx.Variable(self.packed_projection())
 
   def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
