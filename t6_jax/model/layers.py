@@ -61,6 +61,22 @@ class RMSNorm(nnx.Module):
     return (rms_norm(x, self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def dense(spec: str, x, w):
+  """jnp.einsum(spec, x, w) for a projection x (rows ...) by weights w, kept a matrix product
+  when x has a single row (a decode step at batch 1): XLA's GPU simplifier rewrites a
+  vector-matrix product into an elementwise multiply and a reduction, which it may fuse
+  with the weights' producers into a weight-sized temporary written and read every step.
+  A zero second row keeps the product a GEMM (the weights are read once either way)."""
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  rows = [i for i, c in enumerate(lhs) if c in out and c not in rhs]
+  if not rows or math.prod(x.shape[i] for i in rows) != 1:
+    return jnp.einsum(spec, x, w)
+  axis = rows[0]
+  x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
+  return jax.lax.slice_in_dim(jnp.einsum(spec, x2, w), 0, 1, axis=out.index(lhs[axis]))
+
+
 # --------------------------------------------------------------------------------------------
 # RoPE (half-split form, docs/model.md)
 
@@ -101,10 +117,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     x = x_BxTxD.astype(self.dtype)
-    h_BxTxF = jax.nn.silu(x @ self.c_fc1[...].astype(self.dtype)) * (
-        x @ self.c_fc2[...].astype(self.dtype))
+    h_BxTxF = jax.nn.silu(dense("btd,df->btf", x, self.c_fc1[...].astype(self.dtype))) * (
+        dense("btd,df->btf", x, self.c_fc2[...].astype(self.dtype)))
     h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"), self.rules)
-    return h_BxTxF @ self.c_proj[...].astype(self.dtype)
+    return dense("btf,fd->btd", h_BxTxF, self.c_proj[...].astype(self.dtype))
 
 
 class Embed(nnx.Module):
