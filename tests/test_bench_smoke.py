@@ -13,6 +13,7 @@ SCRIPTS = {
     "decode": (["bench/decode.py", "--tiny", "--no_write", "--models", "t6-small,gqa-small",
                 "--batches", "2", "--contexts", "256"], "| t6-small (tiny) | 2 | 256 |"),
     "decode_profile": (["bench/decode_profile.py", "--tiny"], "ms/step untraced"),
+    "gemv": (["bench/gemv.py", "--config", "tiny", "--calls", "2"], "gemv kernel"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
     "train_table": (["bench/train_table.py", "--presets", "tiny:8", "--steps", "1",

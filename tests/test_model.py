@@ -18,7 +18,7 @@ from t6_jax import config as config_lib
 from t6_jax.convert import layout
 from t6_jax.model import init_params, model_from_params
 from t6_jax.kernels import training_mask
-from t6_jax.model.layers import rms_norm
+from t6_jax.model.layers import dense, rms_norm
 from t6_jax.model.sizes import param_count
 
 ATTENTIONS = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
@@ -218,3 +218,21 @@ def test_init_baselines():
   assert np.all(np.asarray(mla["q_a_norm"]["weight"]) == 1)
   assert np.all(np.asarray(mla["kv_a_norm"]["weight"]) == 1)
   assert not np.any(np.asarray(mla["c_proj"]))
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("btd,dn->btn", (1, 1, 8), (8, 5)),            # one row: padded to two, then cut
+    ("bthv,hvd->btd", (1, 1, 3, 4), (3, 4, 6)),
+    ("btd,vd->btv", (1, 1, 4), (7, 4)),            # the LM head's orientation (w is N x K)
+    ("btd,dhr->bthr", (1, 1, 5), (5, 3, 2)),       # several kept axes
+    ("btd,dn->btn", (2, 3, 8), (8, 5)),            # several rows: the plain product
+])
+@pytest.mark.parametrize("kernel", [False, True], ids=["gemm", "gemv_kernel"])
+def test_dense_equals_the_float64_product(spec, x_shape, w_shape, kernel):
+  """`dense` (a one-row product as a GEMM with a zero second row, or by the GEMV kernel,
+  interpreted here) is the einsum, for one row and for several."""
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
+  got = dense(spec, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), kernel=kernel)
+  assert got.shape == np.einsum(spec, x, w).shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.einsum(spec, x, w), rtol=1e-5, atol=1e-5)

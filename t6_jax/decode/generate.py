@@ -31,6 +31,7 @@ from t6_jax import kernels
 from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
 from t6_jax.model import model_from_params
+from t6_jax.model.layers import dense
 from t6_jax.model.placement import shard_params
 from t6_jax.sharding import put_batch, rules_table
 
@@ -104,8 +105,7 @@ class _CastHead(nnx.Module):
 
   def logits(self, x_BxTxD):
     head_VxD = self.head_VxD[...]
-    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(head_VxD.dtype),
-                      head_VxD).astype(jnp.float32)
+    return dense("btd,vd->btv", x_BxTxD.astype(head_VxD.dtype), head_VxD).astype(jnp.float32)
 
 
 def _model(model_cfg: ModelConfig, params, rules: str, cast_head: bool = False,
@@ -161,7 +161,7 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   (decode.attention_kernel). `decode` is the checked entry point; this is the program it
   runs (benchmarks lower it directly).
   """
-  model = _model(model_cfg, params, rules, cast_head=True, per_layer=logits_BxV.shape[0] > 1)
+  model = _model(model_cfg, params, rules, cast_head=True, per_layer=True)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                    greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)

@@ -49,8 +49,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from t6_jax.kernels import (attention_xla, grouped_decode_gpu, tpa_contract_gpu, tpa_decode_gpu,
-                           tpa_decode_tpu)
+from t6_jax.kernels import (attention_xla, gemv_gpu, grouped_decode_gpu, tpa_contract_gpu,
+                            tpa_decode_gpu, tpa_decode_tpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -250,6 +250,13 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
   return tpa_decode_sharded(fn, mesh, batch_axes, head_axes or None, q_BxHxK, a_k, b_k, a_v,
                             b_v, layer, pad_B, pos, kv_len=kv_len, interpret=interpret,
                             **tuning)
+
+
+def gemv(x_K, w, *, layout: str = "kn", **tuning):
+  """fp32 x_K (K,) times w ((K, N) for layout "kn", (N, K) for "nk") by the Pallas GEMV kernel
+  (`gemv_gpu.gemv`; interpreted off GPU): the one-row products of a batch-1 decode step."""
+  platform, _ = target()
+  return gemv_gpu.gemv(x_K, w, layout=layout, interpret=platform != "gpu", **tuning)
 
 
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):

@@ -34,8 +34,8 @@ from flax import nnx
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
-from t6_jax.model.layers import (RMSNorm, apply_rope, fan_in_param, param, uniform_init,
-                                 zeros_init)
+from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, param,
+                                 uniform_init, zeros_init)
 from t6_jax.sharding import Rules, constrain
 
 
@@ -180,10 +180,10 @@ class Attention(nnx.Module):
 
   def out(self, y_BxTxHxV):
     y_BxTxHxV = constrain(y_BxTxHxV, ("batch", "length", "act_heads", None), self.rules)
-    return jnp.einsum("bthv,hvd->btd", y_BxTxHxV, self.c_proj[...].astype(self.dtype))
+    return dense("bthv,hvd->btd", y_BxTxHxV, self.c_proj[...].astype(self.dtype))
 
   def _proj(self, x, w, spec):
-    return jnp.einsum(spec, x.astype(self.dtype), w[...].astype(self.dtype))
+    return dense(spec, x.astype(self.dtype), w[...].astype(self.dtype))
 
   def _constrain_q(self, q_BxTxHxK):
     return constrain(q_BxTxHxK, ("batch", "length", "act_heads", None), self.rules)
@@ -271,7 +271,7 @@ class TPA(Attention):
     weights = [getattr(self, n)[...] for n in names]
     packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
     w_DxN = packed[...] if packed is not None else self.packed_projection()
-    y_BxTxN = x_BxTxD.astype(self.dtype) @ w_DxN
+    y_BxTxN = dense("btd,dn->btn", x_BxTxD.astype(self.dtype), w_DxN)
     bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
     lead = x_BxTxD.shape[:-1]
     out = {n: y.reshape(lead + w.shape[1:])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.sharding import Rules, constrain
 
@@ -61,6 +62,38 @@ class RMSNorm(nnx.Module):
     return (rms_norm(x, self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def dense(spec: str, x, w, *, kernel: bool | None = None):
+  """jnp.einsum(spec, x, w) for a projection x (rows ...) by weights w, with a one-row x (a
+  decode step at batch 1) read as a vector-matrix product that reads w once. XLA's GPU
+  simplifier rewrites such a product into an elementwise multiply and a reduction and writes
+  the multiply out as a weight-sized temporary every step. On one GPU (kernel None) or with
+  kernel=True the product runs the Pallas GEMV kernel (`kernels.gemv`; interpreted off GPU)
+  where w's contracted axes lead or trail its others; otherwise a zero second row keeps it a
+  GEMM."""
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  rows = [c for c in lhs if c in out and c not in rhs]
+  if not rows or math.prod(x.shape[lhs.index(c)] for c in rows) != 1:
+    return jnp.einsum(spec, x, w)
+  contracted = "".join(c for c in rhs if c in lhs)
+  kept = "".join(c for c in rhs if c not in lhs)
+  layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
+  if kernel is None:
+    platform, mesh = kernels.target()
+    kernel = platform == "gpu" and mesh is None
+  if kernel and layout and not any(c in out and c in lhs for c in rhs):
+    size = lambda letters, shape, dims: math.prod(shape[dims.index(c)] for c in letters)
+    x_K = jnp.einsum(f"{lhs}->{contracted}", x).reshape(-1)
+    w_2d = w.reshape((size(contracted, w.shape, rhs), -1) if layout == "kn"
+                     else (-1, size(contracted, w.shape, rhs)))
+    y = kernels.gemv(x_K, w_2d, layout=layout).astype(jnp.result_type(x, w))
+    y = y.reshape([1] * len(rows) + [w.shape[rhs.index(c)] for c in kept])
+    return jnp.einsum(f"{''.join(rows)}{kept}->{out}", y)
+  axis = lhs.index(rows[0])
+  x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
+  return jax.lax.slice_in_dim(jnp.einsum(spec, x2, w), 0, 1, axis=out.index(rows[0]))
+
+
 # --------------------------------------------------------------------------------------------
 # RoPE (half-split form, docs/model.md)
 
@@ -101,10 +134,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     x = x_BxTxD.astype(self.dtype)
-    h_BxTxF = jax.nn.silu(x @ self.c_fc1[...].astype(self.dtype)) * (
-        x @ self.c_fc2[...].astype(self.dtype))
+    h_BxTxF = jax.nn.silu(dense("btd,df->btf", x, self.c_fc1[...].astype(self.dtype))) * (
+        dense("btd,df->btf", x, self.c_fc2[...].astype(self.dtype)))
     h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"), self.rules)
-    return h_BxTxF @ self.c_proj[...].astype(self.dtype)
+    return dense("btf,fd->btd", h_BxTxF, self.c_proj[...].astype(self.dtype))
 
 
 class Embed(nnx.Module):

@@ -1,0 +1,91 @@
+"""One row times a weight matrix as a Pallas (Triton) kernel: the products of a batch-1 decode step.
+
+  y[n] = sum_k x[k] W[k, n]      (W stored (K, N): "kn", the projections)
+  y[n] = sum_k x[k] W[n, k]      (W stored (N, K): "nk", the tied LM head)
+
+XLA's GPU compiler turns a product with a one-row operand into an elementwise multiply and a
+reduction, and on an H200 it writes the multiply out as a weight-sized temporary before
+reducing it, so a batch-1 decode step moves every weight matrix through HBM about three times.
+This kernel reads each weight once, in 2-D tiles that Triton pipelines, and reduces in
+registers in fp32: it is bound by the weight read alone.
+
+Grid (column tiles, K splits): program (j, s) reduces columns [j BN, (j+1) BN) over its share of
+K and writes an fp32 partial sum; the splits (enough programs to fill the GPU, about `per_sm`
+per SM) are summed by XLA, which fuses that sum into the consumer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from t6_jax.kernels.tpa_decode_gpu import _pow2, num_sms
+
+# Columns per program, K rows per loop step, warps, pipeline stages, programs per SM.
+TUNING = {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4}
+
+
+def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, steps_per_split):
+  j, split = pl.program_id(0), pl.program_id(1)
+  n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+  k_first = split * steps_per_split * block_k
+
+  def body(t, acc_N):
+    k_K = k_first + t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    x_K = plgpu.load(x_ref.at[k_K], mask=k_K < k_len, other=0.0).astype(jnp.float32)
+    if layout == "kn":
+      ok = (k_K[:, None] < k_len) & (n_N[None, :] < n_len)
+      w_KxN = plgpu.load(w_ref.at[k_K[:, None], n_N[None, :]], mask=ok, other=0.0)
+      return acc_N + jnp.sum(x_K[:, None] * w_KxN.astype(jnp.float32), axis=0)
+    ok = (n_N[:, None] < n_len) & (k_K[None, :] < k_len)
+    w_NxK = plgpu.load(w_ref.at[n_N[:, None], k_K[None, :]], mask=ok, other=0.0)
+    return acc_N + jnp.sum(w_NxK.astype(jnp.float32) * x_K[None, :], axis=1)
+
+  steps = jnp.clip(pl.cdiv(k_len - k_first, block_k), 0, steps_per_split)
+  acc_N = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), jnp.float32))
+  plgpu.store(out_ref.at[split, n_N], acc_N, mask=n_N < n_len)
+
+
+def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
+         block_k: int | None = None, num_warps: int | None = None,
+         num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
+         interpret: bool = False):
+  """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
+  operands. Settings default to TUNING; splits (default: from per_sm and the GPU's SMs)
+  overrides the number of K splits."""
+  if layout not in ("kn", "nk"):
+    raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
+  k_len, n_len = w.shape if layout == "kn" else w.shape[::-1]
+  if x_K.shape != (k_len,):
+    raise ValueError(f"x {x_K.shape} does not match w {w.shape} ({layout})")
+  tune = dict(TUNING, **{k: v for k, v in dict(
+      block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+      per_sm=per_sm).items() if v is not None})
+  block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
+  block_k = min(_pow2(tune["block_k"]), max(16, _pow2(k_len)))
+  n_tiles, k_steps = pl.cdiv(n_len, block_n), pl.cdiv(k_len, block_k)
+  if splits is None:
+    splits = max(1, min(k_steps, tune["per_sm"] * num_sms() // n_tiles))
+  steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
+  splits = pl.cdiv(k_steps, steps_per_split)
+  extra = {}
+  if not interpret:
+    extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
+                                                    num_stages=tune["num_stages"])
+  whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
+  partial = pl.pallas_call(
+      functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
+                        block_k=block_k, steps_per_split=steps_per_split),
+      grid=(n_tiles, splits),
+      in_specs=[whole(x_K.shape), whole(w.shape)],
+      out_specs=whole((splits, n_len)),
+      out_shape=jax.ShapeDtypeStruct((splits, n_len), jnp.float32),
+      interpret=interpret,
+      name="gemv",
+      **extra,
+  )(x_K, w)
+  return jnp.sum(partial, axis=0)
