@@ -32,6 +32,9 @@ def parse_args(argv=None):
   p.add_argument("--calls", type=int, default=100, help="products per timed loop")
   p.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
                  help="time every combination of these kernel settings per matrix")
+  p.add_argument("--output_major", action="store_true",
+                 help="with --sweep: every matrix stored (N, K), as layers.pack_columns packs "
+                      "them for batch-1 decoding")
   return p.parse_args(argv)
 
 
@@ -41,6 +44,7 @@ def shapes(model) -> dict[str, tuple[tuple[int, int], str]]:
   hidden = model.mlp_dim
   out = {"attn.out (H d_h -> D)": ((h * k, d), "kn"),
          "mlp.fc1 (D -> F)": ((d, hidden), "kn"),
+         "mlp.fc1+fc2 packed (D -> 2F)": ((d, 2 * hidden), "kn"),
          "mlp.proj (F -> D)": ((hidden, d), "kn"),
          "lm_head (D -> V, stored V x D)": ((model.vocab_size, d), "nk")}
   if model.attention in ("tpa", "tpa_kvonly"):
@@ -67,7 +71,9 @@ def main(argv=None):
   def loop(fn):
     def run(x, w):
       def body(i, acc):
-        return acc + fn(x + (acc * 0).astype(x.dtype), w)[0]  # carried: not hoisted
+        # x depends on the carry (not hoisted); the whole output is summed (a slice of an
+        # XLA product would let XLA compute only that slice)
+        return acc + jnp.sum(fn(x + (acc * 0).astype(x.dtype), w).astype(jnp.float32))
       return jax.lax.fori_loop(0, args.calls, body, jnp.zeros((), jnp.float32))
     return jax.jit(run)
 
@@ -89,6 +95,8 @@ def main(argv=None):
     nbytes = w.size * w.dtype.itemsize
     spec = "k,kn->n" if layout == "kn" else "k,nk->n"
     if args.sweep is not None:
+      if args.output_major and layout == "kn":
+        w, layout = w.T, "nk"
       grid = {kv.split("=")[0]: [int(v) for v in kv.split("=")[1].split(",")]
               for kv in args.sweep}
       results = []
@@ -106,9 +114,13 @@ def main(argv=None):
                                          jnp.stack([x, jnp.zeros_like(x)]), w)[0], x, w)
     kern = timed(lambda x, w: gemv_gpu.gemv(x, w, layout=layout,
                                             interpret=interpret).astype(x.dtype), x, w)
+    runs = [("xla", xla), ("zero-row gemm", gemm), ("gemv kernel", kern)]
+    if layout == "kn":  # the same product from the output-major copy (layers.pack_columns)
+      runs.append(("gemv kernel, stored (N, K)", timed(
+          lambda x, w: gemv_gpu.gemv(x, w, layout="nk", interpret=interpret).astype(x.dtype),
+          x, w.T)))
     print(f"{name} {rows}x{cols} ({nbytes / 1e6:.1f} MB): " + ", ".join(
-        f"{label} {t * 1e6:.1f} us {nbytes / t / 1e9:,.0f} GB/s"
-        for label, t in (("xla", xla), ("zero-row gemm", gemm), ("gemv kernel", kern))),
+        f"{label} {t * 1e6:.1f} us {nbytes / t / 1e9:,.0f} GB/s" for label, t in runs),
         flush=True)
 
 

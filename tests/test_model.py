@@ -100,10 +100,12 @@ def test_forward_matches_numpy_reference(attention, bf16):
   assert rel_err(ours, ref.forward(sd, tokens, dims, bf16_rope=not bf16)) > 1e-4
 
 
-@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly", "mla"])
-def test_per_layer_decode_model_matches_numpy_reference(attention):
-  """`in_compute_dtype(per_layer=True)` (what a batched decode loop runs: per-layer blocks,
-  TPA's projections packed) computes the same forward as the equations."""
+@pytest.mark.parametrize("attention,one_row", [("tpa", False), ("tpa", True),
+                                               ("tpa_kvonly", False), ("mla", True)])
+def test_per_layer_decode_model_matches_numpy_reference(attention, one_row):
+  """`in_compute_dtype(per_layer=True)` (what a decode loop runs: per-layer blocks, TPA's
+  projections and the MLP's input projections packed, output-major with `one_row`) computes
+  the same forward as the equations."""
   sd, cfg, params, _ = converted(attention, False)
   dims = dims_for(attention)
   tokens = tokens_for(dims)
@@ -111,9 +113,11 @@ def test_per_layer_decode_model_matches_numpy_reference(attention):
 
   @jax.jit
   def forward(tokens, positions):
-    model = model_from_params(cfg, params).in_compute_dtype(per_layer=True)
+    model = model_from_params(cfg, params).in_compute_dtype(per_layer=True, one_row=one_row)
     assert isinstance(model.blocks, nnx.List) and len(model.blocks) == cfg.num_layers
     assert hasattr(model.blocks[0].attn, "packed_proj") == attention.startswith("tpa")
+    d, f = cfg.d_model, cfg.mlp_dim
+    assert model.blocks[0].mlp.packed_fc.shape == ((2 * f, d) if one_row else (d, 2 * f))
     return model(tokens, positions)
 
   golden = ref.forward(sd, tokens, dims, bf16_rope=False)

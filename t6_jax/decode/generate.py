@@ -109,10 +109,10 @@ class _CastHead(nnx.Module):
 
 
 def _model(model_cfg: ModelConfig, params, rules: str, cast_head: bool = False,
-           per_layer: bool = False):
+           per_layer: bool = False, one_row: bool = False):
   """The model with its block weights (and with `cast_head` the LM head) cast to the compute
   dtype once, outside the loops (`per_layer`: see `Transformer.in_compute_dtype`)."""
-  model = model_from_params(model_cfg, params, rules).in_compute_dtype(per_layer)
+  model = model_from_params(model_cfg, params, rules).in_compute_dtype(per_layer, one_row)
   dtype = jnp.dtype(model_cfg.dtype)
   if cast_head and model.embed.wte[...].dtype != dtype:
     model.embed = _CastHead(model.embed, model.embed.wte[...].astype(dtype))
@@ -161,7 +161,8 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   (decode.attention_kernel). `decode` is the checked entry point; this is the program it
   runs (benchmarks lower it directly).
   """
-  model = _model(model_cfg, params, rules, cast_head=True, per_layer=True)
+  model = _model(model_cfg, params, rules, cast_head=True, per_layer=True,
+                 one_row=logits_BxV.shape[0] == 1)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                    greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)

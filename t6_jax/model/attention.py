@@ -34,8 +34,8 @@ from flax import nnx
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
-from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, param,
-                                 uniform_init, zeros_init)
+from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, pack_columns,
+                                 packed_product, param, uniform_init, zeros_init)
 from t6_jax.sharding import Rules, constrain
 
 
@@ -270,8 +270,11 @@ class TPA(Attention):
     names = self.projection_names()
     weights = [getattr(self, n)[...] for n in names]
     packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
-    w_DxN = packed[...] if packed is not None else self.packed_projection()
-    y_BxTxN = dense("btd,dn->btn", x_BxTxD.astype(self.dtype), w_DxN)
+    x_BxTxD = x_BxTxD.astype(self.dtype)
+    if packed is not None:
+      y_BxTxN = packed_product(x_BxTxD, packed[...], self.packed_output_major)
+    else:
+      y_BxTxN = packed_product(x_BxTxD, self.packed_projection(), False)
     bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
     lead = x_BxTxD.shape[:-1]
     out = {n: y.reshape(lead + w.shape[1:])
@@ -292,17 +295,18 @@ class TPA(Attention):
     names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
     return names + ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
 
-  def packed_projection(self):
-    """The factor projections' weights side by side: (D, N) in the compute dtype."""
-    weights = [getattr(self, n)[...].astype(self.dtype) for n in self.projection_names()]
-    return jnp.concatenate([w.reshape(w.shape[0], -1) for w in weights], axis=1)
+  def packed_projection(self, output_major: bool = False):
+    """The factor projections' weights side by side (`pack_columns`) in the compute dtype."""
+    return pack_columns([getattr(self, n)[...].astype(self.dtype)
+                         for n in self.projection_names()], output_major)
 
-  def pack_projection(self):
+  def pack_projection(self, output_major: bool = False):
     """Stores `packed_projection()` on this (one layer's) module as `packed_proj`, so a decode
     loop reads packed weights instead of concatenating them in every step (XLA does not hoist
     the concatenation out of the token loop). Not where `project` takes separate GEMMs."""
     if self.packs_projection():
-      self.packed_proj = nnx.Variable(self.packed_projection())
+      self.packed_proj = nnx.Variable(self.packed_projection(output_major))
+      self.packed_output_major = output_major
 
   def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: XLA's einsum,

@@ -100,15 +100,16 @@ class Transformer(nnx.Module):
     return rope_tables(positions_BxT, self.rope_dim, self.cfg.rope_base,
                        self.cfg.rope_bf16_tables)
 
-  def in_compute_dtype(self, per_layer: bool = False) -> "Transformer":
+  def in_compute_dtype(self, per_layer: bool = False, one_row: bool = False) -> "Transformer":
     """This model with its block weights cast to the compute dtype (a no-op when they are
     already), prepared once before a decode loop. With `per_layer` (and unrolled layers),
     `blocks` becomes a list of per-layer blocks, each layer's weights sliced out once and
-    TPA's factor projections packed into one matrix: a token loop whose products are GEMMs
-    (batch > 1) otherwise copies every weight matrix out of its stacked array, and
-    concatenates TPA's projections, in every step. At batch 1 XLA turns the products into
-    multiply-reductions that read the stacked weights in place, and keeping them stacked is
-    faster on an H200 (T6-XL 3.6 vs 4.2 ms a step)."""
+    packed for one wide product each (TPA's factor projections, the MLP's two input
+    projections): a token loop otherwise copies every weight matrix out of its stacked array
+    (GEMMs cannot read a slice of one, and XLA does not hoist the slices out of the loop) and
+    concatenates the packed matrices, in every step. `one_row` (batch-1 decoding) stores the
+    packed matrices output-major, the layout the GEMV kernel reads with aligned rows
+    (`layers.pack_columns`)."""
     graphdef, blocks, rest = nnx.split(self, lambda path, _: "blocks" in path, ...)
     model = nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
     if per_layer and not layers_scanned(self.cfg) and not isinstance(model.blocks, nnx.List):
@@ -116,8 +117,9 @@ class Transformer(nnx.Module):
       layers = [nnx.merge(block_def, jax.tree.map(lambda x, i=i: x[i], state))
                 for i in range(self.cfg.num_layers)]
       for block in layers:
-        if hasattr(block.attn, "pack_projection"):
-          block.attn.pack_projection()
+        for part in (block.attn, block.mlp):
+          if hasattr(part, "pack_projection"):
+            part.pack_projection(output_major=one_row)
       model.blocks = nnx.List(layers)
     return model
 
