@@ -7,7 +7,7 @@ For each weight matrix of one block of the preset (TPA's packed projection, the 
 projection, the MLP's three) and the tied LM head, times --calls products inside one jitted
 `fori_loop` (best of 3 repeats): XLA's einsum with a one-row operand, the same with a zero
 second row (a GEMM), and the GEMV kernel; reports us per product and the weight bytes read
-per second. --sweep times every combination of the kernel's settings (`gemv_gpu.TUNING`) per
+per second. --sweep times every combination of the kernel's settings (`gemv_gpu.TUNING` of the layout) per
 matrix instead and prints the fastest five. Prints only; nothing is written.
 """
 

@@ -25,8 +25,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from t6_jax.kernels.tpa_decode_gpu import _pow2, num_sms
 
-# Columns per program, K rows per loop step, warps, pipeline stages, programs per SM.
-TUNING = {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4}
+# Per layout: columns (outputs) per program, K per loop step, warps, pipeline stages, programs
+# per SM. Swept on an H200 over T6-XL's matrices (bench/gemv.py --sweep): (N, K) storage
+# reads K-contiguous rows and wants longer K steps than (K, N), whose tiles are N-contiguous.
+TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4},
+          "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4}}
 
 
 def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, steps_per_split):
@@ -55,14 +58,14 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
          interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
-  operands. Settings default to TUNING; splits (default: from per_sm and the GPU's SMs)
+  operands. Settings default to TUNING[layout]; splits (default: from per_sm and the GPU's SMs)
   overrides the number of K splits."""
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
   k_len, n_len = w.shape if layout == "kn" else w.shape[::-1]
   if x_K.shape != (k_len,):
     raise ValueError(f"x {x_K.shape} does not match w {w.shape} ({layout})")
-  tune = dict(TUNING, **{k: v for k, v in dict(
+  tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
       per_sm=per_sm).items() if v is not None})
   block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
