@@ -32,6 +32,8 @@ def parse_args(argv=None):
   p.add_argument("--calls", type=int, default=100, help="products per timed loop")
   p.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
                  help="time every combination of these kernel settings per matrix")
+  p.add_argument("--matrices", default="",
+                 help="only the matrices whose names contain one of these (comma-separated)")
   p.add_argument("--output_major", action="store_true",
                  help="with --sweep: every matrix stored (N, K), as layers.pack_columns packs "
                       "them for batch-1 decoding")
@@ -88,6 +90,8 @@ def main(argv=None):
     return best / args.calls
 
   for name, ((rows, cols), layout) in shapes(model).items():
+    if args.matrices and not any(m in name for m in args.matrices.split(",")):
+      continue
     key = jax.random.key(0)
     w = jax.random.normal(key, (rows, cols), jnp.bfloat16)
     k_len = rows if layout == "kn" else cols

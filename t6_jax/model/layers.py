@@ -68,8 +68,8 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   simplifier rewrites such a product into an elementwise multiply and a reduction and writes
   the multiply out as a weight-sized temporary every step. On one GPU (kernel None) or with
   kernel=True the product runs the Pallas GEMV kernel (`kernels.gemv`; interpreted off GPU)
-  where w's contracted axes lead or trail its others; otherwise a zero second row keeps it a
-  GEMM."""
+  where w's contracted axes lead or trail its others; on GPUs under a mesh (or kernel=False)
+  a zero second row keeps it a GEMM. Other backends (kernel None) take the plain product."""
   lhs, rest = spec.split(",")
   rhs, out = rest.split("->")
   rows = [c for c in lhs if c in out and c not in rhs]
@@ -80,7 +80,9 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
   if kernel is None:
     platform, mesh = kernels.target()
-    kernel = platform == "gpu" and mesh is None
+    if platform != "gpu":
+      return jnp.einsum(spec, x, w)
+    kernel = mesh is None
   if kernel and layout and not any(c in out and c in lhs for c in rhs):
     size = lambda letters, shape, dims: math.prod(shape[dims.index(c)] for c in letters)
     x_K = jnp.einsum(f"{lhs}->{contracted}", x).reshape(-1)
