@@ -4,11 +4,13 @@
   python bench/gemv.py --config t6-small --sweep block_n=64,128,256 block_k=32,64 per_sm=2,4,8
 
 For each weight matrix of one block of the preset (TPA's packed projection, the output
-projection, the MLP's three) and the tied LM head, times --calls products inside one jitted
-`fori_loop` (best of 3 repeats): XLA's einsum with a one-row operand, the same with a zero
-second row (a GEMM), and the GEMV kernel; reports us per product and the weight bytes read
-per second. --sweep times every combination of the kernel's settings (`gemv_gpu.TUNING` of the layout) per
-matrix instead and prints the fastest five. Prints only; nothing is written.
+projection, the MLP's packed and separate input projections and its output projection) and the
+tied LM head, times --calls products inside one jitted `fori_loop`, --chain of them per
+iteration (best of 3 repeats): XLA's einsum with a one-row operand, the same with a zero
+second row (a GEMM), and the GEMV kernel, also from the matrix stored output-major; reports
+us per product and the weight bytes read per second. --sweep times every combination of the
+kernel's settings (`gemv_gpu.TUNING` of the layout) per matrix instead and prints the fastest
+five. Prints only; nothing is written.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="t6-xl", help="preset whose matrix shapes to use")
   p.add_argument("--calls", type=int, default=100, help="products per timed loop")
+  p.add_argument("--chain", type=int, default=10,
+                 help="products per loop iteration, each depending on the one before")
   p.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
                  help="time every combination of these kernel settings per matrix")
   p.add_argument("--matrices", default="",
@@ -70,13 +74,20 @@ def main(argv=None):
         f"{jax.__version__}, tuning {gemv_gpu.TUNING}", flush=True)
   interpret = jax.default_backend() != "gpu"
 
+  iterations = max(1, args.calls // args.chain)
+
   def loop(fn):
     def run(x, w):
       def body(i, acc):
-        # x depends on the carry (not hoisted); the whole output is summed (a slice of an
-        # XLA product would let XLA compute only that slice)
-        return acc + jnp.sum(fn(x + (acc * 0).astype(x.dtype), w).astype(jnp.float32))
-      return jax.lax.fori_loop(0, args.calls, body, jnp.zeros((), jnp.float32))
+        # Each product's x depends on the one before (nothing is hoisted or overlapped, as
+        # in a decode step's chain of layers); the whole output is summed (from a slice of
+        # an XLA product XLA would compute only that slice). `chain` products per iteration
+        # keep the loop's own cost per iteration (on GPUs a device-to-host copy of the
+        # loop condition) out of the per-product time.
+        for _ in range(args.chain):
+          acc = acc + jnp.sum(fn(x + (acc * 0).astype(x.dtype), w).astype(jnp.float32))
+        return acc
+      return jax.lax.fori_loop(0, iterations, body, jnp.zeros((), jnp.float32))
     return jax.jit(run)
 
   def timed(fn, x, w):
@@ -87,7 +98,7 @@ def main(argv=None):
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(x, w))
       best = min(best, time.perf_counter() - t0)
-    return best / args.calls
+    return best / (iterations * args.chain)
 
   for name, ((rows, cols), layout) in shapes(model).items():
     if args.matrices and not any(m in name for m in args.matrices.split(",")):

@@ -13,7 +13,7 @@ SCRIPTS = {
     "decode": (["bench/decode.py", "--tiny", "--no_write", "--models", "t6-small,gqa-small",
                 "--batches", "2", "--contexts", "256"], "| t6-small (tiny) | 2 | 256 |"),
     "decode_profile": (["bench/decode_profile.py", "--tiny"], "ms/step untraced"),
-    "gemv": (["bench/gemv.py", "--config", "tiny", "--calls", "2", "--matrices", "packed"],
+    "gemv": (["bench/gemv.py", "--config", "tiny", "--calls", "2", "--chain", "2", "--matrices", "packed"],
              "gemv kernel, stored (N, K)"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
