@@ -254,9 +254,31 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
 
 def gemv(x_K, w, *, layout: str = "kn", **tuning):
   """fp32 x_K (K,) times w ((K, N) for layout "kn", (N, K) for "nk") by the Pallas GEMV kernel
-  (`gemv_gpu.gemv`; interpreted off GPU): the one-row products of a batch-1 decode step."""
+  (`gemv_gpu.gemv`; interpreted off GPU): the one-row products of a batch-1 decode step.
+  Differentiable: the backward pass is the two outer/inner products in XLA."""
   platform, _ = target()
-  return gemv_gpu.gemv(x_K, w, layout=layout, interpret=platform != "gpu", **tuning)
+  return _gemv(layout, platform != "gpu", tuple(sorted(tuning.items())), x_K, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gemv(layout, interpret, tuning, x_K, w):
+  return gemv_gpu.gemv(x_K, w, layout=layout, interpret=interpret, **dict(tuning))
+
+
+def _gemv_fwd(layout, interpret, tuning, x_K, w):
+  return _gemv(layout, interpret, tuning, x_K, w), (x_K, w)
+
+
+def _gemv_bwd(layout, interpret, tuning, res, g_N):
+  x_K, w = res
+  w32 = w.astype(jnp.float32)
+  dx_K = w32 @ g_N if layout == "kn" else g_N @ w32
+  dw = jnp.outer(x_K.astype(jnp.float32), g_N) if layout == "kn" else jnp.outer(
+      g_N, x_K.astype(jnp.float32))
+  return dx_K.astype(x_K.dtype), dw.astype(w.dtype)
+
+
+_gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):

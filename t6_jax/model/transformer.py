@@ -3,8 +3,9 @@
 Blocks are created with their parameters stacked along a leading `layers` axis and run with
 `jax.lax.scan`: scanned, compile time does not grow with depth (what TPU pod compiles need);
 unrolled, the same loop trains 1.2x faster on an H200 (docs/benchmarks.md). `layers_scanned`
-picks the form from `model.scan_layers` and the backend. `apply_blocks` is the one place that walks the layers; training, prefill and decoding
-all run the same `Block.__call__` through it (decoding with a `LayerCache`).
+picks the form from `model.scan_layers` and the backend. `apply_blocks` is the one place that
+walks the layers: training, prefill and decoding all run the same `Block.__call__` through it
+(decoding with a `LayerCache`; a decode loop's per-layer blocks, `in_compute_dtype`, too).
 
 The model holds its sharding rules table (`rules`, a static attribute of every module that
 constrains activations), so any `jax.jit` of the model traced under `jax.set_mesh` shards its
