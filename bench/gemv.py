@@ -22,9 +22,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
+
+from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py: KEY=V1,V2 parsing)
 
 
 def parse_args(argv=None):
@@ -112,8 +115,7 @@ def main(argv=None):
     if args.sweep is not None:
       if args.output_major and layout == "kn":
         w, layout = w.T, "nk"
-      grid = {kv.split("=")[0]: [int(v) for v in kv.split("=")[1].split(",")]
-              for kv in args.sweep}
+      grid = _settings(args.sweep)
       results = []
       for values in itertools.product(*grid.values()):
         setting = dict(zip(grid, values))
