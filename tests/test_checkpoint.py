@@ -5,6 +5,7 @@ devices; expected values are host copies taken before saving, so every compariso
 """
 
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t6_jax import config as config_lib
 from t6_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointMismatchError,
                                export_params, load_params, read_config)
+from t6_jax.checkpoint import quiet
 from t6_jax.checkpoint.trees import abstract_params, param_shardings
 from t6_jax.sharding import make_mesh
 
@@ -378,3 +380,18 @@ def test_preemption_sync_point_counts_queries_not_steps(tmp_path, monkeypatch):
     assert asked == [1, 2, 3] and ck.reached_preemption(13) and asked == [1, 2, 3]
   finally:
     ck.close()
+
+
+def test_abandoned_damaged_reads_are_dropped_before_the_step_is_given_up(monkeypatch):
+  """asyncio's record of a TensorStore read of a damaged array that nobody awaited is noise
+  even when the garbage collector logs it before the step is reported damaged; any other
+  abandoned-task record still reaches the user until then."""
+  monkeypatch.setattr(quiet, "_damage_seen", False)
+  record = lambda msg: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+  damaged = ("Task exception was never retrieved\nfuture: <Task finished exception=ValueError("
+             "'OUT_OF_RANGE: Error opening \"zarr\" driver: Error reading \"step/.zarray\"')>")
+  other = "Task exception was never retrieved\nfuture: <Task finished exception=KeyError('x')>"
+  assert not quiet._Filter().filter(record(damaged))
+  assert quiet._Filter().filter(record(other))
+  monkeypatch.setattr(quiet, "_damage_seen", True)
+  assert not quiet._Filter().filter(record(other))

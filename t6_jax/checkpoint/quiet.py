@@ -9,8 +9,9 @@ Three kinds of message reach users without saying anything they can act on:
   later on a closed event loop: `RuntimeError: Event loop is closed` tracebacks (reported as
   unraisable exceptions raised by asyncio's closed-loop check, which only abandoned work
   reaches) and, once the step is given up, asyncio's `Future exception was never retrieved`
-  records holding `OUT_OF_RANGE: Error opening "zarr" driver`. The step is reported as damaged
-  by our own message.
+  records holding `OUT_OF_RANGE: Error opening "zarr" driver` (also when the garbage collector
+  logs them while the step's metadata is still being read, before the step is given up). The
+  step is reported as damaged by our own message.
 
 Each filter drops only those records; every other warning, log record and unraisable error is
 passed on unchanged.
@@ -24,6 +25,9 @@ import threading
 
 _ORBAX_ITEM_METADATA = ("Metadata file does not exist", "Failed to get item metadata")
 _ABANDONED = ("Future exception was never retrieved", "Task exception was never retrieved")
+# What a TensorStore read of a damaged array fails with: such a record is abandoned-read noise
+# even when the garbage collector logs it before the step is given up (`abandoned_reads`).
+_DAMAGED_READ = 'Error opening "zarr" driver'
 
 _lock = threading.Lock()
 _installed = False
@@ -36,7 +40,7 @@ class _Filter(logging.Filter):
     message = str(record.msg)
     if message.startswith(_ORBAX_ITEM_METADATA):
       return False
-    if _damage_seen and message.startswith(_ABANDONED):
+    if message.startswith(_ABANDONED) and (_damage_seen or _DAMAGED_READ in message):
       return False
     return True
 
