@@ -76,8 +76,10 @@ def profile_one(name: str, args) -> str:
   compiled = lower_one(cfg, params, args.batch, args.context, args.steps, args.repeats,
                        args.cache_dtype).compile()
   compile_s = time.perf_counter() - t0
+  # Room in the cache for the warm-up, the timed calls and the traced one (repeats + 1 in
+  # `_args`'s count): no step writes past the cache's end.
   params_, cache, *rest = _args(cfg, params, args.batch, args.context, args.steps,
-                                args.repeats, args.cache_dtype, abstract=False)
+                                args.repeats + 1, args.cache_dtype, abstract=False)
   tokens, cache = compiled(params_, cache, *rest)
   tokens.block_until_ready()  # warm-up
   best = float("inf")

@@ -23,6 +23,12 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       -> fp32 (B, H, d_h): one-token TPA decode straight from the stacked factor cache,
       Triton on GPU (tpa_decode_gpu.py), Mosaic on TPU (tpa_decode_tpu.py; interpreted
       off TPU), under `jax.shard_map` on a mesh.
+  tpa_step(y_SxBxN, cos, sin, a_k, b_k, a_v, b_v, layer, pos, ...) and
+  tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, ...): the Triton
+      decode step on one device in two kernels: the new entries written and the query rows
+      built from the factor projection (tpa_step_gpu.py), then the attention from those rows.
+  gemv(x_K, w, *, layout) / gemv_partials: one row times a matrix (gemv_gpu.py), the
+      products of a batch-1 decode step.
   grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key,
                  rules, cache_axes)
       -> fp32 (B, G, J, D_v): one-token MHA/MQA/GQA/MLA decode straight from the stacked
@@ -50,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from t6_jax.kernels import (attention_xla, gemv_gpu, grouped_decode_gpu, tpa_contract_gpu,
-                            tpa_decode_gpu, tpa_decode_tpu)
+                            tpa_decode_gpu, tpa_decode_tpu, tpa_step_gpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -279,6 +285,28 @@ def _gemv_bwd(layout, interpret, tuning, res, g_N):
 
 
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
+
+
+def gemv_partials(x_K, w, *, layout: str = "kn"):
+  """`gemv` without the final sum over its K splits: fp32 (splits, N) partial sums (not
+  differentiable), for a consumer kernel that sums them itself (`tpa_step`)."""
+  platform, _ = target()
+  return gemv_gpu.gemv(x_K, w, layout=layout, reduce=False, interpret=platform != "gpu")
+
+
+def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, **kw):
+  """`tpa_step_gpu.tpa_step` (interpreted off GPU): a one-token step's cache writes and the
+  Triton decode kernel's query rows in one kernel, on one device."""
+  platform, _ = target()
+  return tpa_step_gpu.tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos,
+                               interpret=platform != "gpu", **kw)
+
+
+def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, **kw):
+  """`tpa_decode_gpu.tpa_decode_rows` (interpreted off GPU), on one device."""
+  platform, _ = target()
+  return tpa_decode_gpu.tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos,
+                                        interpret=platform != "gpu", **kw)
 
 
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):

@@ -56,10 +56,11 @@ def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, st
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
-         interpret: bool = False):
+         reduce: bool = True, interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
   operands. Settings default to TUNING[layout]; splits (default: from per_sm and the GPU's SMs)
-  overrides the number of K splits."""
+  overrides the number of K splits. reduce=False returns the splits' partial sums (splits, N)
+  for a consumer that sums them itself."""
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
   k_len, n_len = w.shape if layout == "kn" else w.shape[::-1]
@@ -91,4 +92,4 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
       name="gemv",
       **extra,
   )(x_K, w)
-  return jnp.sum(partial, axis=0)
+  return jnp.sum(partial, axis=0) if reduce else partial

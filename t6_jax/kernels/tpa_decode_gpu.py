@@ -29,11 +29,11 @@ split_q=True passes a bf16 hi + lo pair instead (about 16 bits of the fp32 query
 attention ~15x less error, at 9% (T6-small) to 45% (T6-XL) more time on an H200).
 
 Grid (batch, split): each program walks its share of key blocks (flash-decoding), keeping an
-online (max, sum, acc) per head; a small XLA combine merges the splits. The split count fills
-the GPU: about `per_sm` programs per SM over the whole grid. The kernel reads the cache arrays
-in place, with the layer index as an operand (no per-layer slice is copied), and only the
-blocks that hold a valid slot of the row ([pad_B[b], pos]). Only a block that runs past the
-cache end masks its loads; the others load unmasked, fully vectorised tiles.
+online (max, sum, acc) per head; a second small kernel (`combine`) merges the splits. The
+split count fills the GPU: about `per_sm` programs per SM over the whole grid. The kernel reads
+the cache arrays in place, with the layer index as an operand (no per-layer slice is copied),
+and only the blocks that hold a valid slot of the row ([pad_B[b], pos]). Only a block that
+runs past the cache end masks its loads; the others load unmasked, fully vectorised tiles.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ LOG2E = math.log2(math.e)
 # and whether Q goes in as a bf16 hi + lo pair.
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "per_sm": 2, "head_tile": 64,
           "split_q": False}
+COMBINE_KERNEL_SPLITS = 32  # up to this many splits `combine` merges them, else XLA
 DEFAULT_SMS = 132  # an H200's SMs, when no GPU is attached (interpret mode, AOT)
 
 
@@ -178,6 +179,25 @@ def _splits(batch: int, n_blocks: int, per_sm: int) -> tuple[int, int]:
   return -(-n_blocks // blocks_per_split), blocks_per_split
 
 
+def query_shape(heads: int, head_dim: int, head_tile: int | None | str = "default"):
+  """(rows, kp): the padded shape of one batch row of the kernel's query (the head chunks'
+  rows, d_h rounded up to a power of two >= 16)."""
+  head_tile = TUNING["head_tile"] if head_tile == "default" else head_tile
+  return sum(r for _, r in head_chunks(heads, head_tile)), max(16, _pow2(head_dim))
+
+
+def query_rows(q_BxHxK, rows: int, kp: int, dtype, split_q: bool):
+  """The contracted, scaled query as the kernel takes it: in base 2 (its softmax runs on
+  exp2), padded to (rows, kp) with zeros, in the cache dtype (and with split_q the rounding
+  error as a second array)."""
+  _, heads, head_dim = q_BxHxK.shape
+  q_BxHxK = jnp.pad(q_BxHxK.astype(jnp.float32) * LOG2E,
+                    ((0, 0), (0, rows - heads), (0, kp - head_dim)))
+  q_hi = q_BxHxK.astype(dtype)
+  q_lo = (q_BxHxK - q_hi.astype(jnp.float32)).astype(dtype) if split_q else None
+  return q_hi, q_lo
+
+
 def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
                          block: int | None = None, splits: int | None = None,
                          num_warps: int | None = None, num_stages: int | None = None,
@@ -193,17 +213,35 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
   layer: int32 scalar; pad_B: (B,) int32 leading padding slots; pos: int32 scalar, the
     query's own slot. Row b sees slots pad_B[b] .. pos (and always pos itself), below kv_len.
   block / num_warps / num_stages / per_sm / head_tile / split_q default to the module's
-  TUNING; splits (default: from per_sm and the GPU's SMs) overrides the split count.
+  TUNING; splits (default: from per_sm and the GPU's SMs) overrides the number of splits.
   Returns fp32 (B, H, d_h): sum_{s,u} alpha[h,s] A_v[s,h,u] B_v[s,u] / R_v.
   """
+  split_q = TUNING["split_q"] if split_q is None else split_q
+  _, heads, head_dim = q_BxHxK.shape
+  rows, kp = query_shape(heads, head_dim, head_tile)
+  q_hi, q_lo = query_rows(q_BxHxK, rows, kp, b_k.dtype, split_q)
+  return tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, heads=heads,
+                         head_dim=head_dim, kv_len=kv_len, block=block, splits=splits,
+                         num_warps=num_warps, num_stages=num_stages, per_sm=per_sm,
+                         head_tile=head_tile, interpret=interpret)
+
+
+def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, heads: int,
+                    head_dim: int, kv_len: int, block: int | None = None,
+                    splits: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None, per_sm: int | None = None,
+                    head_tile: int | None | str = "default", out_dtype=jnp.float32,
+                    interpret: bool = False):
+  """`tpa_decode_attention` from the query as `query_rows` gives it (q_lo None: no low half),
+  e.g. as `tpa_step_gpu.tpa_step` writes it. Returns (B, H, d_h) in out_dtype."""
   tune = dict(TUNING)
   block = tune["block"] if block is None else block
   num_warps = tune["num_warps"] if num_warps is None else num_warps
   num_stages = tune["num_stages"] if num_stages is None else num_stages
   per_sm = tune["per_sm"] if per_sm is None else per_sm
   head_tile = tune["head_tile"] if head_tile == "default" else head_tile
-  split_q = tune["split_q"] if split_q is None else split_q
-  batch, heads, head_dim = q_BxHxK.shape
+  split_q = q_lo is not None
+  batch = q_hi.shape[0]
   if b_k.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"the Pallas TPA decode kernel takes a bfloat16/float16 cache, got "
                      f"{b_k.dtype}; use decode.attention_kernel=xla for other cache dtypes")
@@ -211,9 +249,10 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
   slots = a_k.shape[3]
   k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
   num_slots = min(slots, kv_len)
-  kp = max(16, _pow2(head_dim))
   chunks = head_chunks(heads, head_tile)
-  rows = sum(r for _, r in chunks)
+  rows, kp = query_shape(heads, head_dim, head_tile)
+  if q_hi.shape != (batch, rows, kp):
+    raise ValueError(f"query rows {q_hi.shape}, expected {(batch, rows, kp)} (query_shape)")
   block = max(16, min(_pow2(block), _pow2(num_slots)))
   n_blocks = -(-num_slots // block)
   if splits is None:
@@ -223,11 +262,6 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
     splits = -(-n_blocks // blocks_per_split)
   full_blocks = slots // block
 
-  # Q in base 2 (the kernel's softmax runs on exp2), padded to the chunks' rows and kp.
-  q_BxHxK = jnp.pad(q_BxHxK.astype(jnp.float32) * LOG2E,
-                    ((0, 0), (0, rows - heads), (0, kp - head_dim)))
-  q_hi = q_BxHxK.astype(b_k.dtype)
-  q_lo = (q_BxHxK - q_hi.astype(jnp.float32)).astype(b_k.dtype) if split_q else None
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(1)
   whole = lambda shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
   kernel = functools.partial(
@@ -255,8 +289,65 @@ def tpa_decode_attention(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_l
       name="tpa_decode",
       **extra,
   )(*operands)
-  # Flash-decoding combine of the splits (splits without a valid slot carry m = NEG, l = 0).
+  if splits <= COMBINE_KERNEL_SPLITS:
+    return combine(m, l, acc, heads=heads, head_dim=head_dim, v_rank=v_rank,
+                   out_dtype=out_dtype, interpret=interpret)
+  # Many splits (long context at a small batch): XLA's parallel reductions are faster than
+  # the combine kernel's walk over them (T6-XL at 262k: 7.55 vs 6.87 ms a step on an H200).
   w_BxNxH = jnp.exp2(m - jnp.max(m, axis=1, keepdims=True))
   l_BxH = jnp.sum(w_BxNxH * l, axis=1)
   y_BxHxK = jnp.einsum("bnh,bnhk->bhk", w_BxNxH, acc) / (l_BxH[..., None] * v_rank)
-  return y_BxHxK[:, :heads, :head_dim]
+  return y_BxHxK[:, :heads, :head_dim].astype(out_dtype)
+
+
+def _combine_kernel(m_ref, l_ref, acc_ref, y_ref, *, splits, heads, head_dim, v_rank,
+                    head_rows, chunk, kp):
+  b, j = pl.program_id(0), pl.program_id(1)
+  h_H = j * head_rows + jnp.arange(head_rows, dtype=jnp.int32)
+  k_K = jnp.arange(kp, dtype=jnp.int32)
+
+  def body(c, carry):  # `chunk` splits at a time, rescaled online as in the kernel's walk
+    m_H, l_H, acc_HxK = carry
+    s_Sx1 = c * chunk + jnp.arange(chunk, dtype=jnp.int32)[:, None]
+    ok_SxH = (s_Sx1 < splits) & (h_H[None, :] < heads)
+    m_SxH = plgpu.load(m_ref.at[b, s_Sx1, h_H[None, :]], mask=ok_SxH, other=NEG)
+    l_SxH = plgpu.load(l_ref.at[b, s_Sx1, h_H[None, :]], mask=ok_SxH, other=0.0)
+    ok_SxHxK = ok_SxH[:, :, None] & (k_K < head_dim)[None, None, :]
+    acc_SxHxK = plgpu.load(acc_ref.at[b, s_Sx1[:, :, None], h_H[None, :, None],
+                                      k_K[None, None, :]], mask=ok_SxHxK, other=0.0)
+    m_new_H = jnp.maximum(m_H, jnp.max(m_SxH, axis=0))
+    corr_H = jnp.exp2(m_H - m_new_H)
+    w_SxH = jnp.exp2(m_SxH - m_new_H[None, :])
+    l_H = l_H * corr_H + jnp.sum(w_SxH * l_SxH, axis=0)
+    acc_HxK = acc_HxK * corr_H[:, None] + jnp.sum(w_SxH[:, :, None] * acc_SxHxK, axis=0)
+    return m_new_H, l_H, acc_HxK
+
+  carry = (jnp.full((head_rows,), NEG, jnp.float32), jnp.zeros((head_rows,), jnp.float32),
+           jnp.zeros((head_rows, kp), jnp.float32))
+  _, l_H, acc_HxK = jax.lax.fori_loop(0, pl.cdiv(splits, chunk), body, carry)
+  y_HxK = acc_HxK / (jnp.maximum(l_H, 1e-30)[:, None] * v_rank)
+  ok_HxK = (h_H[:, None] < heads) & (k_K[None, :] < head_dim)
+  plgpu.store(y_ref.at[b, h_H[:, None], k_K[None, :]], y_HxK.astype(y_ref.dtype), mask=ok_HxK)
+
+
+def combine(m, l, acc, *, heads: int, head_dim: int, v_rank: int, out_dtype=jnp.float32,
+            head_rows: int = 16, chunk: int = 8, interpret: bool = False):
+  """The flash-decoding combine of the kernel's splits as one small kernel (XLA runs it as
+  three reductions and a slice): (B, H, d_h) in out_dtype from m, l (B, splits, rows) and acc
+  (B, splits, rows, kp). Splits without a valid slot carry m = NEG, l = 0."""
+  batch, splits, rows, kp = acc.shape
+  kernel = functools.partial(_combine_kernel, splits=splits, heads=heads, head_dim=head_dim,
+                             v_rank=v_rank, head_rows=head_rows, chunk=chunk, kp=kp)
+  whole = lambda shape: pl.BlockSpec(shape, lambda b, j: (0,) * len(shape))
+  extra = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4,
+                                                                        num_stages=2)}
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, pl.cdiv(heads, head_rows)),
+      in_specs=[whole(m.shape), whole(l.shape), whole(acc.shape)],
+      out_specs=whole((batch, heads, head_dim)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, head_dim), out_dtype),
+      interpret=interpret,
+      name="tpa_decode_combine",
+      **extra,
+  )(m, l, acc)

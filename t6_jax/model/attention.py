@@ -35,7 +35,8 @@ from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
 from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, pack_columns,
-                                 packed_product, param, uniform_init, zeros_init)
+                                 packed_partials, packed_product, param, uniform_init,
+                                 zeros_init)
 from t6_jax.sharding import Rules, constrain
 
 
@@ -258,6 +259,39 @@ class TPA(Attention):
         "a_v": self._proj(x_BxTxD, self.W_A_v, "btd,dhr->bthr"),
         "b_v": self._proj(x_BxTxD, self.W_B_v, "btd,drk->btrk"),
     }
+
+  def __call__(self, x_BxTxD, rope, mask: Mask, cache: LayerCache | None = None):
+    if cache is not None and self.fused_step(cache, x_BxTxD.shape[1]):
+      return self.fused_decode_step(x_BxTxD, rope, cache)
+    return super().__call__(x_BxTxD, rope, mask, cache)
+
+  def fused_step(self, cache: LayerCache, t_len: int) -> bool:
+    """Whether a decode step runs `fused_decode_step`: one token per row, the Triton kernel
+    on one device reading the cache in its layout, the factor projections packed."""
+    return (t_len == 1 and cache.path == "kernel" and cache.kernel == "triton"
+            and cache.layout is not None and cache.layout.shards == 1
+            and self.packs_projection() and kernels.target()[1] is None)
+
+  def fused_decode_step(self, x_BxTxD, rope, cache: LayerCache):
+    """A one-token decode step in three kernels after the norm: the packed factor
+    projection (left as the GEMV kernel's partial sums at batch 1), `kernels.tpa_step`
+    (the new entries written into the cache in place and the query rows built: what XLA
+    runs as about nine small kernels) and the decode kernel from those rows. The same
+    values as `project`, `LayerCache.write` and `attend_kernel`."""
+    cfg = self.cfg
+    packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
+    w = self.packed_projection() if packed is None else packed[...]
+    output_major = packed is not None and self.packed_output_major
+    y_SxBxN = packed_partials(x_BxTxD.astype(self.dtype), w, output_major)
+    names = ("a_k", "b_k", "a_v", "b_v")
+    q_hi, q_lo, *new = kernels.tpa_step(
+        y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,
+        heads=cfg.num_heads, head_dim=cfg.head_dim, q_rank=cfg.q_rank if self.factor_q else 0,
+        compute_dtype=self.dtype)
+    y_BxHxK = kernels.tpa_decode_rows(q_hi, q_lo, *new, cache.layer, cache.pad_B, cache.start,
+                                      heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                      kv_len=cache.kv_len, out_dtype=self.dtype)
+    return self.out(self.head_norm(y_BxHxK[:, None])), dict(zip(names, new))
 
   def project(self, x_BxTxD, rope):
     """`queries` and `entries` from one GEMM: the factor projections (or the full query and

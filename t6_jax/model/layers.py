@@ -110,6 +110,17 @@ def packed_product(x_BxTxD, w, output_major: bool):
   return dense("btd,nd->btn" if output_major else "btd,dn->btn", x_BxTxD, w)
 
 
+def packed_partials(x_BxTxD, w, output_major: bool):
+  """`packed_product` of one token per row as partial sums to be added up by the consumer:
+  (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
+  unsummed; otherwise S = 1, the product itself."""
+  batch, t_len, d = x_BxTxD.shape
+  if batch * t_len == 1 and kernels.target() == ("gpu", None):
+    return kernels.gemv_partials(x_BxTxD.reshape(d), w,
+                                 layout="nk" if output_major else "kn")[:, None, :]
+  return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1)
+
+
 # --------------------------------------------------------------------------------------------
 # RoPE (half-split form, docs/model.md)
 
