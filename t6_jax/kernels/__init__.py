@@ -28,7 +28,7 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       decode step on one device in two kernels: the new entries written and the query rows
       built from the factor projection (tpa_step_gpu.py), then the attention from those rows.
   gemv(x_K, w, *, layout) / gemv_partials: one row times a matrix (gemv_gpu.py), the
-      products of a batch-1 decode step.
+      products of a batch-1 decode step, where gemv_applies() (one GPU, no mesh).
   grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key,
                  rules, cache_axes)
       -> fp32 (B, G, J, D_v): one-token MHA/MQA/GQA/MLA decode straight from the stacked
@@ -258,12 +258,22 @@ def tpa_decode(q_BxHxK, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, kv_len: int,
                             **tuning)
 
 
+def gemv_applies() -> bool:
+  """Whether one-row products (a batch-1 decode step) run the GEMV kernel: on one GPU, not
+  under a mesh of several devices (`layers.dense`, `layers.packed_partials`)."""
+  return target() == ("gpu", None)
+
+
+def _interpret(platform: str = "gpu") -> bool:
+  """Whether a kernel written for `platform` runs in the Pallas interpreter here: off it."""
+  return target()[0] != platform
+
+
 def gemv(x_K, w, *, layout: str = "kn", **tuning):
   """fp32 x_K (K,) times w ((K, N) for layout "kn", (N, K) for "nk") by the Pallas GEMV kernel
   (`gemv_gpu.gemv`; interpreted off GPU): the one-row products of a batch-1 decode step.
   Differentiable: the backward pass is the two outer/inner products in XLA."""
-  platform, _ = target()
-  return _gemv(layout, platform != "gpu", tuple(sorted(tuning.items())), x_K, w)
+  return _gemv(layout, _interpret(), tuple(sorted(tuning.items())), x_K, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -290,23 +300,20 @@ _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 def gemv_partials(x_K, w, *, layout: str = "kn"):
   """`gemv` without the final sum over its K splits: fp32 (splits, N) partial sums (not
   differentiable), for a consumer kernel that sums them itself (`tpa_step`)."""
-  platform, _ = target()
-  return gemv_gpu.gemv(x_K, w, layout=layout, reduce=False, interpret=platform != "gpu")
+  return gemv_gpu.gemv(x_K, w, layout=layout, reduce=False, interpret=_interpret())
 
 
 def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, **kw):
   """`tpa_step_gpu.tpa_step` (interpreted off GPU): a one-token step's cache writes and the
   Triton decode kernel's query rows in one kernel, on one device."""
-  platform, _ = target()
   return tpa_step_gpu.tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos,
-                               interpret=platform != "gpu", **kw)
+                               interpret=_interpret(), **kw)
 
 
 def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, **kw):
   """`tpa_decode_gpu.tpa_decode_rows` (interpreted off GPU), on one device."""
-  platform, _ = target()
   return tpa_decode_gpu.tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos,
-                                        interpret=platform != "gpu", **kw)
+                                        interpret=_interpret(), **kw)
 
 
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):

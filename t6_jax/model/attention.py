@@ -279,10 +279,7 @@ class TPA(Attention):
     runs as about nine small kernels) and the decode kernel from those rows. The same
     values as `project`, `LayerCache.write` and `attend_kernel`."""
     cfg = self.cfg
-    packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
-    w = self.packed_projection() if packed is None else packed[...]
-    output_major = packed is not None and self.packed_output_major
-    y_SxBxN = packed_partials(x_BxTxD.astype(self.dtype), w, output_major)
+    y_SxBxN = packed_partials(x_BxTxD.astype(self.dtype), *self.packed_weights())
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,
@@ -303,12 +300,8 @@ class TPA(Attention):
       return super().project(x_BxTxD, rope)
     names = self.projection_names()
     weights = [getattr(self, n)[...] for n in names]
-    packed = getattr(self, "packed_proj", None)  # set by `pack_projection` (decoding)
     x_BxTxD = x_BxTxD.astype(self.dtype)
-    if packed is not None:
-      y_BxTxN = packed_product(x_BxTxD, packed[...], self.packed_output_major)
-    else:
-      y_BxTxN = packed_product(x_BxTxD, self.packed_projection(), False)
+    y_BxTxN = packed_product(x_BxTxD, *self.packed_weights())
     bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
     lead = x_BxTxD.shape[:-1]
     out = {n: y.reshape(lead + w.shape[1:])
@@ -333,6 +326,14 @@ class TPA(Attention):
     """The factor projections' weights side by side (`pack_columns`) in the compute dtype."""
     return pack_columns([getattr(self, n)[...].astype(self.dtype)
                          for n in self.projection_names()], output_major)
+
+  def packed_weights(self):
+    """(packed matrix, output_major): the one `pack_projection` stored (decoding), else the
+    projections concatenated here (training, prefill)."""
+    packed = getattr(self, "packed_proj", None)
+    if packed is None:
+      return self.packed_projection(), False
+    return packed[...], self.packed_output_major
 
   def pack_projection(self, output_major: bool = False):
     """Stores `packed_projection()` on this (one layer's) module as `packed_proj`, so a decode

@@ -79,10 +79,9 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   kept = "".join(c for c in rhs if c not in lhs)
   layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
   if kernel is None:
-    platform, mesh = kernels.target()
-    if platform != "gpu":
+    if kernels.target()[0] != "gpu":
       return jnp.einsum(spec, x, w)
-    kernel = mesh is None
+    kernel = kernels.gemv_applies()
   if kernel and layout and not any(c in out and c in lhs for c in rhs):
     size = lambda letters, shape, dims: math.prod(shape[dims.index(c)] for c in letters)
     x_K = jnp.einsum(f"{lhs}->{contracted}", x).reshape(-1)
@@ -115,7 +114,7 @@ def packed_partials(x_BxTxD, w, output_major: bool):
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
   unsummed; otherwise S = 1, the product itself."""
   batch, t_len, d = x_BxTxD.shape
-  if batch * t_len == 1 and kernels.target() == ("gpu", None):
+  if batch * t_len == 1 and kernels.gemv_applies():
     return kernels.gemv_partials(x_BxTxD.reshape(d), w,
                                  layout="nk" if output_major else "kn")[:, None, :]
   return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1)
