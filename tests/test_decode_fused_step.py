@@ -130,3 +130,47 @@ def test_fused_step_equals_xla_path(attention, monkeypatch):
   for name in entries:
     np.testing.assert_array_equal(np.asarray(layout.from_cache(name, got[1][name][0])),
                                   np.asarray(want[1][name][0]), err_msg=name)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])  # bf16: a bf16 residual
+def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype):
+  """Batch 1 on one GPU (the GEMV kernels interpreted): the block's two pre-norms and the
+  MLP's silu(gate) * up run inside the GEMV kernels; layer 0's new entries equal the XLA
+  path's bit for bit and the logits agree."""
+  cfg = config_lib.load("tiny", ["model.num_heads=3", "model.num_layers=2",
+                                 "model.dtype=bfloat16"]).model
+  rng = np.random.default_rng(0)
+  rnd = lambda s, scale: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype)
+  params = jax.tree.map(lambda s: rnd(s, 0.15).astype(param_dtype),
+                        jax.eval_shape(lambda: init_params(cfg)))
+  slots, pos = 24, 9
+  entries = {name: rnd(s, 1.0) for name, s in entry_shapes(cfg, 1, slots).items()}
+  layout = FactorCacheLayout(cfg.num_heads, cfg.head_dim, cfg.k_rank, cfg.v_rank)
+  stored = {n: jnp.stack([layout.to_cache(n, x[i]) for i in range(cfg.num_layers)])
+            for n, x in entries.items()}
+
+  def run(params, entries, kernel, layout, per_layer):
+    model = model_from_params(cfg, params)
+    if per_layer:  # as the decode loop prepares it at batch 1
+      model = model.in_compute_dtype(per_layer=True, one_row=True)
+    return model.extend(jnp.array([[3]], jnp.int32), entries, jnp.zeros((1,), jnp.int32),
+                        jnp.int32(pos), kv_len=slots, factor_attention=True,
+                        attention_kernel=kernel, layout=layout)
+
+  want = jax.jit(run, static_argnums=(2, 3, 4))(params, entries, "xla", None, False)
+  prologues = []
+  real_partials = kernels.gemv_partials
+  monkeypatch.setattr(kernels, "gemv_partials", lambda *a, **k: prologues.append(
+      k.get("prologue")) or real_partials(*a, **k))
+  monkeypatch.setattr(kernels, "decode_kernel", lambda setting, *a, **k: "triton")
+  monkeypatch.setattr(kernels, "gemv_applies", lambda: True)
+  got = jax.jit(run, static_argnums=(2, 3, 4))(params, stored, "pallas", layout, True)
+  assert [p and p[0] for p in prologues] == ["rms_norm", "rms_norm", "swiglu"] * 2
+  # The K-split sums add in another order than XLA's; in a bf16 residual stream (ulp 2^-7
+  # relative) a flipped rounding moves the logits by a few ulps of the residual.
+  tol = 2e-2 if param_dtype == "float32" else 6e-2
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]),
+                             atol=tol * float(jnp.abs(want[0]).max()))
+  for name in entries:
+    np.testing.assert_array_equal(np.asarray(layout.from_cache(name, got[1][name][0])),
+                                  np.asarray(want[1][name][0]), err_msg=name)

@@ -53,3 +53,27 @@ def test_gemv_rejects_mismatched_operands():
     gemv(jnp.zeros(5), jnp.zeros((4, 3)), interpret=True)
   with pytest.raises(ValueError, match="layout"):
     gemv(jnp.zeros(4), jnp.zeros((4, 3)), layout="kk", interpret=True)
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_gemv_prologues_match_numpy(layout):
+  """float32 operands (no rounding): the kernel's pre-norm prologue gives rms_norm(r) @ w and
+  its SwiGLU prologue silu(gate) * up @ w from three partial sums of (gate | up)."""
+  rng = np.random.default_rng(3)
+  k_len, n_len, eps = 70, 50, 1e-6
+  w = rng.standard_normal((k_len, n_len) if layout == "kn" else (n_len, k_len))
+  product = (lambda x: x @ w) if layout == "kn" else (lambda x: w @ x)
+  r = rng.standard_normal(k_len)
+  got = gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout, splits=3,
+             block_k=16, prologue=("rms_norm", eps), interpret=True)
+  want = product(r / np.sqrt(np.mean(r * r) + eps))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  parts = rng.standard_normal((3, 2 * k_len))
+  got = gemv(jnp.asarray(parts, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
+             splits=2, block_k=16, prologue=("swiglu",), interpret=True)
+  gate, up = parts.sum(axis=0)[:k_len], parts.sum(axis=0)[k_len:]
+  want = product(gate / (1 + np.exp(-gate)) * up)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="does not match"):
+    gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
+         prologue=("swiglu",), interpret=True)

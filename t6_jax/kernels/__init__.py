@@ -297,10 +297,13 @@ def _gemv_bwd(layout, interpret, tuning, res, g_N):
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-def gemv_partials(x_K, w, *, layout: str = "kn"):
+def gemv_partials(x, w, *, layout: str = "kn", prologue: tuple | None = None):
   """`gemv` without the final sum over its K splits: fp32 (splits, N) partial sums (not
-  differentiable), for a consumer kernel that sums them itself (`tpa_step`)."""
-  return gemv_gpu.gemv(x_K, w, layout=layout, reduce=False, interpret=_interpret())
+  differentiable), for a consumer that sums them itself (`tpa_step`, an XLA fusion), with
+  an optional `prologue` computing x inside the kernel (`gemv_gpu.gemv`: the block's
+  pre-norm, the MLP's silu(gate) * up)."""
+  return gemv_gpu.gemv(x, w, layout=layout, reduce=False, prologue=prologue,
+                       interpret=_interpret())
 
 
 def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, **kw):

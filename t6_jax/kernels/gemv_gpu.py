@@ -32,40 +32,82 @@ TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3,
           "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4}}
 
 
-def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, steps_per_split):
+def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, steps_per_split,
+            prologue, x_splits):
   j, split = pl.program_id(0), pl.program_id(1)
   n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   k_first = split * steps_per_split * block_k
+  f32 = jnp.float32
+  rnd = lambda v: v.astype(w_ref.dtype).astype(f32)  # a value in the weights' dtype
+
+  def summed(idx_K, ok_K):  # x_ref (x_splits, width): sum of the producer's K-split partials
+    total = plgpu.load(x_ref.at[0, idx_K], mask=ok_K, other=0.0).astype(f32)
+    for s in range(1, x_splits):
+      total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0).astype(f32)
+    return total
+
+  if prologue is not None and prologue[0] == "rms_norm":  # the norm of all of x, per program
+    def square_sum(t, acc_K):
+      k_K = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+      x_K = plgpu.load(x_ref.at[k_K], mask=k_K < k_len, other=0.0).astype(f32)
+      return acc_K + x_K * x_K
+    sq_K = jax.lax.fori_loop(0, pl.cdiv(k_len, block_k), square_sum,
+                             jnp.zeros((block_k,), f32))
+    inv = jax.lax.rsqrt(jnp.sum(sq_K) / k_len + prologue[1])
+
+  def x_at(k_K):
+    ok_K = k_K < k_len
+    if prologue is None:
+      return plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
+    if prologue[0] == "rms_norm":
+      x_K = plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
+      return rnd(x_K * inv)
+    # swiglu: silu(gate) * up from the packed (gate | up) product, each op rounded to the
+    # compute dtype as XLA rounds jax.nn.silu(gate) * up.
+    gate_K, up_K = rnd(summed(k_K, ok_K)), rnd(summed(k_K + k_len, ok_K))
+    sig_K = rnd(1.0 / (1.0 + jnp.exp(-gate_K)))
+    return rnd(rnd(gate_K * sig_K) * up_K)
 
   def body(t, acc_N):
     k_K = k_first + t * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    x_K = plgpu.load(x_ref.at[k_K], mask=k_K < k_len, other=0.0).astype(jnp.float32)
+    x_K = x_at(k_K)
     if layout == "kn":
       ok = (k_K[:, None] < k_len) & (n_N[None, :] < n_len)
       w_KxN = plgpu.load(w_ref.at[k_K[:, None], n_N[None, :]], mask=ok, other=0.0)
-      return acc_N + jnp.sum(x_K[:, None] * w_KxN.astype(jnp.float32), axis=0)
+      return acc_N + jnp.sum(x_K[:, None] * w_KxN.astype(f32), axis=0)
     ok = (n_N[:, None] < n_len) & (k_K[None, :] < k_len)
     w_NxK = plgpu.load(w_ref.at[n_N[:, None], k_K[None, :]], mask=ok, other=0.0)
-    return acc_N + jnp.sum(w_NxK.astype(jnp.float32) * x_K[None, :], axis=1)
+    return acc_N + jnp.sum(w_NxK.astype(f32) * x_K[None, :], axis=1)
 
   steps = jnp.clip(pl.cdiv(k_len - k_first, block_k), 0, steps_per_split)
-  acc_N = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), jnp.float32))
+  acc_N = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), f32))
   plgpu.store(out_ref.at[split, n_N], acc_N, mask=n_N < n_len)
 
 
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
-         reduce: bool = True, interpret: bool = False):
+         reduce: bool = True, prologue: tuple | None = None, interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
   operands. Settings default to TUNING[layout]; splits (default: from per_sm and the GPU's SMs)
   overrides the number of K splits. reduce=False returns the splits' partial sums (splits, N)
-  for a consumer that sums them itself."""
+  for a consumer that sums them itself.
+
+  prologue: what the kernel computes x from, in the weights' dtype, so that XLA runs no
+  kernel for it:
+    ("rms_norm", eps): x_K is the fp32 residual r; x = r / sqrt(mean(r^2) + eps) (a block's
+      parameter-free pre-norm; each program reduces all of r, a few KB);
+    ("swiglu",): x_K is (S, 2K), S partial sums of the packed (gate | up) product (S = 1:
+      the product itself); x = silu(gate) * up (the MLP's hidden activation).
+  """
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
   k_len, n_len = w.shape if layout == "kn" else w.shape[::-1]
-  if x_K.shape != (k_len,):
-    raise ValueError(f"x {x_K.shape} does not match w {w.shape} ({layout})")
+  swiglu = prologue is not None and prologue[0] == "swiglu"
+  if prologue is not None and prologue[0] not in ("rms_norm", "swiglu"):
+    raise ValueError(f"prologue={prologue!r}; use None, ('rms_norm', eps) or ('swiglu',)")
+  if (x_K.ndim != 2 or x_K.shape[1] != 2 * k_len) if swiglu else x_K.shape != (k_len,):
+    raise ValueError(f"x {x_K.shape} does not match w {w.shape} ({layout}, {prologue})")
   tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
       per_sm=per_sm).items() if v is not None})
@@ -83,7 +125,8 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
   partial = pl.pallas_call(
       functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
-                        block_k=block_k, steps_per_split=steps_per_split),
+                        block_k=block_k, steps_per_split=steps_per_split,
+                        prologue=prologue, x_splits=x_K.shape[0] if swiglu else 1),
       grid=(n_tiles, splits),
       in_specs=[whole(x_K.shape), whole(w.shape)],
       out_specs=whole((splits, n_len)),

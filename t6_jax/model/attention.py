@@ -272,14 +272,16 @@ class TPA(Attention):
             and cache.layout is not None and cache.layout.shards == 1
             and self.packs_projection() and kernels.target()[1] is None)
 
-  def fused_decode_step(self, x_BxTxD, rope, cache: LayerCache):
+  def fused_decode_step(self, x_BxTxD, rope, cache: LayerCache, prenorm: bool = False):
     """A one-token decode step in three kernels after the norm: the packed factor
     projection (left as the GEMV kernel's partial sums at batch 1), `kernels.tpa_step`
     (the new entries written into the cache in place and the query rows built: what XLA
     runs as about nine small kernels) and the decode kernel from those rows. The same
-    values as `project`, `LayerCache.write` and `attend_kernel`."""
+    values as `project`, `LayerCache.write` and `attend_kernel`. prenorm: x is the block's
+    fp32 residual, normalised inside the projection's GEMV kernel at batch 1 (`Block`)."""
     cfg = self.cfg
-    y_SxBxN = packed_partials(x_BxTxD.astype(self.dtype), *self.packed_weights())
+    y_SxBxN = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
+                              *self.packed_weights(), prenorm)
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,

@@ -79,7 +79,7 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   kept = "".join(c for c in rhs if c not in lhs)
   layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
   if kernel is None:
-    if kernels.target()[0] != "gpu":
+    if not kernels.gemv_applies() and kernels.target()[0] != "gpu":
       return jnp.einsum(spec, x, w)
     kernel = kernels.gemv_applies()
   if kernel and layout and not any(c in out and c in lhs for c in rhs):
@@ -109,15 +109,20 @@ def packed_product(x_BxTxD, w, output_major: bool):
   return dense("btd,nd->btn" if output_major else "btd,dn->btn", x_BxTxD, w)
 
 
-def packed_partials(x_BxTxD, w, output_major: bool):
+def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False):
   """`packed_product` of one token per row as partial sums to be added up by the consumer:
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
-  unsummed; otherwise S = 1, the product itself."""
+  unsummed; otherwise S = 1, the product itself. prenorm: x is a block's fp32 residual, its
+  `rms_norm` taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
   batch, t_len, d = x_BxTxD.shape
   if batch * t_len == 1 and kernels.gemv_applies():
-    return kernels.gemv_partials(x_BxTxD.reshape(d), w,
-                                 layout="nk" if output_major else "kn")[:, None, :]
-  return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1)
+    prologue = ("rms_norm", float(jnp.finfo(jnp.float32).eps)) if prenorm else None
+    return kernels.gemv_partials(x_BxTxD.reshape(d).astype(jnp.float32 if prenorm else w.dtype),
+                                 w, layout="nk" if output_major else "kn",
+                                 prologue=prologue)[:, None, :]
+  if prenorm:
+    x_BxTxD = rms_norm(x_BxTxD)
+  return packed_product(x_BxTxD.astype(w.dtype), w, output_major).reshape(1, batch * t_len, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,9 +163,22 @@ class Mlp(nnx.Module):
     self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    x = x_BxTxD.astype(self.dtype)
+  def __call__(self, x_BxTxD: jax.Array, prenorm: bool = False) -> jax.Array:
+    """prenorm: x is the block's fp32 residual, to be normalised here (`rms_norm`): inside
+    the GEMV kernel at batch 1 on one GPU."""
     packed = getattr(self, "packed_fc", None)  # set by `pack_projection` (decoding)
+    if packed is not None and x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and (
+        kernels.gemv_applies()):
+      # One row on one GPU: two GEMV kernels, the first normalising x (prenorm), the second
+      # computing silu(gate) * up from the first's unsummed partials; XLA only sums the
+      # second's partials (inside the residual add).
+      gate_up_SxN = packed_partials(x_BxTxD, packed[...], self.packed_output_major, prenorm)
+      y_SxD = kernels.gemv_partials(gate_up_SxN[:, 0, :], self.c_proj[...].astype(self.dtype),
+                                    layout="kn", prologue=("swiglu",))
+      return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape)
+    if prenorm:
+      x_BxTxD = rms_norm(x_BxTxD)
+    x = x_BxTxD.astype(self.dtype)
     if packed is not None:
       gate_BxTxF, up_BxTxF = jnp.split(
           packed_product(x, packed[...], self.packed_output_major), 2, axis=-1)
