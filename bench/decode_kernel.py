@@ -11,7 +11,9 @@ For each shape it times the platform's kernel called directly and the same kerne
 output, and reports ms per layer call and the cache bytes read per second (the layer's A_k, B_k,
 A_v, B_v numbers of kv_len slots, without the layout's padding rows; the query and output are
 negligible). Timing: --calls calls inside one jitted `fori_loop` (no per-call dispatch), best
-of 3 repeats.
+of 3 repeats; the loop adds an accumulate kernel and its own overhead to every call, so
+--trace also reads the attention kernel's and its combine's own device time per call from a
+jax.profiler trace of one loop (on GPU).
 
 --sweep KEY=V1,V2 ... times every combination of the GPU kernel's launch settings (the keys of
 `tpa_decode_gpu.TUNING`, plus `splits`) per shape instead, compiled in parallel threads, and
@@ -30,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
@@ -51,6 +54,9 @@ def parse_args(argv=None):
   p.add_argument("--compile_threads", type=int, default=16)
   p.add_argument("--time_budget_s", type=float, default=0.0,
                  help="sweep: stop timing after this many seconds (0: no limit)")
+  p.add_argument("--trace", action="store_true",
+                 help="also trace one timed loop (jax.profiler) and report the kernels' own "
+                      "device time per call, without the loop's accumulate and overhead")
   p.add_argument("--hbm_tbps", type=float, default=4.0, help="for the fraction of peak")
   p.add_argument("--out", default=os.path.join("docs", "benchmarks.md"),
                  help="markdown file to append the table to ('' : print only)")
@@ -174,6 +180,11 @@ def main(argv=None) -> int:
     print(f"  B={batch:3d} S={s_len:7d}: direct {t_direct * 1e3:.3f} ms, shard_map "
           f"{t_wrapped * 1e3:.3f} ms ({t_wrapped / t_direct:.3f}x), {gbps:,.0f} GB/s, "
           f"same output {same}", flush=True)
+    if args.trace:
+      for kernel_name, us in kernel_times(make_loop(direct), ops, args.calls).items():
+        print(f"    traced: {kernel_name} {us:.1f} us a call"
+              + (f", {cache_bytes / us / 1e3:,.0f} GB/s" if kernel_name == "tpa_decode" else ""),
+              flush=True)
     del q, cache, ops
 
   if args.out:
@@ -191,6 +202,28 @@ def main(argv=None) -> int:
       f.write("\n".join(lines) + "\n")
     print(f"appended to {args.out}")
   return 0
+
+
+def kernel_times(loop, operands, calls: int) -> dict:
+  """Device microseconds per call of each kernel whose name starts with tpa_decode (the
+  attention kernel and its split combine) in a jax.profiler trace of one call of `loop`."""
+  import glob
+  import tempfile
+
+  import jax
+  from train_profile import device_events, tally  # bench/train_profile.py
+
+  jax.block_until_ready(loop(*operands))
+  trace_dir = tempfile.mkdtemp(prefix="t6_kernel_trace_")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    jax.block_until_ready(loop(*operands))
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
+                           recursive=True))
+  if not files:
+    return {}
+  _, by_name, _ = tally(device_events(files[-1])[0])
+  return {name: t / calls for name, t in sorted(by_name.items())
+          if name.startswith("tpa_decode")}
 
 
 def sweep(args, kernel, interpret, tune, make_loop, timed, make_cache, reference, dims) -> int:
