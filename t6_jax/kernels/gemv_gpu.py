@@ -95,8 +95,8 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
 
   prologue: what the kernel computes x from, in the weights' dtype, so that XLA runs no
   kernel for it:
-    ("rms_norm", eps): x_K is the fp32 residual r; x = r / sqrt(mean(r^2) + eps) (a block's
-      parameter-free pre-norm; each program reduces all of r, a few KB);
+    ("rms_norm", eps): x_K is the residual r; x = r / sqrt(mean(r^2) + eps) (a block's
+      parameter-free pre-norm, in fp32; each program reduces all of r, a few KB);
     ("swiglu",): x_K is (S, 2K), S partial sums of the packed (gate | up) product (S = 1:
       the product itself); x = silu(gate) * up (the MLP's hidden activation).
   """

@@ -278,7 +278,7 @@ class TPA(Attention):
     (the new entries written into the cache in place and the query rows built: what XLA
     runs as about nine small kernels) and the decode kernel from those rows. The same
     values as `project`, `LayerCache.write` and `attend_kernel`. prenorm: x is the block's
-    fp32 residual, normalised inside the projection's GEMV kernel at batch 1 (`Block`)."""
+    residual stream, normalised inside the projection's GEMV kernel at batch 1 (`Block`)."""
     cfg = self.cfg
     y_SxBxN = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
                               *self.packed_weights(), prenorm)

@@ -112,7 +112,7 @@ def packed_product(x_BxTxD, w, output_major: bool):
 def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False):
   """`packed_product` of one token per row as partial sums to be added up by the consumer:
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
-  unsummed; otherwise S = 1, the product itself. prenorm: x is a block's fp32 residual, its
+  unsummed; otherwise S = 1, the product itself. prenorm: x is a block's residual stream, its
   `rms_norm` taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
   batch, t_len, d = x_BxTxD.shape
   if batch * t_len == 1 and kernels.gemv_applies():
@@ -164,7 +164,7 @@ class Mlp(nnx.Module):
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
 
   def __call__(self, x_BxTxD: jax.Array, prenorm: bool = False) -> jax.Array:
-    """prenorm: x is the block's fp32 residual, to be normalised here (`rms_norm`): inside
+    """prenorm: x is the block's residual stream, to be normalised here (`rms_norm`): inside
     the GEMV kernel at batch 1 on one GPU."""
     packed = getattr(self, "packed_fc", None)  # set by `pack_projection` (decoding)
     if packed is not None and x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and (
