@@ -207,21 +207,19 @@ def main(argv=None) -> int:
 def kernel_times(loop, operands, calls: int) -> dict:
   """Device microseconds per call of each kernel whose name starts with tpa_decode (the
   attention kernel and its split combine) in a jax.profiler trace of one call of `loop`."""
-  import glob
   import tempfile
 
   import jax
-  from train_profile import device_events, tally  # bench/train_profile.py
+  from train_profile import device_events, perfetto_file, tally  # bench/train_profile.py
 
   jax.block_until_ready(loop(*operands))
   trace_dir = tempfile.mkdtemp(prefix="t6_kernel_trace_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     jax.block_until_ready(loop(*operands))
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
-                           recursive=True))
-  if not files:
+  trace_file = perfetto_file(trace_dir)
+  if trace_file is None:
     return {}
-  _, by_name, _ = tally(device_events(files[-1])[0])
+  _, by_name, _ = tally(device_events(trace_file)[0])
   return {name: t / calls for name, t in sorted(by_name.items())
           if name.startswith("tpa_decode")}
 

@@ -16,7 +16,6 @@ that take the most time. `--trace_dir` keeps the trace for Perfetto / TensorBoar
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from t6_jax import cli  # noqa: E402
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 from decode import _args, lower_one, model_config  # noqa: E402  (bench/decode.py)
-from train_profile import category, device_events, tally  # noqa: E402  (bench/train_profile.py)
+from train_profile import (category, device_events, perfetto_file,  # noqa: E402
+                           tally)  # (bench/train_profile.py)
 
 
 def busy_time(spans: list[dict]) -> float:
@@ -96,17 +96,16 @@ def profile_one(name: str, args) -> str:
     tokens, cache = compiled(params_, cache, *rest)
     tokens.block_until_ready()
   del cache
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
-                           recursive=True))
+  trace_file = perfetto_file(trace_dir)
   head = (f"### {name}, batch {args.batch}, context {args.context}: {best * 1e3:.3f} ms/step "
           f"untraced (best of {args.repeats} calls of {args.steps} steps; weights "
           f"{weight_bytes / 1e9:.2f} GB = {weight_bytes / (args.hbm_tbps * 1e9):.3f} ms at "
           f"{args.hbm_tbps} TB/s; compile {compile_s:.1f} s)")
-  if not files:
+  if trace_file is None:
     return f"{head}\n\nno perfetto_trace.json under {trace_dir}"
   # One traced call runs `steps` + 1 tokens: the first is sampled from the given logits, so
   # `steps` model steps (and the call's small prologue) are in the trace.
-  return f"{head}\n\n{summarise(device_events(files[-1])[0], args.steps, args.top)}"
+  return f"{head}\n\n{summarise(device_events(trace_file)[0], args.steps, args.top)}"
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,14 @@ def device_events(trace_file: str):
   return spans, per_line, procs
 
 
+def perfetto_file(trace_dir: str) -> str | None:
+  """The Perfetto JSON trace that jax.profiler.trace(trace_dir, create_perfetto_trace=True)
+  wrote (the newest), or None."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
+                           recursive=True))
+  return files[-1] if files else None
+
+
 def tally(spans: list[dict]):
   """(device time per category, device time per kernel, calls per kernel) of the spans."""
   by_cat, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
@@ -142,14 +150,13 @@ def main(argv=None) -> int:
     for _ in range(args.steps):
       state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"),
-                           recursive=True))
-  if not files:
+  trace_file = perfetto_file(trace_dir)
+  if trace_file is None:
     print(f"no perfetto_trace.json under {trace_dir}")
     return 1
   print(f"{args.config}, batch {args.batch} x {args.seq_len}, {args.dtype}, "
-        f"{jax.devices()[0].device_kind}; {args.steps} traced steps ({files[-1]})")
-  print(summarise(files[-1], args.steps, args.top))
+        f"{jax.devices()[0].device_kind}; {args.steps} traced steps ({trace_file})")
+  print(summarise(trace_file, args.steps, args.top))
   return 0
 
 

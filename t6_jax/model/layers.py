@@ -44,10 +44,13 @@ def fan_in_param(rngs, fan_in: int, shape, axes, cfg) -> nnx.Param:
   return param(rngs, uniform_init(1.0 / math.sqrt(fan_in)), shape, axes, cfg)
 
 
+RMS_EPS = float(jnp.finfo(jnp.float32).eps)  # `rms_norm`'s default, the reference's
+
+
 def rms_norm(x: jax.Array, eps: float | None = None) -> jax.Array:
   """Parameter-free RMSNorm in fp32; eps defaults to fp32 machine epsilon like the reference."""
   x32 = x.astype(jnp.float32)
-  eps = jnp.finfo(jnp.float32).eps if eps is None else eps
+  eps = RMS_EPS if eps is None else eps
   return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
@@ -79,9 +82,9 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   kept = "".join(c for c in rhs if c not in lhs)
   layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
   if kernel is None:
-    if not kernels.gemv_applies() and kernels.target()[0] != "gpu":
-      return jnp.einsum(spec, x, w)
     kernel = kernels.gemv_applies()
+    if not kernel and kernels.target()[0] != "gpu":
+      return jnp.einsum(spec, x, w)
   if kernel and layout and not any(c in out and c in lhs for c in rhs):
     size = lambda letters, shape, dims: math.prod(shape[dims.index(c)] for c in letters)
     x_K = jnp.einsum(f"{lhs}->{contracted}", x).reshape(-1)
@@ -109,14 +112,20 @@ def packed_product(x_BxTxD, w, output_major: bool):
   return dense("btd,nd->btn" if output_major else "btd,dn->btn", x_BxTxD, w)
 
 
+def one_row_gemv(x_BxTxD) -> bool:
+  """Whether x (B, T, D) is one row whose products run the GEMV kernel (one GPU, no mesh):
+  where the decode step's prologue fusions apply (`packed_partials`, `Mlp`, `Block`)."""
+  return x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and kernels.gemv_applies()
+
+
 def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False):
   """`packed_product` of one token per row as partial sums to be added up by the consumer:
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
   unsummed; otherwise S = 1, the product itself. prenorm: x is a block's residual stream, its
   `rms_norm` taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
   batch, t_len, d = x_BxTxD.shape
-  if batch * t_len == 1 and kernels.gemv_applies():
-    prologue = ("rms_norm", float(jnp.finfo(jnp.float32).eps)) if prenorm else None
+  if one_row_gemv(x_BxTxD):
+    prologue = ("rms_norm", RMS_EPS) if prenorm else None
     return kernels.gemv_partials(x_BxTxD.reshape(d).astype(jnp.float32 if prenorm else w.dtype),
                                  w, layout="nk" if output_major else "kn",
                                  prologue=prologue)[:, None, :]
@@ -167,8 +176,7 @@ class Mlp(nnx.Module):
     """prenorm: x is the block's residual stream, to be normalised here (`rms_norm`): inside
     the GEMV kernel at batch 1 on one GPU."""
     packed = getattr(self, "packed_fc", None)  # set by `pack_projection` (decoding)
-    if packed is not None and x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and (
-        kernels.gemv_applies()):
+    if packed is not None and one_row_gemv(x_BxTxD):
       # One row on one GPU: two GEMV kernels, the first normalising x (prenorm), the second
       # computing silu(gate) * up from the first's unsummed partials; XLA only sums the
       # second's partials (inside the residual add).

@@ -23,7 +23,7 @@ from flax import nnx
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.model.attention import LayerCache, Mask, make_attention, roll_rows
-from t6_jax.model.layers import Embed, Mlp, rms_norm, rope_tables
+from t6_jax.model.layers import Embed, Mlp, one_row_gemv, rms_norm, rope_tables
 from t6_jax.sharding import Rules, constrain, rules_table
 
 REMAT_POLICIES = {
@@ -67,8 +67,7 @@ class Block(nnx.Module):
     """Whether this is a one-token step at batch 1 on one GPU whose two pre-norms run inside
     the GEMV kernels that read them (`layers.packed_partials`): TPA's fused decode step and
     a packed MLP. XLA would run each norm as two kernels of a few KB."""
-    return (cache is not None and x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1
-            and kernels.gemv_applies() and hasattr(self.attn, "fused_step")
+    return (cache is not None and one_row_gemv(x_BxTxD) and hasattr(self.attn, "fused_step")
             and self.attn.fused_step(cache, 1)
             and getattr(self.mlp, "packed_fc", None) is not None)
 
