@@ -15,6 +15,10 @@ kernel's output at batch 1) or as the product itself (one "split"), for each row
 XLA runs the same work as about nine small kernels (the split sum, two RoPE fusions, four
 cache updates, the query contraction, its padding); each is a launch of ~1.2 us on an H200
 for a few KB of data, about 10 us per layer at batch 1.
+
+Grid (rows, 5 parts): per row one program builds the query rows and one writes each of A_k,
+B_k, A_v, B_v. The parts share nothing, and one program doing them in turn is a chain of
+dependent global loads (each a partial-sum gather) that took ~9 us at batch 1 on an H200.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv
             qhi_ref, qlo_ref, ak_ref, bk_ref, av_ref, bv_ref, *, splits, heads, head_dim,
             q_rank, k_rank, v_rank, rows, kp, scale, compute_dtype, slots):
   del ak_in, bk_in, av_in, bv_in  # aliased to ak_ref .. bv_ref
-  b = pl.program_id(0)
+  b, role = pl.program_id(0), pl.program_id(1)
   layer, pos = layer_ref[0], pos_ref[0]
   in_cache = pos < slots  # a step past the cache's end writes nothing (XLA's update clamps)
   f32 = jnp.float32
@@ -51,62 +55,66 @@ def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv
 
   f_F = jnp.arange(_pow2(half), dtype=jnp.int32)
   f_ok = f_F < half
-  cos_F = rnd(plgpu.load(cos_ref.at[b, 0, f_F], mask=f_ok, other=0.0).astype(f32))
-  sin_F = rnd(plgpu.load(sin_ref.at[b, 0, f_F], mask=f_ok, other=0.0).astype(f32))
+
+  def rope_tables():
+    return (rnd(plgpu.load(cos_ref.at[b, 0, f_F], mask=f_ok, other=0.0).astype(f32)),
+            rnd(plgpu.load(sin_ref.at[b, 0, f_F], mask=f_ok, other=0.0).astype(f32)))
 
   def rotated(first, lead_idx, lead_ok):
     """RoPE of the d_h-long rows starting at first + lead_idx * d_h: (halves x1', x2')."""
+    cos_F, sin_F = rope_tables()
     idx = first + lead_idx * head_dim + f_F[None, :]
     ok = lead_ok & f_ok[None, :]
     x1, x2 = y_at(idx, ok), y_at(idx + half, ok)
     return (rnd(rnd(x1 * cos_F[None, :]) + rnd(x2 * sin_F[None, :])),
             rnd(rnd(-x1 * sin_F[None, :]) + rnd(x2 * cos_F[None, :])))
 
-  hp = _pow2(rows)
-  h_H = jnp.arange(hp, dtype=jnp.int32)
-  offset = 0
-  if q_rank:  # TPA: Q = A_q B_q, B_q rotated
-    a_off, offset = offset, offset + heads * q_rank
-    b_off, offset = offset, offset + q_rank * head_dim
-    q1 = q2 = jnp.zeros((hp, f_F.shape[0]), f32)
-    for q in range(q_rank):
-      a_H = y_at(a_off + h_H * q_rank + q, h_H < heads)
-      r1, r2 = rotated(b_off + q * head_dim, jnp.zeros((1, 1), jnp.int32), True)
-      q1 += a_H[:, None] * r1
-      q2 += a_H[:, None] * r2
-  else:  # TPA-KVonly: the full query, rotated per head
-    q1, q2 = rotated(offset, h_H[:, None], h_H[:, None] < heads)
-    offset += heads * head_dim
+  # Where each part sits in the packed projection.
+  q_width = heads * q_rank + q_rank * head_dim if q_rank else heads * head_dim
+  ak_off = q_width
+  bk_off = ak_off + heads * k_rank
+  av_off = bk_off + k_rank * head_dim
+  bv_off = av_off + heads * v_rank
 
-  def store_rows(ref, lo_ref):
-    for cols, part in ((f_F, q1), (f_F + half, q2)):
-      ok = (h_H[:, None] < rows) & f_ok[None, :]
-      q = part * scale
-      hi = q.astype(ref.dtype)
-      plgpu.store(ref.at[b, h_H[:, None], cols[None, :]], hi, mask=ok)
-      if lo_ref is not None:
-        lo = (q - hi.astype(f32)).astype(lo_ref.dtype)
-        plgpu.store(lo_ref.at[b, h_H[:, None], cols[None, :]], lo, mask=ok)
-    if kp > head_dim:  # padding columns: zeros
-      k_K = jnp.arange(kp, dtype=jnp.int32)
-      ok = (h_H[:, None] < rows) & (k_K[None, :] >= head_dim)
-      for r in (ref, lo_ref):
-        if r is not None:
-          plgpu.store(r.at[b, h_H[:, None], k_K[None, :]],
-                      jnp.zeros((hp, kp), r.dtype), mask=ok)
+  @pl.when(role == 0)
+  def _query():
+    hp = _pow2(rows)
+    h_H = jnp.arange(hp, dtype=jnp.int32)
+    if q_rank:  # TPA: Q = A_q B_q, B_q rotated; all q ranks in one 2-D load each
+      qp = _pow2(q_rank)
+      q_Q = jnp.arange(qp, dtype=jnp.int32)
+      a_HxQ = y_at(h_H[:, None] * q_rank + q_Q[None, :],
+                   (h_H[:, None] < heads) & (q_Q[None, :] < q_rank))
+      r1_QxF, r2_QxF = rotated(heads * q_rank, q_Q[:, None], q_Q[:, None] < q_rank)
+      q1 = q2 = jnp.zeros((hp, f_F.shape[0]), f32)
+      for q in range(q_rank):  # rank by rank, from registers (a 3-D product would spill)
+        a_H = jnp.sum(jnp.where(q_Q[None, :] == q, a_HxQ, 0.0), axis=1)
+        q1 += a_H[:, None] * jnp.sum(jnp.where(q_Q[:, None] == q, r1_QxF, 0.0), axis=0)[None]
+        q2 += a_H[:, None] * jnp.sum(jnp.where(q_Q[:, None] == q, r2_QxF, 0.0), axis=0)[None]
+    else:  # TPA-KVonly: the full query, rotated per head
+      q1, q2 = rotated(0, h_H[:, None], h_H[:, None] < heads)
+    for ref, lo in ((qhi_ref, False), (qlo_ref, True)):
+      if ref is None:
+        continue
+      for cols, part in ((f_F, q1), (f_F + half, q2)):
+        ok = (h_H[:, None] < rows) & f_ok[None, :]
+        q = part * scale
+        hi = q.astype(qhi_ref.dtype)
+        val = (q - hi.astype(f32)).astype(ref.dtype) if lo else hi
+        plgpu.store(ref.at[b, h_H[:, None], cols[None, :]], val, mask=ok)
+      if kp > head_dim:  # padding columns: zeros
+        k_K = jnp.arange(kp, dtype=jnp.int32)
+        ok = (h_H[:, None] < rows) & (k_K[None, :] >= head_dim)
+        plgpu.store(ref.at[b, h_H[:, None], k_K[None, :]], jnp.zeros((hp, kp), ref.dtype),
+                    mask=ok)
 
-  store_rows(qhi_ref, qlo_ref)
-
-  def write_a(ref, rank):
-    nonlocal offset
+  def write_a(ref, offset, rank):
     n = heads * rank
     i_N = jnp.arange(_pow2(n), dtype=jnp.int32)
     a_N = y_at(offset + i_N, i_N < n)
     plgpu.store(ref.at[layer, b, i_N, pos], a_N.astype(ref.dtype), mask=(i_N < n) & in_cache)
-    offset += n
 
-  def write_b(ref, rank, rope: bool):
-    nonlocal offset
+  def write_b(ref, offset, rank, rope: bool):
     r_R = jnp.arange(_pow2(rank), dtype=jnp.int32)[:, None]
     ok = (r_R < rank) & f_ok[None, :]
     cols = r_R * head_dim + f_F[None, :]
@@ -117,12 +125,14 @@ def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv
       x1, x2 = y_at(idx, ok), y_at(idx + half, ok)
     plgpu.store(ref.at[layer, b, pos, cols], x1.astype(ref.dtype), mask=ok & in_cache)
     plgpu.store(ref.at[layer, b, pos, cols + half], x2.astype(ref.dtype), mask=ok & in_cache)
-    offset += rank * head_dim
 
-  write_a(ak_ref, k_rank)
-  write_b(bk_ref, k_rank, rope=True)
-  write_a(av_ref, v_rank)
-  write_b(bv_ref, v_rank, rope=False)
+  pl.when(role == 1)(lambda: write_a(ak_ref, ak_off, k_rank))
+  pl.when(role == 2)(lambda: write_b(bk_ref, bk_off, k_rank, rope=True))
+  pl.when(role == 3)(lambda: write_a(av_ref, av_off, v_rank))
+  pl.when(role == 4)(lambda: write_b(bv_ref, bv_off, v_rank, rope=False))
+
+
+ROLES = 5  # programs per row: the query rows, then A_k, B_k, A_v, B_v
 
 
 def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, heads: int,
@@ -159,7 +169,7 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
         lambda k, lr, pr, y, c, s, a1, b1, a2, b2, qh, *outs: k(lr, pr, y, c, s, a1, b1, a2,
                                                                b2, qh, None, *outs), kernel)
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(1)
-  whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
   caches = [a_k, b_k, a_v, b_v]
   operands = [scalar(layer), scalar(pos), y_SxBxN, cos_BxTxF, sin_BxTxF] + caches
   q_shape = jax.ShapeDtypeStruct((batch, rows, kp), dtype)
@@ -169,7 +179,7 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
                                                                         num_stages=1)}
   outs = pl.pallas_call(
       kernel,
-      grid=(batch,),
+      grid=(batch, ROLES),
       in_specs=[whole(x.shape) for x in operands],
       out_specs=[whole(s.shape) for s in out_shape],
       out_shape=out_shape,
