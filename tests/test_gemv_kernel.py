@@ -77,3 +77,31 @@ def test_gemv_prologues_match_numpy(layout):
   with pytest.raises(ValueError, match="does not match"):
     gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
          prologue=("swiglu",), interpret=True)
+
+
+@pytest.mark.parametrize("splits,heads,head_dim,rows,kp", [(5, 3, 16, 16, 16),
+                                                          (32, 5, 24, 16, 32)])
+def test_gemv_combine_prologue_matches_numpy(splits, heads, head_dim, rows, kp):
+  """The attention output merged from the decode kernel's splits inside the output
+  projection's kernel: sum_s w_s acc_s / (sum_s w_s l_s R_v), w_s = 2^(m_s - max m), then
+  times w; padding rows and columns of the splits are ignored, an empty split (m = -1e30,
+  l = 0) counts for nothing."""
+  rng = np.random.default_rng(splits)
+  v_rank, n_len = 2, 40
+  m = rng.standard_normal((splits, rows)) * 3
+  m[1] = -1e30  # a split without a valid slot
+  l = rng.uniform(0.5, 2.0, (splits, rows))
+  l[1] = 0.0
+  acc = rng.standard_normal((splits, rows, kp))
+  acc[1] = 0.0
+  w = rng.standard_normal((heads * head_dim, n_len))
+  got = gemv((jnp.asarray(acc, jnp.float32), jnp.asarray(m, jnp.float32),
+              jnp.asarray(l, jnp.float32)), jnp.asarray(w, jnp.float32), splits=3, block_k=16,
+             prologue=("combine", heads, head_dim, v_rank), interpret=True)
+  wt = np.exp2(m - m.max(axis=0))[:, :heads]                       # (S, H)
+  y = np.einsum("sh,shk->hk", wt, acc[:, :heads, :head_dim]) / (
+      np.einsum("sh,sh->h", wt, l[:, :heads])[:, None] * v_rank)
+  np.testing.assert_allclose(np.asarray(got), y.reshape(-1) @ w, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="does not match"):
+    gemv((jnp.zeros((2, 16, 16)), jnp.zeros((2, 16)), jnp.zeros((2, 16))), jnp.zeros((50, 4)),
+         prologue=("combine", 3, 16, 1), interpret=True)

@@ -319,6 +319,12 @@ def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, **kw):
                                         interpret=_interpret(), **kw)
 
 
+def merge_splits(m, l, acc, **kw):
+  """`tpa_decode_gpu.merge_splits` (interpreted off GPU): the attention output from the
+  decode kernel's unmerged splits (`tpa_decode_rows(..., merge=False)`)."""
+  return tpa_decode_gpu.merge_splits(m, l, acc, interpret=_interpret(), **kw)
+
+
 def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
   """[(A (B, T, H, R_i), B (B, T, R_i, d_h)), ...] -> [sum_r A B / R_i of shape (B, T, H, d_h),
   ...] in the factors' dtype, by the Pallas kernels or XLA's einsum (model.contract_impl;

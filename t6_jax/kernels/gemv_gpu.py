@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from t6_jax.kernels.tpa_decode_gpu import _pow2, num_sms
+from t6_jax.kernels.tpa_decode_gpu import NEG, _pow2, num_sms
 
 # Per layout: columns (outputs) per program, K per loop step, warps, pipeline stages, programs
 # per SM. Swept on an H200 over T6-XL's matrices (bench/gemv.py --sweep): (N, K) storage
@@ -32,8 +32,13 @@ TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3,
           "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4}}
 
 
-def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, steps_per_split,
-            prologue, x_splits):
+def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
+            x_splits):
+  kind = None if prologue is None else prologue[0]
+  if kind == "combine":
+    x_ref, m_ref, l_ref, w_ref, out_ref = refs
+  else:
+    x_ref, w_ref, out_ref = refs
   j, split = pl.program_id(0), pl.program_id(1)
   n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   k_first = split * steps_per_split * block_k
@@ -55,10 +60,26 @@ def _kernel(x_ref, w_ref, out_ref, *, layout, k_len, n_len, block_n, block_k, st
                              jnp.zeros((block_k,), f32))
     inv = jax.lax.rsqrt(jnp.sum(sq_K) / k_len + prologue[1])
 
+  def merged(k_K, ok_K):
+    """The attention output at flat index h d_h + d, merged from the decode kernel's splits
+    (m, l (S, rows), acc (S, rows, kp)) as `tpa_decode_gpu.combine` merges them."""
+    _, heads, head_dim, v_rank = prologue
+    s_S = jnp.arange(_pow2(x_splits), dtype=jnp.int32)[:, None]
+    h_1xK, d_1xK = (k_K // head_dim)[None, :], (k_K % head_dim)[None, :]
+    ok_SxK = (s_S < x_splits) & ok_K[None, :]
+    m_SxK = plgpu.load(m_ref.at[s_S, h_1xK], mask=ok_SxK, other=NEG)
+    l_SxK = plgpu.load(l_ref.at[s_S, h_1xK], mask=ok_SxK, other=0.0)
+    acc_SxK = plgpu.load(x_ref.at[s_S, h_1xK, d_1xK], mask=ok_SxK, other=0.0)
+    w_SxK = jnp.exp2(m_SxK - jnp.max(m_SxK, axis=0)[None, :])
+    l_K = jnp.sum(w_SxK * l_SxK, axis=0)
+    return jnp.sum(w_SxK * acc_SxK, axis=0) / (jnp.maximum(l_K, 1e-30) * v_rank)
+
   def x_at(k_K):
     ok_K = k_K < k_len
     if prologue is None:
       return plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
+    if kind == "combine":  # in the compute dtype, as the combine kernel writes it
+      return rnd(merged(k_K, ok_K))
     if prologue[0] == "rms_norm":
       x_K = plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
       return rnd(x_K * inv)
@@ -98,16 +119,33 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
     ("rms_norm", eps): x_K is the residual r; x = r / sqrt(mean(r^2) + eps) (a block's
       parameter-free pre-norm, in fp32; each program reduces all of r, a few KB);
     ("swiglu",): x_K is (S, 2K), S partial sums of the packed (gate | up) product (S = 1:
-      the product itself); x = silu(gate) * up (the MLP's hidden activation).
+      the product itself); x = silu(gate) * up (the MLP's hidden activation);
+    ("combine", heads, head_dim, v_rank): x_K is the TPA decode kernel's unmerged splits of
+      one row, (acc (S, rows, kp), m (S, rows), l (S, rows)) (`tpa_decode_gpu.tpa_decode_rows`
+      with merge=False), K = heads * head_dim; x = the attention output they merge to, as
+      `tpa_decode_gpu.combine` merges them (each program merges its own K range: one head
+      per 64 columns at d_h 64).
   """
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
   k_len, n_len = w.shape if layout == "kn" else w.shape[::-1]
-  swiglu = prologue is not None and prologue[0] == "swiglu"
-  if prologue is not None and prologue[0] not in ("rms_norm", "swiglu"):
-    raise ValueError(f"prologue={prologue!r}; use None, ('rms_norm', eps) or ('swiglu',)")
-  if (x_K.ndim != 2 or x_K.shape[1] != 2 * k_len) if swiglu else x_K.shape != (k_len,):
-    raise ValueError(f"x {x_K.shape} does not match w {w.shape} ({layout}, {prologue})")
+  kind = None if prologue is None else prologue[0]
+  if kind not in (None, "rms_norm", "swiglu", "combine"):
+    raise ValueError(f"prologue={prologue!r}; use None, ('rms_norm', eps), ('swiglu',) or "
+                     f"('combine', heads, head_dim, v_rank)")
+  if kind == "combine":
+    acc, m, l = x_K
+    _, heads, head_dim, _ = prologue
+    ok = (acc.ndim == 3 and m.shape == l.shape == acc.shape[:2] and acc.shape[1] >= heads
+          and acc.shape[2] >= head_dim and heads * head_dim == k_len)
+    operands, x_splits = (acc, m, l, w), acc.shape[0]
+  else:
+    ok = (x_K.ndim == 2 and x_K.shape[1] == 2 * k_len) if kind == "swiglu" else (
+        x_K.shape == (k_len,))
+    operands, x_splits = (x_K, w), x_K.shape[0] if kind == "swiglu" else 1
+  if not ok:
+    shapes = [x.shape for x in operands[:-1]]
+    raise ValueError(f"x {shapes} does not match w {w.shape} ({layout}, {prologue})")
   tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
       per_sm=per_sm).items() if v is not None})
@@ -126,13 +164,13 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   partial = pl.pallas_call(
       functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
                         block_k=block_k, steps_per_split=steps_per_split,
-                        prologue=prologue, x_splits=x_K.shape[0] if swiglu else 1),
+                        prologue=prologue, x_splits=x_splits),
       grid=(n_tiles, splits),
-      in_specs=[whole(x_K.shape), whole(w.shape)],
+      in_specs=[whole(x.shape) for x in operands],
       out_specs=whole((splits, n_len)),
       out_shape=jax.ShapeDtypeStruct((splits, n_len), jnp.float32),
       interpret=interpret,
       name="gemv",
       **extra,
-  )(x_K, w)
+  )(*operands)
   return jnp.sum(partial, axis=0) if reduce else partial

@@ -231,9 +231,11 @@ def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, heads:
                     splits: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None, per_sm: int | None = None,
                     head_tile: int | None | str = "default", out_dtype=jnp.float32,
-                    interpret: bool = False):
+                    merge: bool = True, interpret: bool = False):
   """`tpa_decode_attention` from the query as `query_rows` gives it (q_lo None: no low half),
-  e.g. as `tpa_step_gpu.tpa_step` writes it. Returns (B, H, d_h) in out_dtype."""
+  e.g. as `tpa_step_gpu.tpa_step` writes it. Returns (B, H, d_h) in out_dtype; merge=False
+  returns the splits unmerged, (m, l (B, splits, rows), acc (B, splits, rows, kp)), for a
+  consumer that merges them itself (`merge_splits`, the GEMV kernel's "combine" prologue)."""
   tune = dict(TUNING)
   block = tune["block"] if block is None else block
   num_warps = tune["num_warps"] if num_warps is None else num_warps
@@ -289,7 +291,17 @@ def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, heads:
       name="tpa_decode",
       **extra,
   )(*operands)
-  if splits <= COMBINE_KERNEL_SPLITS:
+  if not merge:
+    return m, l, acc
+  return merge_splits(m, l, acc, heads=heads, head_dim=head_dim, v_rank=v_rank,
+                      out_dtype=out_dtype, interpret=interpret)
+
+
+def merge_splits(m, l, acc, *, heads: int, head_dim: int, v_rank: int, out_dtype=jnp.float32,
+                 interpret: bool = False):
+  """(B, H, d_h) in out_dtype from the kernel's unmerged splits: the `combine` kernel up to
+  COMBINE_KERNEL_SPLITS splits, XLA's reductions past that."""
+  if acc.shape[1] <= COMBINE_KERNEL_SPLITS:
     return combine(m, l, acc, heads=heads, head_dim=head_dim, v_rank=v_rank,
                    out_dtype=out_dtype, interpret=interpret)
   # Many splits (long context at a small batch): XLA's parallel reductions are faster than

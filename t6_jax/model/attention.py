@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t6_jax import kernels
+from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
 from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, pack_columns,
@@ -278,7 +279,9 @@ class TPA(Attention):
     (the new entries written into the cache in place and the query rows built: what XLA
     runs as about nine small kernels) and the decode kernel from those rows. The same
     values as `project`, `LayerCache.write` and `attend_kernel`. prenorm: x is the block's
-    residual stream, normalised inside the projection's GEMV kernel at batch 1 (`Block`)."""
+    residual stream, normalised inside the projection's GEMV kernel at batch 1 (`Block`). At
+    batch 1 the decode kernel's splits are merged inside the output projection's GEMV
+    kernel too (up to tpa_decode_gpu.COMBINE_KERNEL_SPLITS splits, without a head norm)."""
     cfg = self.cfg
     y_SxBxN = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
                               *self.packed_weights(), prenorm)
@@ -287,10 +290,24 @@ class TPA(Attention):
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,
         heads=cfg.num_heads, head_dim=cfg.head_dim, q_rank=cfg.q_rank if self.factor_q else 0,
         compute_dtype=self.dtype)
-    y_BxHxK = kernels.tpa_decode_rows(q_hi, q_lo, *new, cache.layer, cache.pad_B, cache.start,
-                                      heads=cfg.num_heads, head_dim=cfg.head_dim,
-                                      kv_len=cache.kv_len, out_dtype=self.dtype)
-    return self.out(self.head_norm(y_BxHxK[:, None])), dict(zip(names, new))
+    m, l, acc = kernels.tpa_decode_rows(q_hi, q_lo, *new, cache.layer, cache.pad_B,
+                                        cache.start, heads=cfg.num_heads,
+                                        head_dim=cfg.head_dim, kv_len=cache.kv_len,
+                                        merge=False)
+    entries = dict(zip(names, new))
+    batch = x_BxTxD.shape[0]
+    if (batch == 1 and self.subln is None and kernels.gemv_applies()
+        and acc.shape[1] <= tpa_decode_gpu.COMBINE_KERNEL_SPLITS):
+      # One row: the output projection's GEMV kernel merges the splits in its prologue (each
+      # program its own heads), in place of the combine kernel's launch.
+      w = self.c_proj[...].astype(self.dtype)
+      y_SxD = kernels.gemv_partials((acc[0], m[0], l[0]), w.reshape(-1, w.shape[-1]),
+                                    prologue=("combine", cfg.num_heads, cfg.head_dim,
+                                              cfg.v_rank))
+      return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape), entries
+    y_BxHxK = kernels.merge_splits(m, l, acc, heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                   v_rank=cfg.v_rank, out_dtype=self.dtype)
+    return self.out(self.head_norm(y_BxHxK[:, None])), entries
 
   def project(self, x_BxTxD, rope):
     """`queries` and `entries` from one GEMM: the factor projections (or the full query and
