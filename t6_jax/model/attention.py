@@ -35,9 +35,9 @@ from t6_jax import kernels
 from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
-from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, pack_columns,
-                                 packed_partials, packed_product, param, uniform_init,
-                                 zeros_init)
+from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, one_row_gemv,
+                                 pack_columns, packed_partials, packed_product, param,
+                                 uniform_init, zeros_init)
 from t6_jax.sharding import Rules, constrain
 
 
@@ -295,8 +295,7 @@ class TPA(Attention):
                                         head_dim=cfg.head_dim, kv_len=cache.kv_len,
                                         merge=False)
     entries = dict(zip(names, new))
-    batch = x_BxTxD.shape[0]
-    if (batch == 1 and self.subln is None and kernels.gemv_applies()
+    if (one_row_gemv(x_BxTxD) and self.subln is None
         and acc.shape[1] <= tpa_decode_gpu.COMBINE_KERNEL_SPLITS):
       # One row: the output projection's GEMV kernel merges the splits in its prologue (each
       # program its own heads), in place of the combine kernel's launch.
