@@ -18,7 +18,7 @@ from t6_jax import config as config_lib
 from t6_jax.convert import layout
 from t6_jax.model import init_params, model_from_params
 from t6_jax.kernels import training_mask
-from t6_jax.model.layers import dense, rms_norm
+from t6_jax.model.layers import dense, packed_partials, rms_norm
 from t6_jax.model.sizes import param_count
 
 ATTENTIONS = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
@@ -240,3 +240,19 @@ def test_dense_equals_the_float64_product(spec, x_shape, w_shape, kernel):
   got = dense(spec, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), kernel=kernel)
   assert got.shape == np.einsum(spec, x, w).shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), np.einsum(spec, x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_major", [False, True])
+@pytest.mark.parametrize("splits,want_splits", [(4, 4), (3, 1)])  # 3 does not divide K = 8
+def test_packed_partials_of_several_rows_sum_to_the_product(output_major, splits,
+                                                             want_splits):
+  """Several rows: `splits` fp32 partials over equal K ranges whose sum is the float64
+  product (one partial, the product itself, when the split count does not divide K)."""
+  rng = np.random.default_rng(1)
+  x, w = rng.normal(size=(3, 1, 8)), rng.normal(size=(8, 5))
+  stored = w.T if output_major else w
+  got = packed_partials(jnp.asarray(x, jnp.float32), jnp.asarray(stored, jnp.float32),
+                        output_major, splits=splits)
+  assert got.shape == (want_splits, 3, 5)
+  np.testing.assert_allclose(np.asarray(got, np.float64).sum(axis=0), x[:, 0] @ w,
+                             rtol=1e-5, atol=1e-5)

@@ -40,6 +40,10 @@ from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, one_r
                                  uniform_init, zeros_init)
 from t6_jax.sharding import Rules, constrain
 
+# K splits of the packed factor projection in a decode step of several rows (the split count
+# XLA chose itself for t6-small at batch 16), summed inside `tpa_step`.
+PROJECTION_SPLITS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class FullQueries:
@@ -284,7 +288,7 @@ class TPA(Attention):
     kernel too (up to tpa_decode_gpu.COMBINE_KERNEL_SPLITS splits, without a head norm)."""
     cfg = self.cfg
     y_SxBxN = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
-                              *self.packed_weights(), prenorm)
+                              *self.packed_weights(), prenorm, splits=PROJECTION_SPLITS)
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,

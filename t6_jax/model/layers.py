@@ -118,11 +118,12 @@ def one_row_gemv(x_BxTxD) -> bool:
   return x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and kernels.gemv_applies()
 
 
-def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False):
+def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, splits: int = 1):
   """`packed_product` of one token per row as partial sums to be added up by the consumer:
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
-  unsummed; otherwise S = 1, the product itself. prenorm: x is a block's residual stream, its
-  `rms_norm` taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
+  unsummed; several rows give `splits` fp32 partials over equal K ranges (when they divide
+  K; else S = 1, the product itself). prenorm: x is a block's residual stream, its `rms_norm`
+  taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
   batch, t_len, d = x_BxTxD.shape
   if one_row_gemv(x_BxTxD):
     prologue = ("rms_norm", RMS_EPS) if prenorm else None
@@ -131,7 +132,15 @@ def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False):
                                  prologue=prologue)[:, None, :]
   if prenorm:
     x_BxTxD = rms_norm(x_BxTxD)
-  return packed_product(x_BxTxD.astype(w.dtype), w, output_major).reshape(1, batch * t_len, -1)
+  x_BxTxD = x_BxTxD.astype(w.dtype)
+  if splits > 1 and d % splits == 0:
+    # XLA splits these few-row products over K itself and then sums the splits in a kernel
+    # of its own; as a batched product the sum is left to the consumer (`tpa_step`).
+    w_KxN = w.T if output_major else w
+    return jnp.einsum("rsk,skn->srn", x_BxTxD.reshape(batch * t_len, splits, d // splits),
+                      w_KxN.reshape(splits, d // splits, -1),
+                      preferred_element_type=jnp.float32)
+  return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1)
 
 
 # --------------------------------------------------------------------------------------------
