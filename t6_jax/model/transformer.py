@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from t6_jax import kernels
@@ -241,7 +242,9 @@ class Transformer(nnx.Module):
       x_BxTxD, entries = carry
       return block(x_BxTxD, rope, mask, layer_cache(entries, i)), None
 
-    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    # A NumPy range: with per-layer blocks each layer's index is then a constant, where a
+    # slice of a traced range is one more kernel per layer in every decode step.
+    layers = np.arange(self.cfg.num_layers, dtype=np.int32)
     (x_BxTxD, entries), _ = self.apply_blocks((x_BxTxD, entries), layer, layers)
     return x_BxTxD, entries
 
