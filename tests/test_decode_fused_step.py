@@ -135,8 +135,9 @@ def test_fused_step_equals_xla_path(attention, monkeypatch):
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])  # bf16: a bf16 residual
 def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype):
   """Batch 1 on one GPU (the GEMV kernels interpreted): the block's two pre-norms, the merge
-  of the attention kernel's splits and the MLP's silu(gate) * up run inside the GEMV
-  kernels; layer 0's new entries equal the XLA path's bit for bit and the logits agree."""
+  of the attention kernel's splits, the MLP's silu(gate) * up and the two residual adds run
+  inside the GEMV kernels; layer 0's new entries equal the XLA path's bit for bit and the
+  logits agree."""
   cfg = config_lib.load("tiny", ["model.num_heads=3", "model.num_layers=2",
                                  "model.dtype=bfloat16"]).model
   rng = np.random.default_rng(0)
@@ -159,14 +160,17 @@ def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype)
 
   want = jax.jit(run, static_argnums=(2, 3, 4))(params, entries, "xla", None, False)
   prologues = []
-  real_partials = kernels.gemv_partials
-  monkeypatch.setattr(kernels, "gemv_partials", lambda *a, **k: prologues.append(
-      k.get("prologue")) or real_partials(*a, **k))
+  for name in ("gemv_partials", "gemv_residual"):
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: prologues.append(
+        (name, k.get("prologue") and k["prologue"][0])) or real(*a, **k))
   monkeypatch.setattr(kernels, "decode_kernel", lambda setting, *a, **k: "triton")
   monkeypatch.setattr(kernels, "gemv_applies", lambda: True)
   got = jax.jit(run, static_argnums=(2, 3, 4))(params, stored, "pallas", layout, True)
-  # per layer: the pre-norm, the split merge (output projection), the pre-norm, the gate
-  assert [p and p[0] for p in prologues] == ["rms_norm", "combine", "rms_norm", "swiglu"] * 2
+  # per layer: the pre-norm, the split merge (output projection, then the residual add),
+  # the pre-norm, the gate (then the residual add)
+  assert prologues == [("gemv_partials", "rms_norm"), ("gemv_residual", "combine"),
+                       ("gemv_partials", "rms_norm"), ("gemv_residual", "swiglu")] * 2
   # The K-split sums add in another order than XLA's; in a bf16 residual stream (ulp 2^-7
   # relative) a flipped rounding moves the logits by a few ulps of the residual.
   tol = 2e-2 if param_dtype == "float32" else 6e-2

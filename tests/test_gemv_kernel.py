@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from t6_jax import kernels
+from t6_jax.kernels import gemv_gpu
 from t6_jax.kernels.gemv_gpu import gemv
 
 
@@ -77,6 +78,43 @@ def test_gemv_prologues_match_numpy(layout):
   with pytest.raises(ValueError, match="does not match"):
     gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
          prologue=("swiglu",), interpret=True)
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("splits,r_dtype", [(1, "float32"), (4, "float32"), (7, "bfloat16")])
+def test_gemv_residual_epilogue_matches_numpy(layout, splits, r_dtype):
+  """With a residual r the kernel returns r + (x @ w rounded to w's dtype), in r's dtype, the
+  K splits summed and added by each column tile's last program: against float64 NumPy, with
+  bf16 weights (the product's rounding is the one the model's residual add makes)."""
+  rng = np.random.default_rng(5)
+  k_len, n_len = 300, 90
+  w = jnp.asarray(rng.standard_normal((k_len, n_len) if layout == "kn" else (n_len, k_len)),
+                  jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal(k_len), jnp.bfloat16)
+  r = jnp.asarray(rng.standard_normal(n_len), r_dtype)
+  got = gemv(x, w, layout=layout, splits=splits, block_n=32, block_k=32, residual=r,
+             interpret=True)
+  w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+  y64 = x64 @ w64 if layout == "kn" else w64 @ x64
+  y_rounded = np.asarray(jnp.asarray(y64, jnp.bfloat16), np.float64)
+  want = np.asarray(r, np.float64) + y_rounded
+  assert got.dtype == jnp.dtype(r_dtype) and got.shape == (n_len,)
+  # fp32 sums in another order than float64's can flip one bf16 rounding of y (2^-8 of |y|)
+  # and, in a bf16 residual, the rounding of the sum.
+  tol = 2.0 ** -7 * (np.abs(y64) + (np.abs(want) if r_dtype == "bfloat16" else 0)) + 1e-5
+  assert np.all(np.abs(np.asarray(got, np.float64) - want) <= tol)
+  if r_dtype == "float32":  # one fp32 add of two exact values: equal where y rounded alike
+    want32 = np.asarray(r, np.float32) + y_rounded.astype(np.float32)
+    assert np.mean(np.asarray(got) == want32) > 0.9
+  # The tickets written by an earlier kernel (zeros=n) serve as the epilogue's counters.
+  y, zeros = gemv(x, w, layout=layout, splits=3, zeros=gemv_gpu.ticket_slots(n_len),
+                  interpret=True)
+  np.testing.assert_array_equal(np.asarray(zeros), 0)
+  again = gemv(x, w, layout=layout, splits=splits, block_n=32, block_k=32, residual=r,
+               tickets=zeros, interpret=True)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+  with pytest.raises(ValueError, match="residual"):
+    gemv(x, w, layout=layout, residual=r[:-1], interpret=True)
 
 
 @pytest.mark.parametrize("splits,heads,head_dim,rows,kp", [(5, 3, 16, 16, 16),

@@ -297,12 +297,25 @@ def _gemv_bwd(layout, interpret, tuning, res, g_N):
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-def gemv_partials(x, w, *, layout: str = "kn", prologue: tuple | None = None):
+def gemv_partials(x, w, *, layout: str = "kn", prologue: tuple | None = None,
+                  tickets_for: int = 0):
   """`gemv` without the final sum over its K splits: fp32 (splits, N) partial sums (not
   differentiable), for a consumer that sums them itself (`tpa_step`, an XLA fusion), with
   an optional `prologue` computing x inside the kernel (`gemv_gpu.gemv`: the block's
-  pre-norm, the MLP's silu(gate) * up)."""
-  return gemv_gpu.gemv(x, w, layout=layout, reduce=False, prologue=prologue,
+  pre-norm, the MLP's silu(gate) * up). tickets_for=N: also return the tickets of a later
+  `gemv_residual` with N outputs, written by this kernel (no memset before that one)."""
+  zeros = gemv_gpu.ticket_slots(tickets_for) if tickets_for else 0
+  return gemv_gpu.gemv(x, w, layout=layout, reduce=False, prologue=prologue, zeros=zeros,
+                       interpret=_interpret())
+
+
+def gemv_residual(x, w, r, *, layout: str = "kn", prologue: tuple | None = None,
+                  tickets=None):
+  """r + x times w (the product rounded to w's dtype; r's dtype) by the GEMV kernel, its K
+  splits summed and added to the residual stream r inside the kernel (`gemv_gpu.gemv`'s
+  residual epilogue), where XLA would run two kernels after it (the sum, then the add). Not
+  differentiable; `prologue` as for `gemv_partials`, `tickets` from its tickets_for."""
+  return gemv_gpu.gemv(x, w, layout=layout, prologue=prologue, residual=r, tickets=tickets,
                        interpret=_interpret())
 
 

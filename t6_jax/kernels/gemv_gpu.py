@@ -33,13 +33,24 @@ TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3,
 
 
 def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
-            x_splits):
+            x_splits, splits, residual, zeros, interpret):
   kind = None if prologue is None else prologue[0]
+  # inputs: x (or acc, m, l), w [, r, tickets]; outputs: partials [, new r, tickets
+  # (aliased)] [, zeros]
+  n_in = (4 if kind == "combine" else 2) + (2 if residual else 0)
+  ins, (out_ref, *outs) = refs[:n_in], refs[n_in:]
   if kind == "combine":
-    x_ref, m_ref, l_ref, w_ref, out_ref = refs
+    x_ref, m_ref, l_ref, w_ref = ins[:4]
   else:
-    x_ref, w_ref, out_ref = refs
+    x_ref, w_ref = ins[:2]
+  if residual:
+    r_ref, (r_out_ref, ticket_ref) = ins[-2], outs[:2]
   j, split = pl.program_id(0), pl.program_id(1)
+  if zeros:  # the next GEMV kernel's tickets (its residual epilogue), without a memset
+    pl.when((j == 0) & (split == 0))(lambda: plgpu.store(
+        outs[-1].at[jnp.arange(_pow2(zeros), dtype=jnp.int32)],
+        jnp.zeros((_pow2(zeros),), jnp.int32),
+        mask=jnp.arange(_pow2(zeros), dtype=jnp.int32) < zeros))
   n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   k_first = split * steps_per_split * block_k
   f32 = jnp.float32
@@ -102,13 +113,32 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
 
   steps = jnp.clip(pl.cdiv(k_len - k_first, block_k), 0, steps_per_split)
   acc_N = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), f32))
-  plgpu.store(out_ref.at[split, n_N], acc_N, mask=n_N < n_len)
+  ok_N = n_N < n_len
+  plgpu.store(out_ref.at[split, n_N], acc_N, mask=ok_N)
+  if not residual:
+    return
+  # The residual epilogue: the last program of a column tile to finish (a ticket from an
+  # atomic counter; the barrier puts every thread's partial store before it) sums the
+  # tile's partials in split order, so the result does not depend on which program was last,
+  # and adds them (rounded to the weights' dtype, as the product's value) to the residual.
+  if not interpret:  # (the interpreter runs programs one after another)
+    plgpu.debug_barrier()
+  ticket = plgpu.atomic_add(ticket_ref, (j,), jnp.int32(1))
+
+  @pl.when(ticket == splits - 1)
+  def _():
+    def add(s, total_N):  # volatile: the other programs' partials, from L2
+      return total_N + plgpu.load(out_ref.at[s, n_N], mask=ok_N, other=0.0, volatile=True)
+    total_N = jax.lax.fori_loop(0, splits, add, jnp.zeros((block_n,), f32))
+    r_N = plgpu.load(r_ref.at[n_N], mask=ok_N, other=0.0).astype(f32)
+    plgpu.store(r_out_ref.at[n_N], (r_N + rnd(total_N)).astype(r_out_ref.dtype), mask=ok_N)
 
 
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
-         reduce: bool = True, prologue: tuple | None = None, interpret: bool = False):
+         reduce: bool = True, prologue: tuple | None = None, residual: jax.Array | None = None,
+         tickets: jax.Array | None = None, zeros: int = 0, interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
   operands. Settings default to TUNING[layout]; splits (default: from per_sm and the GPU's SMs)
   overrides the number of K splits. reduce=False returns the splits' partial sums (splits, N)
@@ -125,6 +155,13 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
       with merge=False), K = heads * head_dim; x = the attention output they merge to, as
       `tpa_decode_gpu.combine` merges them (each program merges its own K range: one head
       per 64 columns at d_h 64).
+
+  residual: an (N,) residual stream r (fp32 or the compute dtype): returns r + y, y the
+  product rounded to the weights' dtype, r's dtype, with the K splits summed and added to r
+  inside the kernel (by each column tile's last program, in split order) instead of by two
+  XLA kernels after it (reduce is then ignored). tickets: the epilogue's counters, at least
+  `ticket_slots(N)` int32 zeros (default: zeros XLA writes before the kernel); zeros=n: also
+  return (result, n int32 zeros written by the kernel), the tickets of a later GEMV kernel.
   """
   if layout not in ("kn", "nk"):
     raise ValueError(f"layout={layout!r}; use 'kn' (w is (K, N)) or 'nk' (w is (N, K))")
@@ -146,6 +183,8 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   if not ok:
     shapes = [x.shape for x in operands[:-1]]
     raise ValueError(f"x {shapes} does not match w {w.shape} ({layout}, {prologue})")
+  if residual is not None and residual.shape != (n_len,):
+    raise ValueError(f"residual {residual.shape} does not match the product's ({n_len},)")
   tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
       per_sm=per_sm).items() if v is not None})
@@ -161,16 +200,39 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
                                                     num_stages=tune["num_stages"])
   whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
-  partial = pl.pallas_call(
+  out_shape = [jax.ShapeDtypeStruct((splits, n_len), jnp.float32)]
+  if residual is not None:  # + the new residual, and the tiles' tickets (zeros in, aliased)
+    if tickets is None:
+      tickets = jnp.zeros((n_tiles,), jnp.int32)
+    if tickets.dtype != jnp.int32 or tickets.ndim != 1 or tickets.shape[0] < n_tiles:
+      raise ValueError(f"tickets {tickets.shape} {tickets.dtype}: need >= {n_tiles} int32")
+    operands += (residual, tickets)
+    out_shape += [jax.ShapeDtypeStruct((n_len,), residual.dtype),
+                  jax.ShapeDtypeStruct(tickets.shape, jnp.int32)]
+    extra["input_output_aliases"] = {len(operands) - 1: 2}
+  if zeros:
+    out_shape.append(jax.ShapeDtypeStruct((zeros,), jnp.int32))
+  outs = pl.pallas_call(
       functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
                         block_k=block_k, steps_per_split=steps_per_split,
-                        prologue=prologue, x_splits=x_splits),
+                        prologue=prologue, x_splits=x_splits, splits=splits,
+                        residual=residual is not None, zeros=zeros, interpret=interpret),
       grid=(n_tiles, splits),
       in_specs=[whole(x.shape) for x in operands],
-      out_specs=whole((splits, n_len)),
-      out_shape=jax.ShapeDtypeStruct((splits, n_len), jnp.float32),
+      out_specs=[whole(o.shape) for o in out_shape],
+      out_shape=out_shape,
       interpret=interpret,
       name="gemv",
       **extra,
   )(*operands)
-  return jnp.sum(partial, axis=0) if reduce else partial
+  if residual is not None:
+    result = outs[1]
+  else:
+    result = jnp.sum(outs[0], axis=0) if reduce else outs[0]
+  return (result, outs[-1]) if zeros else result
+
+
+def ticket_slots(n_len: int) -> int:
+  """Tickets enough for the residual epilogue of any product with n_len outputs (one per
+  column tile, tiles at least 16 wide)."""
+  return max(1, pl.cdiv(n_len, 16))

@@ -277,7 +277,8 @@ class TPA(Attention):
             and cache.layout is not None and cache.layout.shards == 1
             and self.packs_projection() and kernels.target()[1] is None)
 
-  def fused_decode_step(self, x_BxTxD, rope, cache: LayerCache, prenorm: bool = False):
+  def fused_decode_step(self, x_BxTxD, rope, cache: LayerCache, prenorm: bool = False,
+                        residual: bool = False):
     """A one-token decode step in three kernels after the norm: the packed factor
     projection (left as the GEMV kernel's partial sums at batch 1), `kernels.tpa_step`
     (the new entries written into the cache in place and the query rows built: what XLA
@@ -285,10 +286,17 @@ class TPA(Attention):
     values as `project`, `LayerCache.write` and `attend_kernel`. prenorm: x is the block's
     residual stream, normalised inside the projection's GEMV kernel at batch 1 (`Block`). At
     batch 1 the decode kernel's splits are merged inside the output projection's GEMV
-    kernel too (up to tpa_decode_gpu.COMBINE_KERNEL_SPLITS splits, without a head norm)."""
+    kernel too (up to tpa_decode_gpu.COMBINE_KERNEL_SPLITS splits, without a head norm).
+    residual: return (x + the output, in x's dtype: the add inside that GEMV kernel at
+    batch 1), not the output."""
     cfg = self.cfg
-    y_SxBxN = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
-                              *self.packed_weights(), prenorm, splits=PROJECTION_SPLITS)
+    x_in = x_BxTxD if prenorm else x_BxTxD.astype(self.dtype)
+    tickets = None
+    if residual and one_row_gemv(x_BxTxD):  # for the output projection's residual epilogue
+      y_SxBxN, tickets = packed_partials(x_in, *self.packed_weights(), prenorm,
+                                         tickets_for=x_BxTxD.shape[-1])
+    else:
+      y_SxBxN = packed_partials(x_in, *self.packed_weights(), prenorm, splits=PROJECTION_SPLITS)
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,
@@ -304,13 +312,18 @@ class TPA(Attention):
       # One row: the output projection's GEMV kernel merges the splits in its prologue (each
       # program its own heads), in place of the combine kernel's launch.
       w = self.c_proj[...].astype(self.dtype)
-      y_SxD = kernels.gemv_partials((acc[0], m[0], l[0]), w.reshape(-1, w.shape[-1]),
-                                    prologue=("combine", cfg.num_heads, cfg.head_dim,
-                                              cfg.v_rank))
+      splits = (acc[0], m[0], l[0])
+      prologue = ("combine", cfg.num_heads, cfg.head_dim, cfg.v_rank)
+      if residual:
+        return kernels.gemv_residual(splits, w.reshape(-1, w.shape[-1]), x_BxTxD.reshape(-1),
+                                     prologue=prologue,
+                                     tickets=tickets).reshape(x_BxTxD.shape), entries
+      y_SxD = kernels.gemv_partials(splits, w.reshape(-1, w.shape[-1]), prologue=prologue)
       return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape), entries
     y_BxHxK = kernels.merge_splits(m, l, acc, heads=cfg.num_heads, head_dim=cfg.head_dim,
                                    v_rank=cfg.v_rank, out_dtype=self.dtype)
-    return self.out(self.head_norm(y_BxHxK[:, None])), entries
+    y_BxTxD = self.out(self.head_norm(y_BxHxK[:, None]))
+    return (x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype) if residual else y_BxTxD), entries
 
   def project(self, x_BxTxD, rope):
     """`queries` and `entries` from one GEMM: the factor projections (or the full query and

@@ -118,18 +118,26 @@ def one_row_gemv(x_BxTxD) -> bool:
   return x_BxTxD.shape[0] * x_BxTxD.shape[1] == 1 and kernels.gemv_applies()
 
 
-def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, splits: int = 1):
+def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, splits: int = 1,
+                    tickets_for: int = 0):
   """`packed_product` of one token per row as partial sums to be added up by the consumer:
   (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
   unsummed; several rows give `splits` fp32 partials over equal K ranges (when they divide
   K; else S = 1, the product itself). prenorm: x is a block's residual stream, its `rms_norm`
-  taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype."""
+  taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype.
+  tickets_for (one row on one GPU only): also return the tickets of the sublayer's last GEMV
+  kernel (`kernels.gemv_residual` with that many outputs), written by this one."""
   batch, t_len, d = x_BxTxD.shape
   if one_row_gemv(x_BxTxD):
     prologue = ("rms_norm", RMS_EPS) if prenorm else None
-    return kernels.gemv_partials(x_BxTxD.reshape(d).astype(jnp.float32 if prenorm else w.dtype),
-                                 w, layout="nk" if output_major else "kn",
-                                 prologue=prologue)[:, None, :]
+    # The residual goes in as it is (the kernel's norm widens it to fp32).
+    out = kernels.gemv_partials(x_BxTxD.reshape(d) if prenorm else
+                                x_BxTxD.reshape(d).astype(w.dtype),
+                                w, layout="nk" if output_major else "kn", prologue=prologue,
+                                tickets_for=tickets_for)
+    if tickets_for:
+      return out[0][:, None, :], out[1]
+    return out[:, None, :]
   if prenorm:
     x_BxTxD = rms_norm(x_BxTxD)
   x_BxTxD = x_BxTxD.astype(w.dtype)
@@ -181,18 +189,29 @@ class Mlp(nnx.Module):
     self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxTxD: jax.Array, prenorm: bool = False) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, prenorm: bool = False,
+               residual: bool = False) -> jax.Array:
     """prenorm: x is the block's residual stream, to be normalised here (`rms_norm`): inside
-    the GEMV kernel at batch 1 on one GPU."""
+    the GEMV kernel at batch 1 on one GPU. residual: return x + the output (in x's dtype):
+    the add inside the last GEMV kernel there."""
     packed = getattr(self, "packed_fc", None)  # set by `pack_projection` (decoding)
     if packed is not None and one_row_gemv(x_BxTxD):
       # One row on one GPU: two GEMV kernels, the first normalising x (prenorm), the second
-      # computing silu(gate) * up from the first's unsummed partials; XLA only sums the
-      # second's partials (inside the residual add).
+      # computing silu(gate) * up from the first's unsummed partials and (residual) adding
+      # its own product to x.
+      w_FxD = self.c_proj[...].astype(self.dtype)
+      if residual:
+        gate_up_SxN, tickets = packed_partials(x_BxTxD, packed[...], self.packed_output_major,
+                                               prenorm, tickets_for=w_FxD.shape[1])
+        return kernels.gemv_residual(gate_up_SxN[:, 0, :], w_FxD, x_BxTxD.reshape(-1),
+                                     prologue=("swiglu",),
+                                     tickets=tickets).reshape(x_BxTxD.shape)
       gate_up_SxN = packed_partials(x_BxTxD, packed[...], self.packed_output_major, prenorm)
-      y_SxD = kernels.gemv_partials(gate_up_SxN[:, 0, :], self.c_proj[...].astype(self.dtype),
-                                    layout="kn", prologue=("swiglu",))
+      y_SxD = kernels.gemv_partials(gate_up_SxN[:, 0, :], w_FxD, layout="kn",
+                                    prologue=("swiglu",))
       return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape)
+    if residual:
+      return x_BxTxD + self(x_BxTxD, prenorm).astype(x_BxTxD.dtype)
     if prenorm:
       x_BxTxD = rms_norm(x_BxTxD)
     x = x_BxTxD.astype(self.dtype)

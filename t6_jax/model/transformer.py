@@ -55,10 +55,10 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxTxD, rope, mask: Mask, cache: LayerCache | None = None):
     """(new x, the stacked cache entries with this layer's written; None without cache)."""
-    if self.fuses_norms(x_BxTxD, cache):
-      y_BxTxD, entries = self.attn.fused_decode_step(x_BxTxD, rope, cache, prenorm=True)
-      x_BxTxD = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
-      return x_BxTxD + self.mlp(x_BxTxD, prenorm=True).astype(x_BxTxD.dtype), entries
+    if self.fuses_norms(x_BxTxD, cache):  # each sublayer returns x + its output
+      x_BxTxD, entries = self.attn.fused_decode_step(x_BxTxD, rope, cache, prenorm=True,
+                                                     residual=True)
+      return self.mlp(x_BxTxD, prenorm=True, residual=True), entries
     y_BxTxD, entries = self.attn(rms_norm(x_BxTxD), rope, mask, cache)
     x_BxTxD = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
     x_BxTxD = x_BxTxD + self.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
@@ -66,8 +66,10 @@ class Block(nnx.Module):
 
   def fuses_norms(self, x_BxTxD, cache: LayerCache | None) -> bool:
     """Whether this is a one-token step at batch 1 on one GPU whose two pre-norms run inside
-    the GEMV kernels that read them (`layers.packed_partials`): TPA's fused decode step and
-    a packed MLP. XLA would run each norm as two kernels of a few KB."""
+    the GEMV kernels that read them (`layers.packed_partials`), and whose two residual adds
+    inside the GEMV kernels that end each sublayer (`kernels.gemv_residual`): TPA's fused
+    decode step and a packed MLP. XLA would run each norm and each add as two kernels of a
+    few KB."""
     return (cache is not None and one_row_gemv(x_BxTxD) and hasattr(self.attn, "fused_step")
             and self.attn.fused_step(cache, 1)
             and getattr(self.mlp, "packed_fc", None) is not None)
