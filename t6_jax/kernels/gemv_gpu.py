@@ -11,7 +11,11 @@ registers in fp32: it is bound by the weight read alone.
 
 Grid (column tiles, K splits): program (j, s) reduces columns [j BN, (j+1) BN) over its share of
 K and writes an fp32 partial sum; the splits (enough programs to fill the GPU, about `per_sm`
-per SM) are summed by XLA, which fuses that sum into the consumer.
+per SM) are summed by XLA, which fuses that sum into the consumer, or by the consumer itself
+(a prologue of the next GEMV kernel, `tpa_step`). With a residual stream the kernel ends a
+sublayer itself: each column tile's last program to finish (an atomic ticket) sums the tile's
+splits in split order and adds them to the residual (measured on an H200: t6-small batch-1
+step 0.418 -> 0.369 ms, t6-xl 2.527 -> 2.397, the two XLA kernels of each add gone).
 """
 
 from __future__ import annotations
