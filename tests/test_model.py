@@ -251,8 +251,8 @@ def test_packed_partials_of_several_rows_sum_to_the_product(output_major, splits
   rng = np.random.default_rng(1)
   x, w = rng.normal(size=(3, 1, 8)), rng.normal(size=(8, 5))
   stored = w.T if output_major else w
-  got = packed_partials(jnp.asarray(x, jnp.float32), jnp.asarray(stored, jnp.float32),
-                        output_major, splits=splits)
+  got, _ = packed_partials(jnp.asarray(x, jnp.float32), jnp.asarray(stored, jnp.float32),
+                           output_major, splits=splits)
   assert got.shape == (want_splits, 3, 5)
   np.testing.assert_allclose(np.asarray(got, np.float64).sum(axis=0), x[:, 0] @ w,
                              rtol=1e-5, atol=1e-5)

@@ -66,7 +66,7 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
       total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0).astype(f32)
     return total
 
-  if prologue is not None and prologue[0] == "rms_norm":  # the norm of all of x, per program
+  if kind == "rms_norm":  # the norm of all of x, per program
     def square_sum(t, acc_K):
       k_K = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
       x_K = plgpu.load(x_ref.at[k_K], mask=k_K < k_len, other=0.0).astype(f32)
@@ -95,7 +95,7 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
       return plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
     if kind == "combine":  # in the compute dtype, as the combine kernel writes it
       return rnd(merged(k_K, ok_K))
-    if prologue[0] == "rms_norm":
+    if kind == "rms_norm":
       x_K = plgpu.load(x_ref.at[k_K], mask=ok_K, other=0.0).astype(f32)
       return rnd(x_K * inv)
     # swiglu: silu(gate) * up from the packed (gate | up) product, each op rounded to the

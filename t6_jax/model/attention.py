@@ -35,9 +35,10 @@ from t6_jax import kernels
 from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
-from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param, one_row_gemv,
-                                 pack_columns, packed_partials, packed_product, param,
-                                 uniform_init, zeros_init)
+from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param,
+                                 gemv_sublayer_out, one_row_gemv, pack_columns,
+                                 packed_partials, packed_product, param, uniform_init,
+                                 zeros_init)
 from t6_jax.sharding import Rules, constrain
 
 # K splits of the packed factor projection in a decode step of several rows (the split count
@@ -290,13 +291,11 @@ class TPA(Attention):
     residual: return (x + the output, in x's dtype: the add inside that GEMV kernel at
     batch 1), not the output."""
     cfg = self.cfg
-    x_in = x_BxTxD if prenorm else x_BxTxD.astype(self.dtype)
-    tickets = None
-    if residual and one_row_gemv(x_BxTxD):  # for the output projection's residual epilogue
-      y_SxBxN, tickets = packed_partials(x_in, *self.packed_weights(), prenorm,
-                                         tickets_for=x_BxTxD.shape[-1])
-    else:
-      y_SxBxN = packed_partials(x_in, *self.packed_weights(), prenorm, splits=PROJECTION_SPLITS)
+    # (tickets: for the output projection's residual epilogue, one row on one GPU)
+    y_SxBxN, tickets = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
+                                       *self.packed_weights(), prenorm,
+                                       splits=PROJECTION_SPLITS,
+                                       tickets_for=x_BxTxD.shape[-1] if residual else 0)
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,
@@ -312,14 +311,9 @@ class TPA(Attention):
       # One row: the output projection's GEMV kernel merges the splits in its prologue (each
       # program its own heads), in place of the combine kernel's launch.
       w = self.c_proj[...].astype(self.dtype)
-      splits = (acc[0], m[0], l[0])
-      prologue = ("combine", cfg.num_heads, cfg.head_dim, cfg.v_rank)
-      if residual:
-        return kernels.gemv_residual(splits, w.reshape(-1, w.shape[-1]), x_BxTxD.reshape(-1),
-                                     prologue=prologue,
-                                     tickets=tickets).reshape(x_BxTxD.shape), entries
-      y_SxD = kernels.gemv_partials(splits, w.reshape(-1, w.shape[-1]), prologue=prologue)
-      return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape), entries
+      return gemv_sublayer_out((acc[0], m[0], l[0]), w.reshape(-1, w.shape[-1]), x_BxTxD,
+                               prologue=("combine", cfg.num_heads, cfg.head_dim, cfg.v_rank),
+                               dtype=self.dtype, residual=residual, tickets=tickets), entries
     y_BxHxK = kernels.merge_splits(m, l, acc, heads=cfg.num_heads, head_dim=cfg.head_dim,
                                    v_rank=cfg.v_rank, out_dtype=self.dtype)
     y_BxTxD = self.out(self.head_norm(y_BxHxK[:, None]))

@@ -120,13 +120,14 @@ def one_row_gemv(x_BxTxD) -> bool:
 
 def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, splits: int = 1,
                     tickets_for: int = 0):
-  """`packed_product` of one token per row as partial sums to be added up by the consumer:
-  (S, B*T, N). On one GPU a one-row product gives the GEMV kernel's fp32 K-split partials
-  unsummed; several rows give `splits` fp32 partials over equal K ranges (when they divide
-  K; else S = 1, the product itself). prenorm: x is a block's residual stream, its `rms_norm`
-  taken first (inside the GEMV kernel on the kernel path), then cast to w's dtype.
-  tickets_for (one row on one GPU only): also return the tickets of the sublayer's last GEMV
-  kernel (`kernels.gemv_residual` with that many outputs), written by this one."""
+  """`packed_product` of one token per row as partial sums to be added up by the consumer,
+  and the tickets asked for: ((S, B*T, N), tickets or None). On one GPU a one-row product
+  gives the GEMV kernel's fp32 K-split partials unsummed; several rows give `splits` fp32
+  partials over equal K ranges (when they divide K; else S = 1, the product itself).
+  prenorm: x is a block's residual stream, its `rms_norm` taken first (inside the GEMV
+  kernel on the kernel path), then cast to w's dtype. tickets_for (one row on one GPU; None
+  elsewhere): the tickets of the sublayer's last GEMV kernel (`gemv_sublayer_out` with that
+  many outputs), written by this one."""
   batch, t_len, d = x_BxTxD.shape
   if one_row_gemv(x_BxTxD):
     prologue = ("rms_norm", RMS_EPS) if prenorm else None
@@ -135,9 +136,8 @@ def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, split
                                 x_BxTxD.reshape(d).astype(w.dtype),
                                 w, layout="nk" if output_major else "kn", prologue=prologue,
                                 tickets_for=tickets_for)
-    if tickets_for:
-      return out[0][:, None, :], out[1]
-    return out[:, None, :]
+    partials, tickets = out if tickets_for else (out, None)
+    return partials[:, None, :], tickets
   if prenorm:
     x_BxTxD = rms_norm(x_BxTxD)
   x_BxTxD = x_BxTxD.astype(w.dtype)
@@ -147,8 +147,21 @@ def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, split
     w_KxN = w.T if output_major else w
     return jnp.einsum("rsk,skn->srn", x_BxTxD.reshape(batch * t_len, splits, d // splits),
                       w_KxN.reshape(splits, d // splits, -1),
-                      preferred_element_type=jnp.float32)
-  return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1)
+                      preferred_element_type=jnp.float32), None
+  return packed_product(x_BxTxD, w, output_major).reshape(1, batch * t_len, -1), None
+
+
+def gemv_sublayer_out(x, w_KxD, x_BxTxD, *, prologue: tuple, dtype, residual: bool,
+                      tickets=None):
+  """A sublayer's last product on one row by the GEMV kernel (w stored (K, D); `prologue`
+  computes its input from x): x_BxTxD + the product in x_BxTxD's dtype with `residual` (the
+  add inside the kernel, `tickets` from the sublayer's first kernel), else the product in
+  `dtype`; shaped like x_BxTxD."""
+  if residual:
+    return kernels.gemv_residual(x, w_KxD, x_BxTxD.reshape(-1), prologue=prologue,
+                                 tickets=tickets).reshape(x_BxTxD.shape)
+  y_SxD = kernels.gemv_partials(x, w_KxD, prologue=prologue)
+  return jnp.sum(y_SxD, axis=0).astype(dtype).reshape(x_BxTxD.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,16 +213,10 @@ class Mlp(nnx.Module):
       # computing silu(gate) * up from the first's unsummed partials and (residual) adding
       # its own product to x.
       w_FxD = self.c_proj[...].astype(self.dtype)
-      if residual:
-        gate_up_SxN, tickets = packed_partials(x_BxTxD, packed[...], self.packed_output_major,
-                                               prenorm, tickets_for=w_FxD.shape[1])
-        return kernels.gemv_residual(gate_up_SxN[:, 0, :], w_FxD, x_BxTxD.reshape(-1),
-                                     prologue=("swiglu",),
-                                     tickets=tickets).reshape(x_BxTxD.shape)
-      gate_up_SxN = packed_partials(x_BxTxD, packed[...], self.packed_output_major, prenorm)
-      y_SxD = kernels.gemv_partials(gate_up_SxN[:, 0, :], w_FxD, layout="kn",
-                                    prologue=("swiglu",))
-      return jnp.sum(y_SxD, axis=0).astype(self.dtype).reshape(x_BxTxD.shape)
+      gate_up_SxN, tickets = packed_partials(x_BxTxD, packed[...], self.packed_output_major,
+                                             prenorm, tickets_for=w_FxD.shape[1] if residual else 0)
+      return gemv_sublayer_out(gate_up_SxN[:, 0, :], w_FxD, x_BxTxD, prologue=("swiglu",),
+                               dtype=self.dtype, residual=residual, tickets=tickets)
     if residual:
       return x_BxTxD + self(x_BxTxD, prenorm).astype(x_BxTxD.dtype)
     if prenorm:
