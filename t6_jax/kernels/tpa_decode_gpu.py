@@ -50,11 +50,13 @@ from t6_jax.kernels.tpa_decode_tpu import kernel_operands
 
 NEG = -1e30  # finite "minus infinity": a masked slot adds exp2(NEG - m) = 0
 LOG2E = math.log2(math.e)
-# Launch settings, the fastest of a sweep on an H200 (bench/decode_kernel.py --sweep; cache read
-# at 3.1 TB/s for T6-small B=16 S=32k, 3.7 at B=64, 3.5 for T6-XL B=1 S=1M): slots per key
+# Launch settings, the fastest of a sweep on an H200 (bench/decode_kernel.py --sweep, at every
+# shape swept: T6-small B=4..64 S=8k..32k, T6-XL B=16 S=2k and B=1 S=262k; the cache read at
+# 3.55 TB/s for T6-small B=16 S=32k, 4.08 at B=64, 3.19 for T6-XL B=1 S=262k): slots per key
 # block, warps, pipeline stages, programs per SM (sets the split count), the head chunk rows,
-# and whether Q goes in as a bf16 hi + lo pair.
-TUNING = {"block": 64, "num_warps": 4, "num_stages": 2, "per_sm": 2, "head_tile": 64,
+# and whether Q goes in as a bf16 hi + lo pair. One program per SM with three stages in flight
+# beat two programs with two stages by 5-13%.
+TUNING = {"block": 64, "num_warps": 4, "num_stages": 3, "per_sm": 1, "head_tile": 64,
           "split_q": False}
 COMBINE_KERNEL_SPLITS = 32  # up to this many splits `combine` merges them, else XLA
 DEFAULT_SMS = 132  # an H200's SMs, when no GPU is attached (interpret mode, AOT)
