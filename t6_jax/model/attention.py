@@ -334,12 +334,13 @@ class TPA(Attention):
     x_BxTxD = x_BxTxD.astype(self.dtype)
     w_packed, output_major = self.packed_weights()
     width = w_packed.shape[0] if output_major else w_packed.shape[1]
-    pad = -width % PACKED_WIDTH_MULTIPLE
-    if pad and not output_major:
-      # Zero columns up to a multiple of 128: the backward's dX product contracts over this
-      # width, and a ragged one (980 at T6-small) ran at 183 TFLOP/s on an H200 where the
-      # forward product ran at 490 (t6-small trains 3.4% faster padded).
-      w_packed = jnp.pad(w_packed, ((0, 0), (0, pad)))
+    if getattr(self, "packed_proj", None) is None:
+      # Concatenated in this step (training, prefill): zero columns up to a multiple of 128
+      # ride along in the same copy. The backward's dX product contracts over this width,
+      # and a ragged one (980 at T6-small) ran at 183 TFLOP/s on an H200 where the forward
+      # ran at 490 (t6-small trains 3.4% faster padded). Stored packed weights (decoding)
+      # are read as they are, not copied in every step.
+      w_packed = jnp.pad(w_packed, ((0, 0), (0, -width % PACKED_WIDTH_MULTIPLE)))
     y_BxTxN = packed_product(x_BxTxD, w_packed, output_major)[..., :width]
     bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
     lead = x_BxTxD.shape[:-1]
