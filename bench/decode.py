@@ -7,7 +7,8 @@
 
 Random weights (bf16), a cache of the full context length (bf16). Each step runs the whole
 model for one new token per row against the full cache, inside the same jitted lax.scan that
-`t6_jax.decode.generate` uses. Roofline fraction = (weight bytes + cache bytes read per step) /
+`t6_jax.decode.generate` uses, with the weights prepared as generate prepares them (at
+batch 1 once before the timed calls, `decode.weights.prepare_before_loop`). Roofline fraction = (weight bytes + cache bytes read per step) /
 step time / HBM bandwidth (--hbm_tbps, 4.0 TB/s for an H200 by default). Results go to stdout
 and (unless --no_write) replace the "## Decoding" section of docs/benchmarks.md.
 """
@@ -90,6 +91,7 @@ def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache
   """Arguments of the jitted decode loop: real arrays, or their shapes (for compiling)."""
   import jax
   import jax.numpy as jnp
+  from t6_jax.decode import weights as weights_lib
   from t6_jax.decode.cache import Cache, entry_shapes
   from t6_jax.decode.generate import cache_layout
 
@@ -107,8 +109,13 @@ def _args(cfg, params, batch: int, context: int, steps: int, repeats: int, cache
     entries = shapes
     cache = Cache(entries, spec((batch,), jnp.int32), spec((), jnp.int32), layout)
     logits = spec((batch, cfg.model.vocab_size), jnp.float32)
-    params = jax.tree.map(lambda x: spec(x.shape, x.dtype), params)
+    params = (weights_lib.prepare_shapes(cfg.model, params, cfg.mesh.rules, batch)
+              if weights_lib.prepare_before_loop(batch)
+              else jax.tree.map(lambda x: spec(x.shape, x.dtype), params))
   else:
+    if weights_lib.prepare_before_loop(batch):
+      # Once, outside the timed calls, where generate prepares them before its loop.
+      params = weights_lib.prepare(cfg.model, params, cfg.mesh.rules, batch)
     entries = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
     cache = Cache(entries, jnp.zeros((batch,), jnp.int32), jnp.asarray(start, jnp.int32),
                   layout)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from t6_jax import config as config_lib
-from t6_jax.decode import (cache_bytes, cache_bytes_per_token, decode, generate, prefill,
-                           sample_logits)
+from t6_jax.decode import (DecodeWeights, cache_bytes, cache_bytes_per_token, decode, generate,
+                           prefill, prepare_decode, sample_logits)
 from t6_jax.model import init_params, model_from_params
 from t6_jax.model.attention import TPA, FullQueries, Mask, TPAQueries
 from t6_jax.sharding import RULES, make_mesh
@@ -218,6 +218,31 @@ def test_prefill_then_decode_api(tpa_run):
   assert np.asarray(jnp.argmax(logits, -1)).tolist() == [o[0] for o in out]
   new, cache = decode(cfg, params, cache, logits, steps=NEW)
   assert np.asarray(new).tolist() == out and int(cache.length) == 8 + NEW - 1
+
+
+def test_prepared_weights_give_the_same_tokens(tpa_run):
+  """Weights prepared once (`prepare_decode`) and read by several calls of the token loop give
+  the tokens of parameters prepared inside each call; batch 1 (output-major packing) too; a
+  batch the weights were not prepared for gets a clear error."""
+  cfg, params, out = tpa_run
+  tokens = np.zeros((len(PROMPTS), 10), np.int32)
+  for b, p in enumerate(PROMPTS):
+    tokens[b, :len(p)] = p
+  lengths = [len(p) for p in PROMPTS]
+  weights = prepare_decode(cfg, params, len(PROMPTS))
+  assert isinstance(weights, DecodeWeights) and not weights.one_row
+  for steps in (NEW, 3):  # two calls reading the same prepared weights
+    cache, logits = prefill(cfg, params, tokens, lengths, max_len=MAX_LEN)
+    new, _ = decode(cfg, weights, cache, logits, steps=steps)
+    assert np.asarray(new).tolist() == [o[:steps] for o in out]
+  one = prepare_decode(cfg, params, 1)
+  assert one.one_row
+  cache, logits = prefill(cfg, params, tokens[1:2], lengths[1:2], max_len=MAX_LEN)
+  new, _ = decode(cfg, one, cache, logits, steps=NEW)
+  assert np.asarray(new).tolist() == [out[1]]
+  cache, logits = prefill(cfg, params, tokens, lengths, max_len=MAX_LEN)
+  with pytest.raises(ValueError, match="one_row=True.*batch"):
+    decode(cfg, one, cache, logits, steps=2)
 
 
 def test_eight_devices_give_the_same_tokens(tpa_run):

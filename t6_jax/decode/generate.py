@@ -2,6 +2,7 @@
 
   prefill(cfg, params, tokens, lengths) -> (Cache, logits of each prompt's last token)
   decode(cfg, params, cache, logits, steps=...) -> (new tokens (B, steps), Cache)
+  prepare_decode(cfg, params, batch) -> DecodeWeights (the loop's weights, prepared once)
   generate(model_or_(graphdef, params), cfg, prompts, ...) -> new tokens per prompt
   sample_text(cfg, params, tokenizer, prompts, max_new_tokens, ...) -> completions
 
@@ -30,8 +31,8 @@ from flax import nnx
 from t6_jax import kernels
 from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
-from t6_jax.model import model_from_params
-from t6_jax.model.layers import dense
+from t6_jax.decode import weights as weights_lib
+from t6_jax.decode.weights import DecodeWeights, model_in_compute_dtype
 from t6_jax.model.placement import shard_params
 from t6_jax.sharding import put_batch, rules_table
 
@@ -91,34 +92,6 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
 # Jitted kernels (module level so jax's compile cache is shared by every call)
 
 
-class _CastHead(nnx.Module):
-  """The tied embedding with its LM-head use cast to the compute dtype once, before the token
-  loop (reading a float32 table every step would double the head's bytes); lookups keep the
-  stored table, so the residual stream starts exactly as in training."""
-
-  def __init__(self, embed, head_VxD):
-    self.embed = embed
-    self.head_VxD = nnx.Variable(head_VxD)
-
-  def __call__(self, tokens_BxT):
-    return self.embed(tokens_BxT)
-
-  def logits(self, x_BxTxD):
-    head_VxD = self.head_VxD[...]
-    return dense("btd,vd->btv", x_BxTxD.astype(head_VxD.dtype), head_VxD).astype(jnp.float32)
-
-
-def _model(model_cfg: ModelConfig, params, rules: str, cast_head: bool = False,
-           per_layer: bool = False, one_row: bool = False):
-  """The model with its block weights (and with `cast_head` the LM head) cast to the compute
-  dtype once, outside the loops (`per_layer`: see `Transformer.in_compute_dtype`)."""
-  model = model_from_params(model_cfg, params, rules).in_compute_dtype(per_layer, one_row)
-  dtype = jnp.dtype(model_cfg.dtype)
-  if cast_head and model.embed.wte[...].dtype != dtype:
-    model.embed = _CastHead(model.embed, model.embed.wte[...].astype(dtype))
-  return model
-
-
 def cache_layout(model_cfg: ModelConfig, rules: str, batch: int, cache_dtype: str, factor: bool,
                  kernel: str):
   """The layout the decode steps' kernel reads the cache in (None: standard), on the target of
@@ -132,7 +105,7 @@ def cache_layout(model_cfg: ModelConfig, rules: str, batch: int, cache_dtype: st
 def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtype, chunk,
              factor=True, kernel="auto"):
   """The prompts' cache, stored in the layout the decode steps (`factor`, `kernel`) read."""
-  model = _model(model_cfg, params, rules)
+  model = model_in_compute_dtype(model_cfg, params, rules)
   batch, t_len = tokens_BxT.shape
   layout = cache_layout(model_cfg, rules, batch, cache_dtype, factor, kernel)
   cache = init_cache(model_cfg, batch, max_len, cache_dtype, rules, layout)
@@ -155,14 +128,16 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
                 factor, kernel="auto"):
   """The jitted token loop (the cache is donated): `steps` tokens after `logits_BxV`.
 
+  params: `DecodeWeights` (prepared once, `prepare_decode`), or parameters, which the loop
+  then prepares itself on every call.
+
   Returns (tokens (B, steps) int32, -1 after a row's first stop token; the new Cache).
   Static: model_cfg, rules (a table name), steps, greedy, use_filters (top-k / top-p),
   stop_tokens (a tuple), valid_vocab, factor (decode.factor_attention), kernel
   (decode.attention_kernel). `decode` is the checked entry point; this is the program it
   runs (benchmarks lower it directly).
   """
-  model = _model(model_cfg, params, rules, cast_head=True, per_layer=True,
-                 one_row=logits_BxV.shape[0] == 1)
+  model = weights_lib.for_loop(model_cfg, params, rules, one_row=logits_BxV.shape[0] == 1)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                    greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -364,13 +339,28 @@ def _prefill_prompts(cfg, params, prompts, *, max_len, room, mesh):
                     kernel=cfg.decode.attention_kernel)
 
 
+def prepare_decode(cfg: Config, params, batch: int, mesh=None) -> DecodeWeights:
+  """The weights as the token loop of `batch` rows reads them (cast to the compute dtype,
+  sliced per layer, packed), prepared once: pass them to `decode` in place of the parameters
+  so that repeated calls (a server's, or short calls with a stop check between them) do not
+  prepare them again. `generate` prepares them once per call at batch 1 (see
+  `weights.prepare_before_loop`)."""
+  params = _placed(cfg, params, mesh)
+  ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with ctx:
+    return weights_lib.prepare(cfg.model, params, cfg.mesh.rules, batch)
+
+
 def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, temperature=0.,
            top_k=0, top_p=1., seed=0, stop_tokens=(), valid_vocab=None, mesh=None):
   """Samples `steps` tokens after a prefill (the cache is donated). Returns (tokens, cache).
 
+  params: parameters (as `generate` takes them) or `prepare_decode`'s DecodeWeights.
   tokens (B, steps) int32: -1 after a row's first stop token.
   """
-  return _decode_placed(cfg, _placed(cfg, params, mesh), cache, logits_BxV,
+  if not isinstance(params, DecodeWeights):
+    params = _placed(cfg, params, mesh)
+  return _decode_placed(cfg, params, cache, logits_BxV,
                         steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
 
@@ -421,7 +411,12 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
                                        room=max_len - steps, mesh=mesh)
   logits_BxV.block_until_ready()
   c1, t1 = compile_seconds(), time.perf_counter()
-  tokens_BxN, _ = _decode_placed(cfg, params, cache, logits_BxV, steps=steps,
+  weights = params
+  if weights_lib.prepare_before_loop(len(prompts)):
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with ctx:  # once, outside the token loop (which then only reads them)
+      weights = weights_lib.prepare(cfg.model, params, cfg.mesh.rules, len(prompts))
+  tokens_BxN, _ = _decode_placed(cfg, weights, cache, logits_BxV, steps=steps,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
   tokens_BxN = np.asarray(tokens_BxN)
