@@ -8,9 +8,10 @@
 Random weights (bf16), a cache of the full context length (bf16). Each step runs the whole
 model for one new token per row against the full cache, inside the same jitted lax.scan that
 `t6_jax.decode.generate` uses, with the weights prepared as generate prepares them (at
-batch 1 once before the timed calls, `decode.weights.prepare_before_loop`). Roofline fraction = (weight bytes + cache bytes read per step) /
-step time / HBM bandwidth (--hbm_tbps, 4.0 TB/s for an H200 by default). Results go to stdout
-and (unless --no_write) replace the "## Decoding" section of docs/benchmarks.md.
+batch 1 once before the timed calls, `decode.weights.prepare_before_loop`). Roofline
+fraction = (weight bytes + cache bytes read per step) / step time / HBM bandwidth
+(--hbm_tbps, 4.0 TB/s for an H200 by default). Results go to stdout and (unless --no_write)
+replace the "## Decoding" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations

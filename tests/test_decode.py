@@ -243,6 +243,10 @@ def test_prepared_weights_give_the_same_tokens(tpa_run):
   cache, logits = prefill(cfg, params, tokens, lengths, max_len=MAX_LEN)
   with pytest.raises(ValueError, match="one_row=True.*batch"):
     decode(cfg, one, cache, logits, steps=2)
+  other = config_lib.apply_overrides(cfg, ["model.rope_base=500"])
+  cache, logits = prefill(cfg, params, tokens, lengths, max_len=MAX_LEN)
+  with pytest.raises(ValueError, match="another model config"):
+    decode(other, weights, cache, logits, steps=2)
 
 
 def test_eight_devices_give_the_same_tokens(tpa_run):

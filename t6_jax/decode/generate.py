@@ -411,11 +411,9 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
                                        room=max_len - steps, mesh=mesh)
   logits_BxV.block_until_ready()
   c1, t1 = compile_seconds(), time.perf_counter()
-  weights = params
+  weights = params  # at batch 1 prepared once, outside the token loop (which only reads them)
   if weights_lib.prepare_before_loop(len(prompts)):
-    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    with ctx:  # once, outside the token loop (which then only reads them)
-      weights = weights_lib.prepare(cfg.model, params, cfg.mesh.rules, len(prompts))
+    weights = prepare_decode(cfg, params, len(prompts), mesh)
   tokens_BxN, _ = _decode_placed(cfg, weights, cache, logits_BxV, steps=steps,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)

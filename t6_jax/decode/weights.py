@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
