@@ -56,6 +56,10 @@ def parse_args(argv=None):
   p.add_argument("--compile_threads", type=int, default=8)
   p.add_argument("--time_budget_s", type=float, default=420.0,
                  help="skip the remaining combinations (with a note) after this many seconds")
+  p.add_argument("--gemv", default="",
+                 help="batch-1 GEMV kernel settings over gemv_gpu.TUNING: KEY=V for both "
+                      "layouts or kn.KEY=V / nk.KEY=V, comma-separated (e.g. schedule=stream,"
+                      "per_sm=2)")
   p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
   p.add_argument("--no_write", action="store_true", help="do not touch docs/benchmarks.md")
   p.add_argument("--out", default=DOC, help="markdown file whose Decoding section is replaced")
@@ -166,6 +170,20 @@ def replace_section(path: str, section: str) -> None:
     f.write(text)
 
 
+def set_gemv_tuning(text: str) -> None:
+  """Applies --gemv to `gemv_gpu.TUNING` (before anything is traced)."""
+  from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py)
+  from t6_jax.kernels import gemv_gpu
+  for key, value in _settings(text).items():
+    layout, _, name = key.rpartition(".")
+    for which in ([layout] if layout else list(gemv_gpu.TUNING)):
+      if which not in gemv_gpu.TUNING or name not in gemv_gpu.TUNING[which]:
+        raise SystemExit(f"--gemv {key}: use KEY=V or kn.KEY=V / nk.KEY=V with KEY one of "
+                         f"{sorted(gemv_gpu.TUNING['kn'])}")
+      gemv_gpu.TUNING[which][name] = value
+  print(f"GEMV settings: {gemv_gpu.TUNING}", flush=True)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax
@@ -173,6 +191,8 @@ def main(argv=None) -> int:
   from t6_jax.model import init_params
   from t6_jax.model.sizes import param_count
 
+  if args.gemv:
+    set_gemv_tuning(args.gemv)
   batches = [int(b) for b in args.batches.split(",")]
   contexts = [int(c) for c in args.contexts.split(",")]
   wanted = []  # (model, batch, context) of --combos

@@ -67,7 +67,10 @@ def _value(text: str):
   lowered = text.lower()
   if lowered in ("none", "true", "false"):
     return {"none": None, "true": True, "false": False}[lowered]
-  return int(text)
+  try:
+    return int(text)
+  except ValueError:
+    return text  # a name (gemv_gpu's schedule)
 
 
 def _settings(items) -> dict:

@@ -143,3 +143,51 @@ def test_gemv_combine_prologue_matches_numpy(splits, heads, head_dim, rows, kp):
   with pytest.raises(ValueError, match="does not match"):
     gemv((jnp.zeros((2, 16, 16)), jnp.zeros((2, 16)), jnp.zeros((2, 16))), jnp.zeros((50, 4)),
          prologue=("combine", 3, 16, 1), interpret=True)
+
+
+@pytest.mark.parametrize("layout,k_len,n_len,programs,blocks", [
+    ("kn", 100, 70, 7, (16, 32)),    # runs that cross tile boundaries mid-K
+    ("nk", 300, 90, 11, (32, 32)),   # a tile shared by up to three programs
+    ("nk", 33, 200, 5, (16, 64)),    # one K step per tile: every run holds whole tiles
+    ("kn", 64, 48, 40, (16, 16)),    # more programs asked for than units: one unit each
+])
+def test_gemv_stream_schedule_matches_numpy(layout, k_len, n_len, programs, blocks):
+  """The 'stream' schedule (equal runs of (column tile, K step) units per program): the
+  product, its partial sums (each tile's unused slots zeroed, so any consumer may sum them
+  all) and the residual epilogue against float64 NumPy."""
+  rng = np.random.default_rng(k_len * n_len)
+  x = rng.standard_normal(k_len)
+  w = rng.standard_normal((k_len, n_len) if layout == "kn" else (n_len, k_len))
+  r = rng.standard_normal(n_len)
+  want = x @ w if layout == "kn" else w @ x
+  x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+  kw = dict(layout=layout, schedule="stream", programs=programs, block_n=blocks[0],
+            block_k=blocks[1], interpret=True)
+  np.testing.assert_allclose(np.asarray(gemv(x32, w32, **kw)), want, rtol=1e-5, atol=1e-5)
+  parts = gemv(x32, w32, reduce=False, **kw)
+  n_tiles, k_steps = -(-n_len // blocks[0]), -(-k_len // blocks[1])
+  (_, _, segments), slots = gemv_gpu._stream_plan(n_tiles * k_steps, k_steps, programs)
+  assert parts.shape == (slots, n_len) and segments >= 1
+  np.testing.assert_allclose(np.asarray(parts).sum(axis=0), want, rtol=1e-5, atol=1e-5)
+  got = gemv(x32, w32, residual=jnp.asarray(r, jnp.float32), **kw)
+  np.testing.assert_allclose(np.asarray(got), r + want, rtol=1e-5, atol=1e-5)
+  # The pre-norm prologue reads all of x in every program, whatever its run.
+  eps = 1e-6
+  got = gemv(x32, w32, prologue=("rms_norm", eps), **kw)
+  x_normed = x / np.sqrt(np.mean(x * x) + eps)
+  np.testing.assert_allclose(np.asarray(got), x_normed @ w if layout == "kn" else w @ x_normed,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_stream_plan_balances_programs():
+  """Every program walks units // programs or one more; tiles' slots cover their runs."""
+  for units, k_steps, programs in [(134 * 13, 13, 264), (13 * 78, 78, 264), (7, 7, 3)]:
+    (p, _, segments), slots = gemv_gpu._stream_plan(units, k_steps, programs)
+    starts = [i * units // p for i in range(p + 1)]
+    sizes = {b - a for a, b in zip(starts, starts[1:])}
+    assert sizes <= {units // p, units // p + 1}
+    assert slots >= -(-k_steps * p // units) and segments >= 1
+  with pytest.raises(ValueError, match="schedule"):
+    gemv(jnp.zeros(4), jnp.zeros((4, 3)), schedule="tile", interpret=True)
+  with pytest.raises(ValueError, match="splits"):
+    gemv(jnp.zeros(4), jnp.zeros((4, 3)), schedule="stream", splits=2, interpret=True)
