@@ -57,10 +57,11 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
     x_ref, w_ref = ins[:2]
   if residual:
     r_ref, (r_out_ref, ticket_ref) = ins[-2], outs[:2]
-  first = pl.program_id(0) == 0
   if stream is None:
     j, split = pl.program_id(0), pl.program_id(1)
-    first &= split == 0
+    first = (j == 0) & (split == 0)
+  else:
+    first = pl.program_id(0) == 0
   if zeros:  # the next GEMV kernel's tickets (its residual epilogue), without a memset
     pl.when(first)(lambda: plgpu.store(
         outs[-1].at[jnp.arange(_pow2(zeros), dtype=jnp.int32)],
@@ -113,10 +114,12 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
     sig_K = rnd(1.0 / (1.0 + jnp.exp(-gate_K)))
     return rnd(rnd(gate_K * sig_K) * up_K)
 
-  def tile_sum(n_N, t_lo, t_hi):
-    """fp32 sum over K steps [t_lo, t_hi) of x times the column tile n_N."""
+  def tile_sum(n_N, t_first, steps):
+    """fp32 sum over K steps [t_first, t_first + steps) of x times the column tile n_N."""
+    k_first = t_first * block_k
+
     def body(t, acc_N):
-      k_K = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+      k_K = k_first + t * block_k + jnp.arange(block_k, dtype=jnp.int32)
       x_K = x_at(k_K)
       if layout == "kn":
         ok = (k_K[:, None] < k_len) & (n_N[None, :] < n_len)
@@ -125,7 +128,7 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
       ok = (n_N[:, None] < n_len) & (k_K[None, :] < k_len)
       w_NxK = plgpu.load(w_ref.at[n_N[:, None], k_K[None, :]], mask=ok, other=0.0)
       return acc_N + jnp.sum(w_NxK.astype(f32) * x_K[None, :], axis=1)
-    return jax.lax.fori_loop(t_lo, t_hi, body, jnp.zeros((block_n,), f32))
+    return jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), f32))
 
   def epilogue(j, n_N, ok_N, count):
     """The residual epilogue: the last of the `count` programs of column tile j to finish (a
@@ -148,9 +151,9 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
   if stream is None:  # one program per (column tile, K split)
     n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
     ok_N = n_N < n_len
-    t_lo = split * steps_per_split
-    t_hi = jnp.minimum(t_lo + steps_per_split, pl.cdiv(k_len, block_k))
-    plgpu.store(out_ref.at[split, n_N], tile_sum(n_N, t_lo, t_hi), mask=ok_N)
+    t_first = split * steps_per_split
+    steps = jnp.clip(pl.cdiv(k_len - t_first * block_k, block_k), 0, steps_per_split)
+    plgpu.store(out_ref.at[split, n_N], tile_sum(n_N, t_first, steps), mask=ok_N)
     if residual:
       epilogue(j, n_N, ok_N, splits)
     return
@@ -174,7 +177,7 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
       ok_N = n_N < n_len
       p_first, p_last = program_of(j * k_steps), program_of((j + 1) * k_steps - 1)
       plgpu.store(out_ref.at[p - p_first, n_N],
-                  tile_sum(n_N, u - j * k_steps, seg_end - j * k_steps), mask=ok_N)
+                  tile_sum(n_N, u - j * k_steps, seg_end - u), mask=ok_N)
       count = p_last - p_first + 1
       if residual:
         epilogue(j, n_N, ok_N, count)
