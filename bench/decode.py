@@ -172,7 +172,7 @@ def replace_section(path: str, section: str) -> None:
 
 def set_gemv_tuning(text: str) -> None:
   """Applies --gemv to `gemv_gpu.TUNING` (before anything is traced)."""
-  from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py)
+  from decode_kernel import _settings  # bench/decode_kernel.py: KEY=V parsing
   from t6_jax.kernels import gemv_gpu
   for key, value in _settings(text).items():
     layout, _, name = key.rpartition(".")

@@ -164,8 +164,8 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
   programs, k_steps, segments = stream
   units = k_steps * pl.cdiv(n_len, block_n)
   p = pl.program_id(0)
-  end = (p + 1) * units // programs
-  program_of = lambda u: ((u + 1) * programs - 1) // units  # the program that walks unit u
+  end = _run_start(p + 1, units, programs)
+  program_of = lambda u: _program_of(u, units, programs)
 
   def segment(_, u):
     j = u // k_steps
@@ -189,7 +189,7 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
 
     return jnp.where(u < end, seg_end, u)
 
-  jax.lax.fori_loop(0, segments, segment, p * units // programs)
+  jax.lax.fori_loop(0, segments, segment, _run_start(p, units, programs))
 
 
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
@@ -311,13 +311,23 @@ def _stream_plan(units: int, k_steps: int, programs: int):
   K step) pairs, tile by tile, cut into `programs` runs of equal length (within one); a run
   touches at most `segments` tiles and a tile at most `slots` runs (its partial sums)."""
   programs = max(1, min(programs, units))
-  start = [p * units // programs for p in range(programs + 1)]
-  program_of = lambda u: ((u + 1) * programs - 1) // units
+  start = [_run_start(p, units, programs) for p in range(programs + 1)]
   segments = max((start[p + 1] - 1) // k_steps - start[p] // k_steps + 1
                  for p in range(programs))
-  slots = max(program_of((j + 1) * k_steps - 1) - program_of(j * k_steps) + 1
+  slots = max(_program_of((j + 1) * k_steps - 1, units, programs)
+              - _program_of(j * k_steps, units, programs) + 1
               for j in range(units // k_steps))
   return (programs, k_steps, segments), slots
+
+
+def _run_start(p, units: int, programs: int):
+  """The first unit of program p's run (Python ints, or traced inside the kernel)."""
+  return p * units // programs
+
+
+def _program_of(u, units: int, programs: int):
+  """The program whose run holds unit u: the largest p with _run_start(p) <= u."""
+  return ((u + 1) * programs - 1) // units
 
 
 def ticket_slots(n_len: int) -> int:
