@@ -56,10 +56,13 @@ def parse_args(argv=None):
   p.add_argument("--compile_threads", type=int, default=8)
   p.add_argument("--time_budget_s", type=float, default=420.0,
                  help="skip the remaining combinations (with a note) after this many seconds")
+  p.add_argument("--decode_tuning", default="",
+                 help="TPA decode kernel settings over tpa_decode_gpu.TUNING, KEY=V comma-"
+                      "separated (e.g. block=32,per_sm=2)")
   p.add_argument("--gemv", default="",
                  help="batch-1 GEMV kernel settings over gemv_gpu.TUNING: KEY=V for both "
-                      "layouts or kn.KEY=V / nk.KEY=V, comma-separated (e.g. schedule=stream,"
-                      "per_sm=2)")
+                      "layouts or kn.KEY=V / nk.KEY=V, comma-separated (e.g. per_sm=2,"
+                      "nk.num_stages=4)")
   p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
   p.add_argument("--no_write", action="store_true", help="do not touch docs/benchmarks.md")
   p.add_argument("--out", default=DOC, help="markdown file whose Decoding section is replaced")
@@ -184,6 +187,18 @@ def set_gemv_tuning(text: str) -> None:
   print(f"GEMV settings: {gemv_gpu.TUNING}", flush=True)
 
 
+def set_decode_tuning(text: str) -> None:
+  """Applies --decode_tuning to `tpa_decode_gpu.TUNING` (before anything is traced)."""
+  from decode_kernel import _settings
+  from t6_jax.kernels import tpa_decode_gpu
+  for key, value in _settings(text).items():
+    if key not in tpa_decode_gpu.TUNING:
+      raise SystemExit(f"--decode_tuning {key}: use KEY=V with KEY one of "
+                       f"{sorted(tpa_decode_gpu.TUNING)}")
+    tpa_decode_gpu.TUNING[key] = value
+  print(f"TPA decode kernel settings: {tpa_decode_gpu.TUNING}", flush=True)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax
@@ -193,6 +208,8 @@ def main(argv=None) -> int:
 
   if args.gemv:
     set_gemv_tuning(args.gemv)
+  if args.decode_tuning:
+    set_decode_tuning(args.decode_tuning)
   batches = [int(b) for b in args.batches.split(",")]
   contexts = [int(c) for c in args.contexts.split(",")]
   wanted = []  # (model, batch, context) of --combos

@@ -67,10 +67,7 @@ def _value(text: str):
   lowered = text.lower()
   if lowered in ("none", "true", "false"):
     return {"none": None, "true": True, "false": False}[lowered]
-  try:
-    return int(text)
-  except ValueError:
-    return text  # a name (gemv_gpu's schedule)
+  return int(text)
 
 
 def _settings(items) -> dict:

@@ -9,15 +9,10 @@ reducing it, so a batch-1 decode step moves every weight matrix through HBM abou
 This kernel reads each weight once, in 2-D tiles that Triton pipelines, and reduces in
 registers in fp32: it is bound by the weight read alone.
 
-Two schedules. "tiles" (the default, measured): grid (column tiles, K splits), program (j, s)
-reduces columns [j BN, (j+1) BN) over its share of K and writes an fp32 partial sum, with
-enough splits for about `per_sm` programs per SM. "stream": exactly `per_sm` programs per SM,
-each walking an equal run of the (column tile, K step) units, tile by tile, and writing one
-partial per tile it touches (a tile's unused partial slots zeroed by the program that ends
-it), so every SM gets the same bytes whatever the tile count: on an H200 a "tiles" launch
-leaves its SMs idle a third of the time (ramp, tail and an uneven grid: docs/benchmarks.md).
-The partials are summed by XLA, which fuses that sum into the consumer, or by the consumer
-itself (a prologue of the next GEMV kernel, `tpa_step`). With a residual stream the kernel ends a
+Grid (column tiles, K splits): program (j, s) reduces columns [j BN, (j+1) BN) over its share of
+K and writes an fp32 partial sum; the splits (enough programs to fill the GPU, about `per_sm`
+per SM) are summed by XLA, which fuses that sum into the consumer, or by the consumer itself
+(a prologue of the next GEMV kernel, `tpa_step`). With a residual stream the kernel ends a
 sublayer itself: each column tile's last program to finish (an atomic ticket) sums the tile's
 splits in split order and adds them to the residual (measured on an H200: t6-small batch-1
 step 0.418 -> 0.369 ms, t6-xl 2.527 -> 2.397, the two XLA kernels of each add gone).
@@ -35,17 +30,14 @@ from jax.experimental.pallas import triton as plgpu
 from t6_jax.kernels.tpa_decode_gpu import NEG, _pow2, num_sms
 
 # Per layout: columns (outputs) per program, K per loop step, warps, pipeline stages, programs
-# per SM, schedule. Swept on an H200 over T6-XL's matrices (bench/gemv.py --sweep) with the
-# "tiles" schedule: (N, K) storage reads K-contiguous rows and wants longer K steps than
-# (K, N), whose tiles are N-contiguous. The "stream" schedule is tested, not yet timed.
-TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4,
-                 "schedule": "tiles"},
-          "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4,
-                 "schedule": "tiles"}}
+# per SM. Swept on an H200 over T6-XL's matrices (bench/gemv.py --sweep): (N, K) storage
+# reads K-contiguous rows and wants longer K steps than (K, N), whose tiles are N-contiguous.
+TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4},
+          "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4}}
 
 
 def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
-            x_splits, splits, residual, zeros, interpret, stream):
+            x_splits, splits, residual, zeros, interpret):
   kind = None if prologue is None else prologue[0]
   # inputs: x (or acc, m, l), w [, r, tickets]; outputs: partials [, new r, tickets
   # (aliased)] [, zeros]
@@ -57,16 +49,14 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
     x_ref, w_ref = ins[:2]
   if residual:
     r_ref, (r_out_ref, ticket_ref) = ins[-2], outs[:2]
-  if stream is None:
-    j, split = pl.program_id(0), pl.program_id(1)
-    first = (j == 0) & (split == 0)
-  else:
-    first = pl.program_id(0) == 0
+  j, split = pl.program_id(0), pl.program_id(1)
   if zeros:  # the next GEMV kernel's tickets (its residual epilogue), without a memset
-    pl.when(first)(lambda: plgpu.store(
+    pl.when((j == 0) & (split == 0))(lambda: plgpu.store(
         outs[-1].at[jnp.arange(_pow2(zeros), dtype=jnp.int32)],
         jnp.zeros((_pow2(zeros),), jnp.int32),
         mask=jnp.arange(_pow2(zeros), dtype=jnp.int32) < zeros))
+  n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+  k_first = split * steps_per_split * block_k
   f32 = jnp.float32
   rnd = lambda v: v.astype(w_ref.dtype).astype(f32)  # a value in the weights' dtype
 
@@ -114,95 +104,49 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
     sig_K = rnd(1.0 / (1.0 + jnp.exp(-gate_K)))
     return rnd(rnd(gate_K * sig_K) * up_K)
 
-  def tile_sum(n_N, t_first, steps):
-    """fp32 sum over K steps [t_first, t_first + steps) of x times the column tile n_N."""
-    k_first = t_first * block_k
+  def body(t, acc_N):
+    k_K = k_first + t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    x_K = x_at(k_K)
+    if layout == "kn":
+      ok = (k_K[:, None] < k_len) & (n_N[None, :] < n_len)
+      w_KxN = plgpu.load(w_ref.at[k_K[:, None], n_N[None, :]], mask=ok, other=0.0)
+      return acc_N + jnp.sum(x_K[:, None] * w_KxN.astype(f32), axis=0)
+    ok = (n_N[:, None] < n_len) & (k_K[None, :] < k_len)
+    w_NxK = plgpu.load(w_ref.at[n_N[:, None], k_K[None, :]], mask=ok, other=0.0)
+    return acc_N + jnp.sum(w_NxK.astype(f32) * x_K[None, :], axis=1)
 
-    def body(t, acc_N):
-      k_K = k_first + t * block_k + jnp.arange(block_k, dtype=jnp.int32)
-      x_K = x_at(k_K)
-      if layout == "kn":
-        ok = (k_K[:, None] < k_len) & (n_N[None, :] < n_len)
-        w_KxN = plgpu.load(w_ref.at[k_K[:, None], n_N[None, :]], mask=ok, other=0.0)
-        return acc_N + jnp.sum(x_K[:, None] * w_KxN.astype(f32), axis=0)
-      ok = (n_N[:, None] < n_len) & (k_K[None, :] < k_len)
-      w_NxK = plgpu.load(w_ref.at[n_N[:, None], k_K[None, :]], mask=ok, other=0.0)
-      return acc_N + jnp.sum(w_NxK.astype(f32) * x_K[None, :], axis=1)
-    return jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), f32))
-
-  def epilogue(j, n_N, ok_N, count):
-    """The residual epilogue: the last of the `count` programs of column tile j to finish (a
-    ticket from an atomic counter; the barrier puts every thread's partial store before it)
-    sums the tile's partials in slot order, so the result does not depend on which program
-    was last, and adds them (rounded to the weights' dtype, as the product's value) to the
-    residual."""
-    if not interpret:  # (the interpreter runs programs one after another)
-      plgpu.debug_barrier()
-    ticket = plgpu.atomic_add(ticket_ref, (j,), jnp.int32(1))
-
-    @pl.when(ticket == count - 1)
-    def _():
-      def add(s, total_N):  # volatile: the other programs' partials, from L2
-        return total_N + plgpu.load(out_ref.at[s, n_N], mask=ok_N, other=0.0, volatile=True)
-      total_N = jax.lax.fori_loop(0, count, add, jnp.zeros((block_n,), f32))
-      r_N = plgpu.load(r_ref.at[n_N], mask=ok_N, other=0.0).astype(f32)
-      plgpu.store(r_out_ref.at[n_N], (r_N + rnd(total_N)).astype(r_out_ref.dtype), mask=ok_N)
-
-  if stream is None:  # one program per (column tile, K split)
-    n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-    ok_N = n_N < n_len
-    t_first = split * steps_per_split
-    steps = jnp.clip(pl.cdiv(k_len - t_first * block_k, block_k), 0, steps_per_split)
-    plgpu.store(out_ref.at[split, n_N], tile_sum(n_N, t_first, steps), mask=ok_N)
-    if residual:
-      epilogue(j, n_N, ok_N, splits)
+  steps = jnp.clip(pl.cdiv(k_len - k_first, block_k), 0, steps_per_split)
+  acc_N = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), f32))
+  ok_N = n_N < n_len
+  plgpu.store(out_ref.at[split, n_N], acc_N, mask=ok_N)
+  if not residual:
     return
+  # The residual epilogue: the last program of a column tile to finish (a ticket from an
+  # atomic counter; the barrier puts every thread's partial store before it) sums the
+  # tile's partials in split order, so the result does not depend on which program was last,
+  # and adds them (rounded to the weights' dtype, as the product's value) to the residual.
+  if not interpret:  # (the interpreter runs programs one after another)
+    plgpu.debug_barrier()
+  ticket = plgpu.atomic_add(ticket_ref, (j,), jnp.int32(1))
 
-  # Stream: the (column tile, K step) units, tile by tile, cut into `programs` equal runs;
-  # program p walks its run, writing one partial per tile it touches into slot p - (the
-  # first program of that tile). The program that ends a tile zeroes the tile's unused slots.
-  programs, k_steps, segments = stream
-  units = k_steps * pl.cdiv(n_len, block_n)
-  p = pl.program_id(0)
-  end = _run_start(p + 1, units, programs)
-  program_of = lambda u: _program_of(u, units, programs)
-
-  def segment(_, u):
-    j = u // k_steps
-    seg_end = jnp.minimum(end, (j + 1) * k_steps)
-
-    @pl.when(u < end)
-    def _():
-      n_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-      ok_N = n_N < n_len
-      p_first, p_last = program_of(j * k_steps), program_of((j + 1) * k_steps - 1)
-      plgpu.store(out_ref.at[p - p_first, n_N],
-                  tile_sum(n_N, u - j * k_steps, seg_end - u), mask=ok_N)
-      count = p_last - p_first + 1
-      if residual:
-        epilogue(j, n_N, ok_N, count)
-      else:
-        s_S = jnp.arange(_pow2(splits), dtype=jnp.int32)[:, None]
-        pl.when(p == p_last)(lambda: plgpu.store(
-            out_ref.at[s_S, n_N[None, :]], jnp.zeros((s_S.shape[0], block_n), f32),
-            mask=(s_S >= count) & (s_S < splits) & ok_N[None, :]))
-
-    return jnp.where(u < end, seg_end, u)
-
-  jax.lax.fori_loop(0, segments, segment, _run_start(p, units, programs))
+  @pl.when(ticket == splits - 1)
+  def _():
+    def add(s, total_N):  # volatile: the other programs' partials, from L2
+      return total_N + plgpu.load(out_ref.at[s, n_N], mask=ok_N, other=0.0, volatile=True)
+    total_N = jax.lax.fori_loop(0, splits, add, jnp.zeros((block_n,), f32))
+    r_N = plgpu.load(r_ref.at[n_N], mask=ok_N, other=0.0).astype(f32)
+    plgpu.store(r_out_ref.at[n_N], (r_N + rnd(total_N)).astype(r_out_ref.dtype), mask=ok_N)
 
 
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
          reduce: bool = True, prologue: tuple | None = None, residual: jax.Array | None = None,
-         tickets: jax.Array | None = None, zeros: int = 0, schedule: str | None = None,
-         programs: int | None = None, interpret: bool = False):
+         tickets: jax.Array | None = None, zeros: int = 0, interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
   operands. Settings default to TUNING[layout]; splits (default: from per_sm and the GPU's SMs)
-  overrides the number of K splits of the "tiles" schedule, programs the number of programs
-  of the "stream" schedule (default per_sm per SM). reduce=False returns the partial sums
-  (slots, N) for a consumer that sums them itself.
+  overrides the number of K splits. reduce=False returns the splits' partial sums (splits, N)
+  for a consumer that sums them itself.
 
   prologue: what the kernel computes x from, in the weights' dtype, so that XLA runs no
   kernel for it:
@@ -247,32 +191,19 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
     raise ValueError(f"residual {residual.shape} does not match the product's ({n_len},)")
   tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-      per_sm=per_sm, schedule=schedule).items() if v is not None})
-  if tune["schedule"] not in ("tiles", "stream"):
-    raise ValueError(f"schedule={tune['schedule']!r}; use 'tiles' or 'stream'")
+      per_sm=per_sm).items() if v is not None})
   block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
   block_k = min(_pow2(tune["block_k"]), max(16, _pow2(k_len)))
   n_tiles, k_steps = pl.cdiv(n_len, block_n), pl.cdiv(k_len, block_k)
-  stream = None
-  if tune["schedule"] == "stream":
-    if splits is not None:
-      raise ValueError("splits sets the 'tiles' schedule's K splits; the 'stream' schedule "
-                       "takes programs (or per_sm) instead")
-    stream, splits = _stream_plan(n_tiles * k_steps, k_steps,
-                                  programs or tune["per_sm"] * num_sms())
-    grid = (stream[0],)
-    steps_per_split = 0
-  else:
-    if splits is None:
-      splits = max(1, min(k_steps, tune["per_sm"] * num_sms() // n_tiles))
-    steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
-    splits = pl.cdiv(k_steps, steps_per_split)
-    grid = (n_tiles, splits)
+  if splits is None:
+    splits = max(1, min(k_steps, tune["per_sm"] * num_sms() // n_tiles))
+  steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
+  splits = pl.cdiv(k_steps, steps_per_split)
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
                                                     num_stages=tune["num_stages"])
-  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
   out_shape = [jax.ShapeDtypeStruct((splits, n_len), jnp.float32)]
   if residual is not None:  # + the new residual, and the tiles' tickets (zeros in, aliased)
     if tickets is None:
@@ -289,9 +220,8 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
       functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
                         block_k=block_k, steps_per_split=steps_per_split,
                         prologue=prologue, x_splits=x_splits, splits=splits,
-                        residual=residual is not None, zeros=zeros, interpret=interpret,
-                        stream=stream),
-      grid=grid,
+                        residual=residual is not None, zeros=zeros, interpret=interpret),
+      grid=(n_tiles, splits),
       in_specs=[whole(x.shape) for x in operands],
       out_specs=[whole(o.shape) for o in out_shape],
       out_shape=out_shape,
@@ -304,30 +234,6 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   else:
     result = jnp.sum(outs[0], axis=0) if reduce else outs[0]
   return (result, outs[-1]) if zeros else result
-
-
-def _stream_plan(units: int, k_steps: int, programs: int):
-  """((programs, k_steps, segments), slots) of the 'stream' schedule: `units` (column tile,
-  K step) pairs, tile by tile, cut into `programs` runs of equal length (within one); a run
-  touches at most `segments` tiles and a tile at most `slots` runs (its partial sums)."""
-  programs = max(1, min(programs, units))
-  start = [_run_start(p, units, programs) for p in range(programs + 1)]
-  segments = max((start[p + 1] - 1) // k_steps - start[p] // k_steps + 1
-                 for p in range(programs))
-  slots = max(_program_of((j + 1) * k_steps - 1, units, programs)
-              - _program_of(j * k_steps, units, programs) + 1
-              for j in range(units // k_steps))
-  return (programs, k_steps, segments), slots
-
-
-def _run_start(p, units: int, programs: int):
-  """The first unit of program p's run (Python ints, or traced inside the kernel)."""
-  return p * units // programs
-
-
-def _program_of(u, units: int, programs: int):
-  """The program whose run holds unit u: the largest p with _run_start(p) <= u."""
-  return ((u + 1) * programs - 1) // units
 
 
 def ticket_slots(n_len: int) -> int:
