@@ -173,30 +173,26 @@ def replace_section(path: str, section: str) -> None:
     f.write(text)
 
 
-def set_gemv_tuning(text: str) -> None:
-  """Applies --gemv to `gemv_gpu.TUNING` (before anything is traced)."""
+def set_tuning(flag: str, table: dict, text: str, layouts: bool = False) -> None:
+  """Applies a KEY=V,... flag to a kernel module's TUNING table (before anything is traced).
+  layouts: the table holds one dict per layout, and KEY=V sets every layout's, LAYOUT.KEY=V
+  one (gemv_gpu's "kn" / "nk")."""
+  if not text:
+    return
   from decode_kernel import _settings  # bench/decode_kernel.py: KEY=V parsing
-  from t6_jax.kernels import gemv_gpu
+  names = sorted(next(iter(table.values())) if layouts else table)
   for key, value in _settings(text).items():
     layout, _, name = key.rpartition(".")
-    for which in ([layout] if layout else list(gemv_gpu.TUNING)):
-      if which not in gemv_gpu.TUNING or name not in gemv_gpu.TUNING[which]:
-        raise SystemExit(f"--gemv {key}: use KEY=V or kn.KEY=V / nk.KEY=V with KEY one of "
-                         f"{sorted(gemv_gpu.TUNING['kn'])}")
-      gemv_gpu.TUNING[which][name] = value
-  print(f"GEMV settings: {gemv_gpu.TUNING}", flush=True)
-
-
-def set_decode_tuning(text: str) -> None:
-  """Applies --decode_tuning to `tpa_decode_gpu.TUNING` (before anything is traced)."""
-  from decode_kernel import _settings
-  from t6_jax.kernels import tpa_decode_gpu
-  for key, value in _settings(text).items():
-    if key not in tpa_decode_gpu.TUNING:
-      raise SystemExit(f"--decode_tuning {key}: use KEY=V with KEY one of "
-                       f"{sorted(tpa_decode_gpu.TUNING)}")
-    tpa_decode_gpu.TUNING[key] = value
-  print(f"TPA decode kernel settings: {tpa_decode_gpu.TUNING}", flush=True)
+    if not layouts:
+      targets = [] if layout else [table]
+    else:
+      targets = [table[layout]] if layout in table else [] if layout else list(table.values())
+    if not targets or name not in names:
+      form = f"KEY=V or LAYOUT.KEY=V (LAYOUT one of {', '.join(table)})" if layouts else "KEY=V"
+      raise SystemExit(f"{flag} {key}: use {form} with KEY one of {names}")
+    for target in targets:
+      target[name] = value
+  print(f"{flag}: {table}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -206,10 +202,9 @@ def main(argv=None) -> int:
   from t6_jax.model import init_params
   from t6_jax.model.sizes import param_count
 
-  if args.gemv:
-    set_gemv_tuning(args.gemv)
-  if args.decode_tuning:
-    set_decode_tuning(args.decode_tuning)
+  from t6_jax.kernels import gemv_gpu, tpa_decode_gpu
+  set_tuning("--gemv", gemv_gpu.TUNING, args.gemv, layouts=True)
+  set_tuning("--decode_tuning", tpa_decode_gpu.TUNING, args.decode_tuning)
   batches = [int(b) for b in args.batches.split(",")]
   contexts = [int(c) for c in args.contexts.split(",")]
   wanted = []  # (model, batch, context) of --combos
