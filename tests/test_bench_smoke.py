@@ -15,6 +15,8 @@ SCRIPTS = {
     "decode_profile": (["bench/decode_profile.py", "--tiny"], "ms/step untraced"),
     "gemv": (["bench/gemv.py", "--config", "tiny", "--calls", "2", "--chain", "2", "--matrices", "packed"],
              "gemv kernel, stored (N, K)"),
+    "pdl_chain": (["bench/pdl_chain.py", "--lower", "--kernels", "2", "--stages", "2",
+                   "--modes", "plain,late"], "late, 2 stages: lowered for CUDA"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
     "train_table": (["bench/train_table.py", "--presets", "tiny:8", "--steps", "1",
