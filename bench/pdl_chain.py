@@ -34,6 +34,12 @@ from t6_jax import cli  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
+
 ROWS, COLS = 64, 128  # one TMA chunk: 64 x 128 bf16 = 16 KB
 MODES = ("plain", "early", "late")
 
@@ -67,16 +73,8 @@ def parse_args(argv=None):
   return args
 
 
-def _mosaic_gpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu
-
-
 def _kernel(dep_ref, w_ref, out_ref, w_smem, w_bar, d_smem, d_bar, o_smem, *, mode, stages,
             chunks):
-  from jax import lax
-  from jax.experimental import pallas as pl
-  plgpu = _mosaic_gpu()
   p = lax.axis_index("programs")
   if mode != "plain":
     plgpu.griddepcontrol_launch_dependents()
@@ -108,9 +106,6 @@ def _kernel(dep_ref, w_ref, out_ref, w_smem, w_bar, d_smem, d_bar, o_smem, *, mo
 
 def stream(dep, w, *, mode: str, stages: int):
   """One kernel: streams w (programs, chunks, 64, 128) bf16, returns dep (128,) f32 + 1."""
-  import jax
-  import jax.numpy as jnp
-  plgpu = _mosaic_gpu()
   programs, chunks = w.shape[:2]
   return plgpu.kernel(
       functools.partial(_kernel, mode=mode, stages=stages, chunks=chunks),
@@ -124,8 +119,6 @@ def stream(dep, w, *, mode: str, stages: int):
 
 
 def chain(ws, dep, *, mode: str, stages: int, reps: int):
-  from jax import lax
-
   def one(_, d):
     for w in ws:
       d = stream(d, w, mode=mode, stages=stages)
@@ -135,8 +128,6 @@ def chain(ws, dep, *, mode: str, stages: int, reps: int):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  import jax
-  import jax.numpy as jnp
   shape = (args.programs, args.chunks, ROWS, COLS)
   dep = jnp.zeros((COLS,), jnp.float32)
   ws = None
