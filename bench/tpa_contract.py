@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (block_t, head_block, num_warps): tokens per program, largest head chunk, warps.
-SWEEP = [(4, 32, 4), (2, 32, 4), (8, 32, 8), (1, 32, 2), (8, 16, 4), (16, 16, 8)]
+# Launch settings tried for both kernels: `rows` (token, head) output rows a program, warps.
+SWEEP = [{"rows": r, "num_warps": w} for r, w in ((64, 2), (64, 4), (128, 2), (128, 4), (256, 4))]
 
 
 def parse_args(argv=None):
@@ -106,9 +106,9 @@ def main(argv=None) -> int:
   fx, bx, outs, grads = measure(einsum)
   row("XLA einsum", fx, bx, f"{error(outs, want_outs):.1e} / {error(grads, want_grads):.1e}")
   best = {"fwd": (fx, None), "bwd": (bx, None)}
-  for block_t, head_block, warps in SWEEP:
-    tune = {"block_t": block_t, "head_block": head_block, "num_warps": warps, "num_stages": 1}
-    name = f"kernel t{block_t} h{head_block} w{warps}"
+  for setting in SWEEP:
+    tune = {**setting, "num_stages": 1}
+    name = "kernel " + " ".join(f"{k}={v}" for k, v in setting.items())
     try:
       fk, bk, outs, grads = measure(
           lambda pairs: tpa_contract_gpu.tpa_contract(pairs, fwd=tune, bwd=tune,

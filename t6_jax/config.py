@@ -83,8 +83,8 @@ class ModelConfig:
   # auto | xla | cudnn | splash (auto: splash on TPU, cuDNN on GPU where it fits, else XLA)
   attention_impl: str = "auto"
   # tpa/tpa_kvonly: Q/K/V from their factors by xla (einsum) | pallas (the Triton kernels of
-  # kernels/tpa_contract_gpu.py, interpreted off GPU) | auto (pallas in a GPU train step whose
-  # products run in cuBLAS, see train.gpu_gemm; xla elsewhere)
+  # kernels/tpa_contract_gpu.py, interpreted off GPU) | auto (pallas in GPU train and eval
+  # steps, xla elsewhere)
   contract_impl: str = "auto"
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).

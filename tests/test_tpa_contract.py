@@ -13,7 +13,7 @@ import numpy_ref as ref
 from t6_jax import config as config_lib
 from t6_jax import kernels
 from t6_jax.kernels import tpa_contract_gpu
-from t6_jax.kernels.tpa_contract_gpu import head_chunks, tpa_contract
+from t6_jax.kernels.tpa_contract_gpu import slab_tokens, tpa_contract
 from t6_jax.model import init_params, model_from_params
 from t6_jax.sharding import RULES, make_mesh
 
@@ -36,22 +36,20 @@ def grads_of(fn, pairs, douts):
   return outs, grads
 
 
-def test_head_chunks_are_powers_of_two_covering_the_heads():
-  assert head_chunks(34, 32) == [(0, 32), (32, 2)]
-  assert head_chunks(47, 32) == [(0, 32), (32, 16)]  # one masked head
-  assert head_chunks(5, 32) == [(0, 4), (4, 1)]
-  assert head_chunks(12, 16) == [(0, 16)]
-  for heads in range(1, 70):
-    chunks = head_chunks(heads, 16)
-    assert all(s & (s - 1) == 0 and s <= 16 for _, s in chunks)
-    assert chunks[0][0] == 0 and all(a + s == b for (a, s), (b, _) in zip(chunks, chunks[1:]))
-    assert heads <= chunks[-1][0] + chunks[-1][1] < heads + max(1, chunks[-1][1] // 4 + 1)
+def test_slab_tokens():
+  assert [slab_tokens(34, r) for r in (64, 128, 256)] == [1, 3, 7]
+  assert slab_tokens(78, 64) == 1  # more heads than rows: still one token a program
+  with pytest.raises(ValueError, match="rows=512"):
+    tpa_contract(factors(np.random.default_rng(0), (2,), 3, (2,), 8, jnp.float32),
+                 interpret=True, fwd={"rows": 512})
 
 
 @pytest.mark.parametrize("heads,ranks,head_dim,tune", [
-    (5, (6, 2, 1), 16, {"block_t": 4, "head_block": 32}),  # heads 4 + 1, tokens 14 = 3x4 + 2
-    (3, (2,), 24, {"block_t": 8, "head_block": 2}),        # d_h padded to 32, heads 2 + 1
-    (12, (6, 2, 2), 16, {"block_t": 2, "head_block": 16}),  # one masked chunk of 16 heads
+    (5, (6, 2, 1), 16, {"rows": 16}),    # 3 tokens a program, 14 tokens: a short last slab
+    (3, (2,), 24, {"rows": 8}),          # d_h padded to 32, rows 6 of 16, columns 4 of 16
+    (12, (6, 2, 2), 16, {"rows": 64}),   # 5 tokens: rows 60 of 64, q columns 30 of 32
+    (34, (6, 2, 2), 64, {"rows": 256}),  # T6-small's heads, 7 tokens a program
+    (47, (6, 2, 2), 64, {"rows": 32}),   # more heads than rows: one token, 47 of 64 rows
 ])
 def test_kernels_match_numpy(heads, ranks, head_dim, tune):
   rng = np.random.default_rng(heads + head_dim)

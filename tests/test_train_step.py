@@ -242,9 +242,9 @@ def test_compiler_options_by_platform():
   assert step_lib.compiler_options(triton, FakeMesh("gpu")) is None
   for platform in ("cpu", "tpu"):
     assert step_lib.compiler_options(forced, FakeMesh(platform)) is None
-  # model.contract_impl=auto follows: the Pallas contraction where cuBLAS runs the products.
+  # model.contract_impl=auto: the Pallas contraction on GPU, whoever runs the products.
   impl = lambda cfg, platform: step_lib.settled(cfg, FakeMesh(platform)).model.contract_impl
-  assert impl(tiny, "gpu") == "xla" and impl(triton, "gpu") == "xla"
+  assert impl(tiny, "gpu") == "pallas" and impl(triton, "gpu") == "pallas"
   assert impl(wide, "gpu") == "pallas" and impl(forced, "gpu") == "pallas"
   assert impl(forced, "cpu") == "xla" and impl(forced, "tpu") == "xla"
   chosen = config_lib.load("tiny", ["train.gpu_gemm=cublas", "model.contract_impl=xla"])

@@ -38,8 +38,8 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
   tpa_contract(pairs, *, impl, rules) -> [(..., H, d_h) per pair]
       impl (model.contract_impl): auto | xla | pallas. TPA's per-token factor contraction
       sum_r A[h, r] B[r] / R of (A (B, T, H, R), B (B, T, R, d_h)) pairs; xla: XLA's einsum
-      (also auto: GPU train steps resolve auto first, `train.step.settled`, taking the
-      kernels where cuBLAS runs their products); pallas: the Pallas Triton kernels
+      (also auto: GPU train and eval steps resolve auto first, `train.step.settled`, to
+      the kernels); pallas: the Pallas Triton kernels
       (tpa_contract_gpu.py; pairs of one length in one launch), interpreted off GPU, under
       `jax.shard_map` on a mesh that splits only the batch; where the rules split heads
       (tensor parallelism) the einsum runs.

@@ -5,28 +5,28 @@ Training materialises Q, K and V from their factors at every position:
   out[n, h, k] = sum_r A[n, h, r] B[n, r, k] / R          (n = a (batch, position) pair)
 
 with R = 6 (q) or 2 (k, v) and H x d_h = 34 x 64 at T6-small: tiny per-token products whose
-cost is reading A and B and writing out. Each program takes a block of tokens and every head,
-rank and d_h column of one or several factor pairs (Q, K and V in one launch), accumulating in
-fp32 on the CUDA cores and writing the compute dtype. The backward kernel reads the output
-gradient once and writes both factor gradients:
+cost is reading A and B and writing out. Each program takes a slab of consecutive tokens and
+runs them as one tensor-core product per factor pair (Q, K and V in one launch): rows i =
+(token t, head h), columns j = (token t', rank r), and A enters as the block-diagonal matrix
+that is zero where t != t', so
 
-  dA[n, h, r] = sum_k dout[n, h, k] B[n, r, k] / R
-  dB[n, r, k] = sum_h dout[n, h, k] A[n, h, r] / R
+  out_slab (tokens H, d_h) = A_blockdiag (tokens H, tokens R) @ B_slab (tokens R, d_h)
 
-Triton wants power-of-two tensors: heads go in chunks of power-of-two sizes (34 = 32 + 2,
-47 = 32 + 16 with one masked row) and d_h is padded to a power of two by masking, so nothing is
-padded in HBM. Out-of-range lanes are masked on every load and store, never clamped, so no two
-lanes of a store share an address (interpret mode scatters them).
+and the backward reads the output gradient once and makes both factor gradients with two
+more products:
 
-Measured on an H200 (T6-small, batch 64 x 1024, one layer's q, k and v; bench/tpa_contract.py):
-the forward kernel takes 0.32 ms (3.1 TB/s) against XLA's 0.43 ms (2.3 TB/s), but the backward
-kernel 0.91-1.11 ms (1.0-1.2 TB/s) against XLA's Triton GEMM fusions' 0.65 ms (1.7 TB/s): with
-XLA's Triton GEMMs whole training steps are slower (0.98x at T6-small, 0.83x at T6-medium).
-Where the train step's products run in cuBLAS (train.gpu_gemm), XLA's contraction becomes slow
-batched cuBLAS products and the kernels win (T6-medium 1.13x, T6-XL 1.08x): model.contract_impl
-=auto takes them there. The backward is where the kernel loses (its head and d_h reductions):
-with head chunks of 16 and 8-16 tokens per program it took 8 ms, and T6-medium's 47 heads run
-a chunk of 16.
+  dB_slab = A_blockdiag^T @ dout_slab,   dA = the block diagonal of dout_slab @ B_slab^T
+
+Every slab is contiguous in HBM (A, B and out are row-major over (n, ...)), so the loads and
+stores are plain rows; the block diagonal is a masked load of A's slab. Tensor shapes are
+padded to powers of two by masks, never in HBM, and no two lanes of a store share an address
+(interpret mode scatters them).
+
+Measured on an H200 (bench/tpa_contract.py, one layer's q, k and v, bf16): T6-small batch 64 x
+1024, forward 0.33 ms (3.0 TB/s) and backward 0.46-0.52 (2.2-2.4 TB/s) against XLA's einsum
+0.42 and 0.64; T6-medium batch 32, 0.19 and 0.31 against 0.24 and 0.40. An earlier form
+that ran the products on the CUDA cores (a block of tokens and a chunk of heads per program,
+reductions over heads and d_h) reached the same forward speed but 1.0-1.2 TB/s backward.
 """
 
 from __future__ import annotations
@@ -40,10 +40,14 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 # Launch settings of the forward and the backward kernel (`bench/tpa_contract.py` sweeps
-# them on the GPU): tokens per program, largest head chunk, Triton warps and stages. The
-# fastest of its sweep on an H200 at T6-small shapes.
-TUNING = {"fwd": {"block_t": 4, "head_block": 32, "num_warps": 4, "num_stages": 1},
-          "bwd": {"block_t": 1, "head_block": 32, "num_warps": 2, "num_stages": 1}}
+# them on the GPU): a program takes as many tokens as fit `rows` (token, head) rows of the
+# output slab; Triton warps and stages. The fastest of its sweep on an H200 at T6-small and
+# T6-medium shapes.
+TUNING = {"fwd": {"rows": 64, "num_warps": 2, "num_stages": 1},
+          "bwd": {"rows": 128, "num_warps": 2, "num_stages": 1}}
+# At 512 rows the H200 returned wrong factor gradients (relative error 0.9; right in interpret
+# mode), so a program's slab stays at most this many rows.
+MAX_ROWS = 256
 # Element offsets are int32 inside the kernel.
 MAX_ELEMENTS = 2**31 - 1
 
@@ -52,105 +56,110 @@ def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def head_chunks(heads: int, head_block: int) -> list[tuple[int, int]]:
-  """(first head, power-of-two size) chunks covering `heads`, at most `head_block` each; the
-  last chunk is padded (masked) only where that wastes at most a quarter of it."""
-  chunks, h0 = [], 0
-  while h0 < heads:
-    rest = heads - h0
-    size = min(_pow2(head_block), _pow2(rest))
-    if size > rest and size - rest > size // 4:
-      size //= 2
-    chunks.append((h0, size))
-    h0 += size
-  return chunks
-
-
 def contract_einsum(a_xHxR, b_xRxK):
   """The XLA form: sum_r a b / R over any leading axes, in the factors' dtype."""
   return jnp.einsum("...hr,...rk->...hk", a_xHxR, b_xRxK) / a_xHxR.shape[-1]
 
 
-def _token_axes(n_tokens, block_t, head_dim):
-  n0 = pl.program_id(0) * block_t
-  n_T = n0 + jnp.arange(block_t, dtype=jnp.int32)
-  k_K = jnp.arange(_pow2(head_dim), dtype=jnp.int32)
-  return n_T, n_T < n_tokens, k_K, k_K < head_dim
+def slab_tokens(heads: int, rows: int) -> int:
+  """Tokens per program: as many as fit `rows` output rows (at least one)."""
+  return max(1, rows // heads)
 
 
-def _fwd_kernel(*refs, ranks, heads, head_dim, n_tokens, block_t, chunks):
+def _slab(n_tokens, tokens, heads, rank, head_dim):
+  """Element offsets and masks of one program's slab: rows i = (t, h) of the (tokens H, d_h)
+  output, columns j = (t', r) of the (tokens R, d_h) B slab."""
+  n0 = pl.program_id(0) * tokens
+  i_M = jnp.arange(max(16, _pow2(tokens * heads)), dtype=jnp.int32)  # tensor cores: >= 16
+  j_C = jnp.arange(max(16, _pow2(tokens * rank)), dtype=jnp.int32)
+  k_K = jnp.arange(max(16, _pow2(head_dim)), dtype=jnp.int32)
+  t_M, t_C = i_M // heads, j_C // rank
+  row_ok_M = (i_M < tokens * heads) & (n0 + t_M < n_tokens)
+  col_ok_C = (j_C < tokens * rank) & (n0 + t_C < n_tokens)
+  k_ok_K = k_K < head_dim
+  return dict(
+      n0=n0, i_M=i_M, j_C=j_C, row_ok_M=row_ok_M,
+      # A as the block-diagonal matrix: token t's (H, R) block at rows t H, columns t R.
+      diag_MxC=row_ok_M[:, None] & col_ok_C[None, :] & (t_M[:, None] == t_C[None, :]),
+      a_MxC=n0 * heads * rank + i_M[:, None] * rank + (j_C - t_C * rank)[None, :],
+      b_ok_CxK=col_ok_C[:, None] & k_ok_K[None, :],
+      b_CxK=n0 * rank * head_dim + j_C[:, None] * head_dim + k_K[None, :],
+      out_ok_MxK=row_ok_M[:, None] & k_ok_K[None, :],
+      out_MxK=n0 * heads * head_dim + i_M[:, None] * head_dim + k_K[None, :])
+
+
+def _precision(dtype):
+  # fp32 factors multiply exactly (Triton's default for fp32 operands is TF32).
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                             precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(*refs, ranks, heads, head_dim, n_tokens, tokens):
   groups = len(ranks)
-  n_T, n_ok_T, k_K, k_ok_K = _token_axes(n_tokens, block_t, head_dim)
-  nk_ok_TxK = n_ok_T[:, None] & k_ok_K[None, :]
   for g, rank in enumerate(ranks):
     a_ref, b_ref, out_ref = refs[2 * g], refs[2 * g + 1], refs[2 * groups + g]
-    b_rows = [plgpu.load(b_ref.at[n_T[:, None], r, k_K[None, :]], mask=nk_ok_TxK,
-                         other=0.0).astype(jnp.float32) for r in range(rank)]
-    for h0, size in chunks:
-      h_H = h0 + jnp.arange(size, dtype=jnp.int32)
-      nh_ok_TxH = n_ok_T[:, None] & (h_H < heads)[None, :]
-      acc_TxHxK = jnp.zeros((block_t, size, k_K.shape[0]), jnp.float32)
-      for r in range(rank):
-        a_TxH = plgpu.load(a_ref.at[n_T[:, None], h_H[None, :], r], mask=nh_ok_TxH,
-                           other=0.0).astype(jnp.float32)
-        acc_TxHxK += a_TxH[:, :, None] * b_rows[r][:, None, :]
-      acc_TxHxK = acc_TxHxK * (1.0 / rank)
-      plgpu.store(out_ref.at[n_T[:, None, None], h_H[None, :, None], k_K[None, None, :]],
-                  acc_TxHxK.astype(out_ref.dtype),
-                  mask=nh_ok_TxH[:, :, None] & k_ok_K[None, None, :])
+    s = _slab(n_tokens, tokens, heads, rank, head_dim)
+    a_MxC = plgpu.load(a_ref.at[s["a_MxC"]], mask=s["diag_MxC"], other=0.0)
+    b_CxK = plgpu.load(b_ref.at[s["b_CxK"]], mask=s["b_ok_CxK"], other=0.0)
+    out_MxK = _dot(a_MxC, b_CxK, 1, 0) * (1.0 / rank)
+    plgpu.store(out_ref.at[s["out_MxK"]], out_MxK.astype(out_ref.dtype), mask=s["out_ok_MxK"])
 
 
-def _bwd_kernel(*refs, ranks, heads, head_dim, n_tokens, block_t, chunks):
+def _bwd_kernel(*refs, ranks, heads, head_dim, n_tokens, tokens):
   groups = len(ranks)
-  n_T, n_ok_T, k_K, k_ok_K = _token_axes(n_tokens, block_t, head_dim)
-  nk_ok_TxK = n_ok_T[:, None] & k_ok_K[None, :]
   for g, rank in enumerate(ranks):
     a_ref, b_ref, dout_ref = refs[3 * g], refs[3 * g + 1], refs[3 * g + 2]
     da_ref, db_ref = refs[3 * groups + 2 * g], refs[3 * groups + 2 * g + 1]
-    b_rows = [plgpu.load(b_ref.at[n_T[:, None], r, k_K[None, :]], mask=nk_ok_TxK,
-                         other=0.0).astype(jnp.float32) for r in range(rank)]
-    db_rows = [jnp.zeros((block_t, k_K.shape[0]), jnp.float32) for _ in range(rank)]
-    for h0, size in chunks:
-      h_H = h0 + jnp.arange(size, dtype=jnp.int32)
-      nh_ok_TxH = n_ok_T[:, None] & (h_H < heads)[None, :]
-      # Masked lanes load as zero, so padded heads add nothing to dB.
-      dout_TxHxK = plgpu.load(
-          dout_ref.at[n_T[:, None, None], h_H[None, :, None], k_K[None, None, :]],
-          mask=nh_ok_TxH[:, :, None] & k_ok_K[None, None, :],
-          other=0.0).astype(jnp.float32) * (1.0 / rank)
-      for r in range(rank):
-        a_TxH = plgpu.load(a_ref.at[n_T[:, None], h_H[None, :], r], mask=nh_ok_TxH,
-                           other=0.0).astype(jnp.float32)
-        da_TxH = jnp.sum(dout_TxHxK * b_rows[r][:, None, :], axis=2)
-        plgpu.store(da_ref.at[n_T[:, None], h_H[None, :], r], da_TxH.astype(da_ref.dtype),
-                    mask=nh_ok_TxH)
-        db_rows[r] = db_rows[r] + jnp.sum(dout_TxHxK * a_TxH[:, :, None], axis=1)
-    for r in range(rank):
-      plgpu.store(db_ref.at[n_T[:, None], r, k_K[None, :]], db_rows[r].astype(db_ref.dtype),
-                  mask=nk_ok_TxK)
+    s = _slab(n_tokens, tokens, heads, rank, head_dim)
+    dout_MxK = plgpu.load(dout_ref.at[s["out_MxK"]], mask=s["out_ok_MxK"], other=0.0)
+    a_MxC = plgpu.load(a_ref.at[s["a_MxC"]], mask=s["diag_MxC"], other=0.0)
+    b_CxK = plgpu.load(b_ref.at[s["b_CxK"]], mask=s["b_ok_CxK"], other=0.0)
+    db_CxK = _dot(a_MxC, dout_MxK, 0, 0) * (1.0 / rank)
+    plgpu.store(db_ref.at[s["b_CxK"]], db_CxK.astype(db_ref.dtype), mask=s["b_ok_CxK"])
+    # dA: keep each row's own token's block of dout B^T (scaled and rounded once), then sum
+    # the columns of rank r into column r with a 0/1 product: one non-zero term each, so
+    # exact, and every (token, h, r) is stored by one lane.
+    full_MxC = _dot(dout_MxK, b_CxK, 1, 1) * (1.0 / rank)
+    own_MxC = jnp.where(s["diag_MxC"], full_MxC, 0.0).astype(a_MxC.dtype)
+    r_R = jnp.arange(max(16, _pow2(rank)), dtype=jnp.int32)
+    pick_CxR = ((s["j_C"][:, None] % rank) == r_R[None, :]).astype(a_MxC.dtype)
+    da_MxR = _dot(own_MxC, pick_CxR, 1, 0)
+    da_MxR_idx = s["n0"] * heads * rank + s["i_M"][:, None] * rank + r_R[None, :]
+    plgpu.store(da_ref.at[da_MxR_idx], da_MxR.astype(da_ref.dtype),
+                mask=s["row_ok_M"][:, None] & (r_R < rank)[None, :])
 
 
 def _launch(kernel, name, inputs, out_shapes, *, ranks, heads, head_dim, tune, interpret):
   n_tokens = inputs[0].shape[0]
-  block_t = _pow2(tune["block_t"])
+  rows = tune["rows"]
+  if not 1 <= rows <= MAX_ROWS:
+    raise ValueError(f"tpa_contract rows={rows}: use 1..{MAX_ROWS} (output rows a program)")
+  tokens = slab_tokens(heads, rows)
   body = functools.partial(kernel, ranks=ranks, heads=heads, head_dim=head_dim,
-                           n_tokens=n_tokens, block_t=block_t,
-                           chunks=tuple(head_chunks(heads, tune["head_block"])))
+                           n_tokens=n_tokens, tokens=tokens)
+  # Flat operands: the kernel computes every slab's element offsets itself.
+  inputs = [x.reshape(-1) for x in inputs]
+  flat_shapes = [jax.ShapeDtypeStruct((s.size,), s.dtype) for s in out_shapes]
   whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
                                                     num_stages=tune["num_stages"])
-  return pl.pallas_call(
+  outs = pl.pallas_call(
       body,
-      grid=(pl.cdiv(n_tokens, block_t),),
+      grid=(pl.cdiv(n_tokens, tokens),),
       in_specs=[whole(x.shape) for x in inputs],
-      out_specs=[whole(s.shape) for s in out_shapes],
-      out_shape=out_shapes,
+      out_specs=[whole(s.shape) for s in flat_shapes],
+      out_shape=flat_shapes,
       interpret=interpret,
       name=name,
       **extra,
   )(*inputs)
+  return [o.reshape(s.shape) for o, s in zip(outs, out_shapes)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
