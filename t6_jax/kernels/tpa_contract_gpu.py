@@ -68,20 +68,26 @@ def slab_tokens(heads: int, rows: int) -> int:
 
 def _slab(n_tokens, tokens, heads, rank, head_dim):
   """Element offsets and masks of one program's slab: rows i = (t, h) of the (tokens H, d_h)
-  output, columns j = (t', r) of the (tokens R, d_h) B slab."""
+  output, columns j = (t', r) of the (tokens R, d_h) B slab, and the (tokens H, R) rows of
+  dA (its rank axis padded for the tensor cores)."""
   n0 = pl.program_id(0) * tokens
   i_M = jnp.arange(max(16, _pow2(tokens * heads)), dtype=jnp.int32)  # tensor cores: >= 16
   j_C = jnp.arange(max(16, _pow2(tokens * rank)), dtype=jnp.int32)
   k_K = jnp.arange(max(16, _pow2(head_dim)), dtype=jnp.int32)
+  r_R = jnp.arange(max(16, _pow2(rank)), dtype=jnp.int32)
   t_M, t_C = i_M // heads, j_C // rank
   row_ok_M = (i_M < tokens * heads) & (n0 + t_M < n_tokens)
   col_ok_C = (j_C < tokens * rank) & (n0 + t_C < n_tokens)
   k_ok_K = k_K < head_dim
   return dict(
-      n0=n0, i_M=i_M, j_C=j_C, row_ok_M=row_ok_M,
-      # A as the block-diagonal matrix: token t's (H, R) block at rows t H, columns t R.
-      diag_MxC=row_ok_M[:, None] & col_ok_C[None, :] & (t_M[:, None] == t_C[None, :]),
+      # A as the block-diagonal matrix: token t's (H, R) block at rows t H, columns t R
+      # (a valid row's own columns are valid too).
+      diag_MxC=row_ok_M[:, None] & (t_M[:, None] == t_C[None, :]),
       a_MxC=n0 * heads * rank + i_M[:, None] * rank + (j_C - t_C * rank)[None, :],
+      # Column j of the block diagonal holds rank j mod R.
+      pick_CxR=(j_C[:, None] % rank) == r_R[None, :],
+      da_ok_MxR=row_ok_M[:, None] & (r_R < rank)[None, :],
+      da_MxR=n0 * heads * rank + i_M[:, None] * rank + r_R[None, :],
       b_ok_CxK=col_ok_C[:, None] & k_ok_K[None, :],
       b_CxK=n0 * rank * head_dim + j_C[:, None] * head_dim + k_K[None, :],
       out_ok_MxK=row_ok_M[:, None] & k_ok_K[None, :],
@@ -125,12 +131,8 @@ def _bwd_kernel(*refs, ranks, heads, head_dim, n_tokens, tokens):
     # exact, and every (token, h, r) is stored by one lane.
     full_MxC = _dot(dout_MxK, b_CxK, 1, 1) * (1.0 / rank)
     own_MxC = jnp.where(s["diag_MxC"], full_MxC, 0.0).astype(a_MxC.dtype)
-    r_R = jnp.arange(max(16, _pow2(rank)), dtype=jnp.int32)
-    pick_CxR = ((s["j_C"][:, None] % rank) == r_R[None, :]).astype(a_MxC.dtype)
-    da_MxR = _dot(own_MxC, pick_CxR, 1, 0)
-    da_MxR_idx = s["n0"] * heads * rank + s["i_M"][:, None] * rank + r_R[None, :]
-    plgpu.store(da_ref.at[da_MxR_idx], da_MxR.astype(da_ref.dtype),
-                mask=s["row_ok_M"][:, None] & (r_R < rank)[None, :])
+    da_MxR = _dot(own_MxC, s["pick_CxR"].astype(a_MxC.dtype), 1, 0)
+    plgpu.store(da_ref.at[s["da_MxR"]], da_MxR.astype(da_ref.dtype), mask=s["da_ok_MxR"])
 
 
 def _launch(kernel, name, inputs, out_shapes, *, ranks, heads, head_dim, tune, interpret):

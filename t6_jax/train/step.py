@@ -254,10 +254,14 @@ def _jitted_steps(cfg: Config, mesh, batch_keys: tuple[str, ...]):
 CUBLAS_FROM_D_MODEL = 1024
 
 
+def _on_gpu(mesh) -> bool:
+  return mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm")
+
+
 def gpu_gemm(cfg: Config, mesh) -> str | None:
   """Who runs the train step's products on the mesh's GPUs ("cublas" or "triton", by
   train.gpu_gemm); None off GPU."""
-  if mesh.devices.flat[0].platform not in ("gpu", "cuda", "rocm"):
+  if not _on_gpu(mesh):
     return None
   choice = cfg.train.gpu_gemm
   if choice == "auto":
@@ -272,7 +276,7 @@ def settled(cfg: Config, mesh) -> Config:
   batched cuBLAS products where train.gpu_gemm takes cuBLAS), XLA's einsum elsewhere."""
   if cfg.model.contract_impl != "auto":
     return cfg
-  impl = "pallas" if gpu_gemm(cfg, mesh) is not None else "xla"
+  impl = "pallas" if _on_gpu(mesh) else "xla"
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, contract_impl=impl))
 
 
