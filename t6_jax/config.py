@@ -20,6 +20,7 @@ from t6_jax import storage
 
 ATTENTION_TYPES = ("tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla")
 GPU_GEMMS = ("auto", "cublas", "triton")
+LOSS_IMPLS = ("auto", "xla", "pallas")  # who reduces the loss's logits (kernels.lse_and_target)
 SCHEDULES = ("cosine", "wsd", "constant")
 RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -219,10 +220,13 @@ class TrainConfig:
   sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
   gpu_gemm: str = "auto"  # auto | cublas | triton: who runs the GPU train step's products
   # (auto: cuBLAS from d_model 1024 up, XLA's Triton GEMMs below; docs/training.md)
+  loss_impl: str = "auto"  # auto | xla | pallas: who reduces the loss's logits (auto: the
+  # one-read Pallas kernel on GPU, XLA elsewhere; docs/training.md)
 
   def validate(self) -> None:
     _choice("train.schedule", self.schedule, SCHEDULES)
     _choice("train.gpu_gemm", self.gpu_gemm, GPU_GEMMS)
+    _choice("train.loss_impl", self.loss_impl, LOSS_IMPLS)
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
               "eval_every", "eval_batches", "lr")
     _non_negative("train", self, "warmup_steps", "min_lr", "weight_decay", "clip_norm",

@@ -13,9 +13,12 @@ import optax
 import pytest
 
 from t6_jax import config as config_lib
+from t6_jax import kernels
+from t6_jax.kernels import cross_entropy_gpu
 from t6_jax.model import model_from_params
 from t6_jax.model.transformer import layers_scanned
-from t6_jax.sharding import rules_table
+from t6_jax.sharding import RULES as RULE_TABLES
+from t6_jax.sharding import make_mesh, rules_table
 from t6_jax.train import loss as loss_lib
 from t6_jax.train import step as step_lib
 
@@ -38,8 +41,8 @@ def numpy_loss_and_grads(x, w, targets):
   return (nll * keep).sum(), dlogits @ w, np.einsum("btv,btd->vd", dlogits, x)
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 8])
-def test_chunked_loss_and_grads_match_numpy(chunks):
+@pytest.mark.parametrize("chunks,impl", [(1, "xla"), (2, "xla"), (8, "xla"), (2, "pallas")])
+def test_chunked_loss_and_grads_match_numpy(chunks, impl):
   rng = np.random.default_rng(0)
   b, t, d, v = 3, 8, 16, 37
   x = rng.standard_normal((b, t, d)).astype(np.float32)
@@ -49,7 +52,7 @@ def test_chunked_loss_and_grads_match_numpy(chunks):
 
   def f(x, w):
     return loss_lib.lm_head_cross_entropy(x, w, targets, dtype="float32", rules=RULES,
-                                          chunks=chunks)
+                                          chunks=chunks, impl=impl)
 
   loss, (dx, dw) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
   want_loss, want_dx, want_dw = numpy_loss_and_grads(x, w, targets)
@@ -62,6 +65,72 @@ def test_chunked_loss_and_grads_match_numpy(chunks):
   dx3, dw3 = jax.grad(lambda x, w: 3.0 * f(x, w), (0, 1))(x, w)
   np.testing.assert_allclose(np.asarray(dx3), 3 * want_dx, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(dw3), 3 * want_dw, rtol=1e-5, atol=1e-6)
+
+
+def numpy_lse_and_target(x, t):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  lse = m[..., 0] + np.log(np.exp(x - m).sum(-1))
+  return lse, np.take_along_axis(x, np.asarray(t)[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("dtype,rows,block_v", [("float32", 2, 16), ("bfloat16", 1, 64),
+                                                ("float32", 4, 128)])
+def test_lse_kernel_matches_numpy(dtype, rows, block_v):
+  """The one-read kernel (interpreted) against float64 NumPy: a vocabulary that is not a
+  multiple of the block (masked tail), a row count that is not a multiple of `rows`, logits
+  far from zero (the running max must rescale the sum) and a row that is -inf but for one."""
+  rng = np.random.default_rng(5)
+  n, v = 7, 101
+  x = (rng.standard_normal((n, v)) * 4 + rng.uniform(-50, 50, (n, 1))).astype(np.float32)
+  x[3, :] = -np.inf
+  x[3, 60] = 2.0
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # the values the kernel reads
+  t = rng.integers(0, v, n).astype(np.int32)
+  t[3] = 60
+  lse, target = cross_entropy_gpu.lse_and_target(jnp.asarray(x, dtype), jnp.asarray(t),
+                                                 rows=rows, block_v=block_v, interpret=True)
+  want_lse, want_target = numpy_lse_and_target(x, t)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(target), want_target.astype(np.float32))
+
+
+def test_lse_kernel_rejects_mismatched_targets():
+  with pytest.raises(ValueError, match="one target id per row"):
+    cross_entropy_gpu.lse_and_target(jnp.zeros((4, 8)), jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match="train.loss_impl='fast'"):
+    kernels.lse_and_target(jnp.zeros((1, 4, 8)), jnp.zeros((1, 4), jnp.int32), impl="fast")
+
+
+@pytest.mark.parametrize("rules,kernel", [("fsdp", True), ("fsdp_tp", False)])
+def test_lse_on_a_mesh(rules, kernel):
+  """Rows split over fsdp: the kernel per shard under shard_map; the vocabulary split over
+  tensor (fsdp_tp): XLA's reductions. Both match NumPy."""
+  tensor = 2 if rules == "fsdp_tp" else 1
+  mesh = make_mesh(data=1, fsdp=4 // tensor, tensor=tensor, devices=jax.devices()[:4],
+                   rules=rules)
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((4, 3, 40)).astype(np.float32) * 3
+  t = rng.integers(0, 40, (4, 3)).astype(np.int32)
+  run = jax.jit(lambda x, t: kernels.lse_and_target(x, t, impl="pallas",
+                                                    rules=RULE_TABLES[rules]))
+  with jax.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(run)(x, t))
+    lse, target = run(x, t)
+  assert ("pallas_call" in jaxpr) == kernel and ("shard_map" in jaxpr) == kernel
+  want_lse, want_target = numpy_lse_and_target(x, t)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(target), want_target, rtol=0, atol=0)
+
+
+def test_lse_auto_takes_the_kernel_on_gpu_only(monkeypatch):
+  x, t = jnp.zeros((2, 3, 8)), jnp.zeros((2, 3), jnp.int32)
+  trace = lambda: str(jax.make_jaxpr(lambda x, t: kernels.lse_and_target(x, t))(x, t))
+  assert "pallas_call" not in trace()  # CPU: XLA's reductions
+  monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
+  monkeypatch.setattr(cross_entropy_gpu, "lse_and_target",
+                      lambda x, t, interpret: (x[:, 0], x[:, 1]))
+  assert "pallas_call" not in trace() and "slice" in trace()  # the (stubbed) kernel's path
 
 
 def test_num_chunks():

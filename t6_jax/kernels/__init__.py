@@ -44,6 +44,12 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       `jax.shard_map` on a mesh that splits only the batch; where the rules split heads
       (tensor parallelism) the einsum runs.
 
+  lse_and_target(logits_BxCxV, targets_BxC, *, impl, rules) -> fp32 (lse, target logit)
+      impl (train.loss_impl): auto | xla | pallas. The cross-entropy's per-token statistics
+      of a chunk of logits: XLA's two reductions and a gather, or one read by the Pallas
+      Triton kernel (cross_entropy_gpu.py; auto on GPU), interpreted off GPU, under
+      `jax.shard_map` on a mesh that does not split the vocabulary (else XLA's).
+
 `Mask` (mask.py) describes what each query may see for every path.
 """
 
@@ -54,9 +60,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from t6_jax.kernels import (attention_xla, gemv_gpu, grouped_decode_gpu, tpa_contract_gpu,
-                            tpa_decode_gpu, tpa_decode_tpu, tpa_step_gpu)
+from t6_jax.kernels import (attention_xla, cross_entropy_gpu, gemv_gpu, grouped_decode_gpu,
+                            tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu, tpa_step_gpu)
+from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -380,6 +388,45 @@ def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
     for i, o in zip(idx, got):
       outs[i] = o
   return outs
+
+
+def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
+                   rules: Rules | None = None):
+  """(logsumexp over V, the logit at each target id), both fp32 (B, C), of a chunk of logits
+  (B, C, V) and its target ids (B, C) in [0, V). impl (train.loss_impl): pallas, the one-read
+  kernel (`cross_entropy_gpu`; interpreted off GPU), per shard on a mesh; xla, XLA's
+  reductions; auto, the kernel on GPU. XLA's form runs wherever the rules split the
+  vocabulary (a row's sum would need other shards) or the chunk exceeds the kernel's offsets.
+  """
+  if impl not in LOSS_IMPLS:
+    raise ValueError(f"train.loss_impl={impl!r}; use {', '.join(LOSS_IMPLS)}")
+  platform, mesh = target()
+  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
+  axes = [(), (), ()]
+  if kernel and mesh is not None and rules is not None:
+    axes = _split_axes(("batch", "length", "act_vocab"), logits_BxCxV.shape, rules, mesh)
+    kernel = not axes[2]
+  shards = math.prod(mesh.shape[a] for a in axes[0] + axes[1]) if mesh is not None else 1
+  if kernel and logits_BxCxV.size // shards > cross_entropy_gpu.MAX_ELEMENTS:
+    kernel = False
+  if not kernel:
+    logits32 = logits_BxCxV.astype(jnp.float32)
+    target_BxC = jnp.take_along_axis(logits32, targets_BxC[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits32, axis=-1), target_BxC
+  interpret = platform != "gpu"
+
+  def local(x_BxCxV, t_BxC):
+    b, c, v = x_BxCxV.shape
+    lse_N, target_N = cross_entropy_gpu.lse_and_target(x_BxCxV.reshape(b * c, v),
+                                                        t_BxC.reshape(b * c),
+                                                        interpret=interpret)
+    return lse_N.reshape(b, c), target_N.reshape(b, c)
+
+  if not any(axes[0] + axes[1]):
+    return local(logits_BxCxV, targets_BxC)
+  rows = P(axes[0] or None, axes[1] or None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(*rows, None), rows),
+                       out_specs=(rows, rows), check_vma=False)(logits_BxCxV, targets_BxC)
 
 
 def grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len: int, scale: float,

@@ -104,7 +104,8 @@ def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
   hidden_BxTxD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets_BxT = batch["targets"]
   loss_sum = loss_lib.lm_head_cross_entropy(hidden_BxTxD, model.embed.wte[...], targets_BxT,
-                                            dtype=cfg.model.dtype, rules=model.rules)
+                                            dtype=cfg.model.dtype, rules=model.rules,
+                                            impl=cfg.train.loss_impl)
   return loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32)
 
 
