@@ -7,8 +7,9 @@ For a (tokens, vocab) chunk of bf16 logits (the chunk `train/loss.py` cuts at ba
 on one device: 4096 x 50304), times the logsumexp over the vocabulary and the target's logit
 (`kernels.lse_and_target`): XLA's two reductions and gather against the one-read kernel
 (`cross_entropy_gpu`), --calls per timed loop inside one jitted `fori_loop` (best of 3
-repeats), and checks both against a float64 NumPy logsumexp. Reports us per chunk and the
-logits' bytes read per second; --sweep times every combination of the kernel's settings and
+repeats), and checks both against a float64 NumPy logsumexp; --grad adds the logits'
+gradient (XLA's elementwise pass, or the kernel's second pass). Reports us per chunk and the
+logits' bytes (once) per second; --sweep times every combination of the kernel's settings and
 prints the fastest five. Off GPU the kernel runs interpreted (a smoke run). Prints only.
 """
 
@@ -35,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument("--tokens", type=int, default=4096, help="rows of the chunk")
   p.add_argument("--vocab", type=int, default=50304)
   p.add_argument("--calls", type=int, default=20, help="chunks per timed loop")
+  p.add_argument("--grad", action="store_true",
+                 help="also the logits' gradient (softmax - onehot), as a train step needs it")
   p.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
                  help="time every combination of these kernel settings (cross_entropy_gpu.TUNING)")
   return p.parse_args(argv)
@@ -55,19 +58,35 @@ def main(argv=None) -> int:
   x64 = np.asarray(x.astype(jnp.float32), np.float64)
   want = x64.max(-1) + np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1))
 
+  grad = args.grad
+
+  def gradient(x, t, lse):  # XLA's pass, as kernels._lse_and_target_xla writes it
+    onehot = jax.nn.one_hot(t, v, dtype=jnp.float32)
+    return (jnp.exp(x.astype(jnp.float32) - lse[:, None]) - onehot).astype(x.dtype)
+
   def xla(x, t):
     x32 = x.astype(jnp.float32)
-    return jax.nn.logsumexp(x32, axis=-1), jnp.take_along_axis(x32, t[:, None], -1)[:, 0]
+    lse = jax.nn.logsumexp(x32, axis=-1)
+    out = (lse, jnp.take_along_axis(x32, t[:, None], -1)[:, 0])
+    return out + (gradient(x, t, lse),) if grad else out
 
   def kernel(**tune):
-    return lambda x, t: cross_entropy_gpu.lse_and_target(x, t, interpret=not on_gpu, **tune)
+    return lambda x, t: cross_entropy_gpu.lse_and_target(x, t, grad=grad,
+                                                         interpret=not on_gpu, **tune)
+
+  def kernel_then_xla(x, t):  # the statistics from the kernel, the gradient from XLA
+    lse, target = cross_entropy_gpu.lse_and_target(x, t, interpret=not on_gpu)
+    return lse, target, gradient(x, t, lse)
 
   def timed(f) -> tuple[float, float]:
     """(us per chunk, max |lse - float64|)."""
     def loop(x, t):  # each call's ids depend on the last call's result: none is hoisted
       def body(_, acc):
-        lse, tgt = f(x, t + (acc[0] > 3e38).astype(t.dtype))
-        return acc + lse + tgt
+        out = f(x, t + (acc[0] > 3e38).astype(t.dtype))
+        acc = acc + out[0] + out[1]
+        if grad:  # the whole gradient written (the barrier), one column of it read
+          acc = acc + jax.lax.optimization_barrier(out[2])[:, 0].astype(jnp.float32)
+        return acc
       return jax.lax.fori_loop(0, args.calls, body, jnp.zeros((n,), jnp.float32))
     run = jax.jit(loop)
     jax.block_until_ready(run(x, t))
@@ -94,8 +113,11 @@ def main(argv=None) -> int:
     for us, err, tune in sorted(rows, key=lambda r: r[0])[:5]:
       print(f"  {tune}: {us:8.1f} us  {n * v * 2 / us / 1e6:6.2f} TB/s  max error {err:.1e}")
     return 0
-  for name, f in (("XLA (two reductions and a gather)", xla),
-                  (f"Pallas kernel {cross_entropy_gpu.TUNING}", kernel())):
+  forms = [("XLA (two reductions and a gather" + (", the gradient's pass)" if grad else ")"),
+            xla), (f"Pallas kernel {cross_entropy_gpu.TUNING}", kernel())]
+  if grad:
+    forms.insert(1, ("the kernel's statistics, XLA's gradient pass", kernel_then_xla))
+  for name, f in forms:
     us, err = timed(f)
     print(f"  {name}: {us:8.1f} us  {n * v * 2 / us / 1e6:6.2f} TB/s  max error {err:.1e}")
   return 0

@@ -68,10 +68,15 @@ def test_chunked_loss_and_grads_match_numpy(chunks, impl):
 
 
 def numpy_lse_and_target(x, t):
-  x = np.asarray(x, np.float64)
+  """float64 logsumexp, the logit at max(t, 0), and softmax - onehot (zero where t < 0)."""
+  x, t = np.asarray(x, np.float64), np.asarray(t)
   m = x.max(-1, keepdims=True)
   lse = m[..., 0] + np.log(np.exp(x - m).sum(-1))
-  return lse, np.take_along_axis(x, np.asarray(t)[..., None], -1)[..., 0]
+  safe = np.maximum(t, 0)[..., None]
+  grad = np.exp(x - lse[..., None])
+  np.put_along_axis(grad, safe, np.take_along_axis(grad, safe, -1) - 1.0, -1)
+  grad *= (t >= 0)[..., None]
+  return lse, np.take_along_axis(x, safe, -1)[..., 0], grad
 
 
 @pytest.mark.parametrize("dtype,rows,block_v", [("float32", 2, 16), ("bfloat16", 1, 64),
@@ -79,7 +84,8 @@ def numpy_lse_and_target(x, t):
 def test_lse_kernel_matches_numpy(dtype, rows, block_v):
   """The one-read kernel (interpreted) against float64 NumPy: a vocabulary that is not a
   multiple of the block (masked tail), a row count that is not a multiple of `rows`, logits
-  far from zero (the running max must rescale the sum) and a row that is -inf but for one."""
+  far from zero (the running max must rescale the sum), a row that is -inf but for one and
+  an ignored token (id -1: a zero gradient row)."""
   rng = np.random.default_rng(5)
   n, v = 7, 101
   x = (rng.standard_normal((n, v)) * 4 + rng.uniform(-50, 50, (n, 1))).astype(np.float32)
@@ -87,12 +93,20 @@ def test_lse_kernel_matches_numpy(dtype, rows, block_v):
   x[3, 60] = 2.0
   x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # the values the kernel reads
   t = rng.integers(0, v, n).astype(np.int32)
-  t[3] = 60
-  lse, target = cross_entropy_gpu.lse_and_target(jnp.asarray(x, dtype), jnp.asarray(t),
-                                                 rows=rows, block_v=block_v, interpret=True)
-  want_lse, want_target = numpy_lse_and_target(x, t)
+  t[3], t[5] = 60, -1
+  lse, target, grad = cross_entropy_gpu.lse_and_target(
+      jnp.asarray(x, dtype), jnp.asarray(t), grad=True, rows=rows, block_v=block_v,
+      interpret=True)
+  want_lse, want_target, want_grad = numpy_lse_and_target(x, t)
   np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(target), want_target.astype(np.float32))
+  assert grad.dtype == jnp.dtype(dtype) and not np.asarray(grad[5], np.float32).any()
+  tol = 2e-6 if dtype == "float32" else 2**-8  # bf16: one rounding of each gradient
+  np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, rtol=tol, atol=tol)
+  # Without grad: the same statistics, two outputs.
+  assert len(cross_entropy_gpu.lse_and_target(jnp.asarray(x, dtype), jnp.asarray(t),
+                                              rows=rows, block_v=block_v,
+                                              interpret=True)) == 2
 
 
 def test_lse_kernel_rejects_mismatched_targets():
@@ -105,22 +119,22 @@ def test_lse_kernel_rejects_mismatched_targets():
 @pytest.mark.parametrize("rules,kernel", [("fsdp", True), ("fsdp_tp", False)])
 def test_lse_on_a_mesh(rules, kernel):
   """Rows split over fsdp: the kernel per shard under shard_map; the vocabulary split over
-  tensor (fsdp_tp): XLA's reductions. Both match NumPy."""
+  tensor (fsdp_tp): XLA's reductions. Both match NumPy, the gradient included."""
   tensor = 2 if rules == "fsdp_tp" else 1
   mesh = make_mesh(data=1, fsdp=4 // tensor, tensor=tensor, devices=jax.devices()[:4],
                    rules=rules)
   rng = np.random.default_rng(6)
   x = rng.standard_normal((4, 3, 40)).astype(np.float32) * 3
   t = rng.integers(0, 40, (4, 3)).astype(np.int32)
-  run = jax.jit(lambda x, t: kernels.lse_and_target(x, t, impl="pallas",
+  t[1, 2] = -1
+  run = jax.jit(lambda x, t: kernels.lse_and_target(x, t, impl="pallas", grad=True,
                                                     rules=RULE_TABLES[rules]))
   with jax.set_mesh(mesh):
     jaxpr = str(jax.make_jaxpr(run)(x, t))
-    lse, target = run(x, t)
+    got = run(x, t)
   assert ("pallas_call" in jaxpr) == kernel and ("shard_map" in jaxpr) == kernel
-  want_lse, want_target = numpy_lse_and_target(x, t)
-  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(target), want_target, rtol=0, atol=0)
+  for g, want in zip(got, numpy_lse_and_target(x, t)):
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6, atol=1e-6)
 
 
 def test_lse_auto_takes_the_kernel_on_gpu_only(monkeypatch):
@@ -129,7 +143,7 @@ def test_lse_auto_takes_the_kernel_on_gpu_only(monkeypatch):
   assert "pallas_call" not in trace()  # CPU: XLA's reductions
   monkeypatch.setattr(kernels, "target", lambda: ("gpu", None))
   monkeypatch.setattr(cross_entropy_gpu, "lse_and_target",
-                      lambda x, t, interpret: (x[:, 0], x[:, 1]))
+                      lambda x, t, grad, interpret: (x[:, 0], x[:, 1]))
   assert "pallas_call" not in trace() and "slice" in trace()  # the (stubbed) kernel's path
 
 

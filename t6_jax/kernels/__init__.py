@@ -44,11 +44,14 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       `jax.shard_map` on a mesh that splits only the batch; where the rules split heads
       (tensor parallelism) the einsum runs.
 
-  lse_and_target(logits_BxCxV, targets_BxC, *, impl, rules) -> fp32 (lse, target logit)
+  lse_and_target(logits_BxCxV, targets_BxC, *, impl, rules, grad) -> fp32 (lse, target
+      logit) [, the logits' gradient softmax - onehot]
       impl (train.loss_impl): auto | xla | pallas. The cross-entropy's per-token statistics
-      of a chunk of logits: XLA's two reductions and a gather, or one read by the Pallas
-      Triton kernel (cross_entropy_gpu.py; auto on GPU), interpreted off GPU, under
-      `jax.shard_map` on a mesh that does not split the vocabulary (else XLA's).
+      of a chunk of logits (and its gradient): XLA's two reductions, a gather and an
+      elementwise pass, or the Pallas Triton kernel (cross_entropy_gpu.py; auto on GPU),
+      which reads each row once for the statistics and again for the gradient, interpreted
+      off GPU, under `jax.shard_map` on a mesh that does not split the vocabulary (else
+      XLA's).
 
 `Mask` (mask.py) describes what each query may see for every path.
 """
@@ -391,12 +394,15 @@ def tpa_contract(pairs, *, impl: str = "xla", rules: Rules | None = None):
 
 
 def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
-                   rules: Rules | None = None):
+                   rules: Rules | None = None, grad: bool = False):
   """(logsumexp over V, the logit at each target id), both fp32 (B, C), of a chunk of logits
-  (B, C, V) and its target ids (B, C) in [0, V). impl (train.loss_impl): pallas, the one-read
-  kernel (`cross_entropy_gpu`; interpreted off GPU), per shard on a mesh; xla, XLA's
-  reductions; auto, the kernel on GPU. XLA's form runs wherever the rules split the
-  vocabulary (a row's sum would need other shards) or the chunk exceeds the kernel's offsets.
+  (B, C, V) and its target ids (B, C); an id < 0 (an ignored token) reads the logit at 0.
+  grad=True: also d nll / d logits = softmax - onehot(target) in the logits' dtype, zero
+  rows for ignored tokens. impl (train.loss_impl): pallas, the kernel (`cross_entropy_gpu`:
+  one read for the statistics, a second for the gradient; interpreted off GPU), per shard on
+  a mesh; xla, XLA's reductions and elementwise pass; auto, the kernel on GPU. XLA's form
+  runs wherever the rules split the vocabulary (a row's sum would need other shards) or the
+  chunk exceeds the kernel's offsets.
   """
   if impl not in LOSS_IMPLS:
     raise ValueError(f"train.loss_impl={impl!r}; use {', '.join(LOSS_IMPLS)}")
@@ -410,23 +416,35 @@ def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
   if kernel and logits_BxCxV.size // shards > cross_entropy_gpu.MAX_ELEMENTS:
     kernel = False
   if not kernel:
-    logits32 = logits_BxCxV.astype(jnp.float32)
-    target_BxC = jnp.take_along_axis(logits32, targets_BxC[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits32, axis=-1), target_BxC
+    return _lse_and_target_xla(logits_BxCxV, targets_BxC, grad)
   interpret = platform != "gpu"
 
   def local(x_BxCxV, t_BxC):
     b, c, v = x_BxCxV.shape
-    lse_N, target_N = cross_entropy_gpu.lse_and_target(x_BxCxV.reshape(b * c, v),
-                                                        t_BxC.reshape(b * c),
-                                                        interpret=interpret)
-    return lse_N.reshape(b, c), target_N.reshape(b, c)
+    outs = cross_entropy_gpu.lse_and_target(x_BxCxV.reshape(b * c, v), t_BxC.reshape(b * c),
+                                            grad=grad, interpret=interpret)
+    return tuple(o.reshape((b, c) + o.shape[1:]) for o in outs)
 
   if not any(axes[0] + axes[1]):
     return local(logits_BxCxV, targets_BxC)
   rows = P(axes[0] or None, axes[1] or None)
+  out_specs = (rows, rows) + ((P(*rows, None),) if grad else ())
   return jax.shard_map(local, mesh=mesh, in_specs=(P(*rows, None), rows),
-                       out_specs=(rows, rows), check_vma=False)(logits_BxCxV, targets_BxC)
+                       out_specs=out_specs, check_vma=False)(logits_BxCxV, targets_BxC)
+
+
+def _lse_and_target_xla(logits_BxCxV, targets_BxC, grad: bool):
+  logits32 = logits_BxCxV.astype(jnp.float32)
+  keep_BxC = targets_BxC >= 0
+  safe_BxC = jnp.where(keep_BxC, targets_BxC, 0)
+  lse_BxC = jax.nn.logsumexp(logits32, axis=-1)
+  target_BxC = jnp.take_along_axis(logits32, safe_BxC[..., None], axis=-1)[..., 0]
+  if not grad:
+    return lse_BxC, target_BxC
+  probs = jnp.exp(logits32 - lse_BxC[..., None])
+  onehot = jax.nn.one_hot(safe_BxC, logits32.shape[-1], dtype=jnp.float32)
+  dlogits = ((probs - onehot) * keep_BxC[..., None]).astype(logits_BxCxV.dtype)
+  return lse_BxC, target_BxC, dlogits
 
 
 def grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len: int, scale: float,

@@ -5,6 +5,7 @@ For logits x (N, V) (the compute dtype) and target ids t (N,), per row n, in fp3
   lse[n]    = log sum_v exp(x[n, v])        (online: a running max m and sum s over V blocks,
                                              s <- s exp(m - m') + sum exp(x - m'))
   target[n] = x[n, t[n]]
+  and with grad: dx[n, v] = exp(x[n, v] - lse[n]) - [v == t[n]]  (x's dtype; a second pass)
 
 XLA computes the same pair as two reductions over the logits (the max, then the sum of exp)
 plus a gather: two reads of the chunk where this kernel makes one. On an H200 one T6-small
@@ -30,36 +31,60 @@ TUNING = {"rows": 1, "block_v": 4096, "num_warps": 4, "num_stages": 3}
 MAX_ELEMENTS = 2**31 - 1  # the kernel's offsets are int32
 
 
-def _kernel(x_ref, t_ref, lse_ref, target_ref, *, n_len, v_len, rows, block_v):
+def _kernel(x_ref, t_ref, lse_ref, target_ref, *grad_ref, n_len, v_len, rows, block_v):
   r_R = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
   ok_R = r_R < n_len
   f32 = jnp.float32
 
-  def body(step, carry):
-    m_R, s_R = carry
+  def logits(step):
     v_V = step * block_v + jnp.arange(block_v, dtype=jnp.int32)
     ok = ok_R[:, None] & (v_V[None, :] < v_len)
-    x_RxV = plgpu.load(x_ref.at[r_R[:, None], v_V[None, :]], mask=ok,
-                       other=-jnp.inf).astype(f32)
+    x_RxV = plgpu.load(x_ref.at[r_R[:, None], v_V[None, :]], mask=ok, other=-jnp.inf)
+    return v_V, ok, x_RxV.astype(f32)
+
+  def body(step, carry):
+    m_R, s_R = carry
+    x_RxV = logits(step)[2]
     new_R = jnp.maximum(m_R, jnp.max(x_RxV, axis=1))
     s_R = s_R * jnp.exp(m_R - new_R) + jnp.sum(jnp.exp(x_RxV - new_R[:, None]), axis=1)
     return new_R, s_R
 
   # A finite start for the max: exp(m - m') stays exp(0) = 1, never exp(nan), before the
   # first finite logit.
-  m_R, s_R = jax.lax.fori_loop(0, pl.cdiv(v_len, block_v), body,
+  steps = pl.cdiv(v_len, block_v)
+  m_R, s_R = jax.lax.fori_loop(0, steps, body,
                                (jnp.full((rows,), NEG, f32), jnp.zeros((rows,), f32)))
-  plgpu.store(lse_ref.at[r_R], m_R + jnp.log(s_R), mask=ok_R)
+  lse_R = m_R + jnp.log(s_R)
+  plgpu.store(lse_ref.at[r_R], lse_R, mask=ok_R)
   t_R = plgpu.load(t_ref.at[r_R], mask=ok_R, other=0)
+  safe_R = jnp.maximum(t_R, 0)
   plgpu.store(target_ref.at[r_R],
-              plgpu.load(x_ref.at[r_R, t_R], mask=ok_R, other=0.0).astype(f32), mask=ok_R)
+              plgpu.load(x_ref.at[r_R, safe_R], mask=ok_R, other=0.0).astype(f32), mask=ok_R)
+  if not grad_ref:
+    return
+  # d nll / d logits = softmax - onehot(target), zero for an ignored target (id < 0). The
+  # second read of the row follows the first closely enough to find much of it in L2.
+  (grad_ref,) = grad_ref
+  keep_R = t_R >= 0
+
+  def grad(step, carry):
+    v_V, ok, x_RxV = logits(step)
+    p_RxV = jnp.exp(x_RxV - lse_R[:, None])
+    p_RxV = jnp.where(v_V[None, :] == safe_R[:, None], p_RxV - 1.0, p_RxV)
+    p_RxV = jnp.where(keep_R[:, None], p_RxV, 0.0)
+    plgpu.store(grad_ref.at[r_R[:, None], v_V[None, :]], p_RxV.astype(grad_ref.dtype), mask=ok)
+    return carry
+
+  jax.lax.fori_loop(0, steps, grad, 0)
 
 
-def lse_and_target(x_NxV, t_N, *, rows: int | None = None, block_v: int | None = None,
-                   num_warps: int | None = None, num_stages: int | None = None,
-                   interpret: bool = False):
+def lse_and_target(x_NxV, t_N, *, grad: bool = False, rows: int | None = None,
+                   block_v: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None, interpret: bool = False):
   """(lse (N,), x[n, t[n]] (N,)), both fp32, from logits x (N, V) and ids t (N,) in [0, V).
 
+  grad=True: also d nll / d x = softmax(x) - onehot(t) in x's dtype (N, V), a second pass
+  over each row; ids t < 0 (ignored tokens) get a zero row and the logit at id 0.
   Settings default to TUNING; interpret runs the Pallas interpreter (CPU tests)."""
   n_len, v_len = x_NxV.shape
   if t_N.shape != (n_len,):
@@ -76,12 +101,13 @@ def lse_and_target(x_NxV, t_N, *, rows: int | None = None, block_v: int | None =
   extra = {} if interpret else {"compiler_params": plgpu.CompilerParams(
       num_warps=tune["num_warps"], num_stages=tune["num_stages"])}
   stat = jax.ShapeDtypeStruct((n_len,), jnp.float32)
+  out_shape = [stat, stat] + ([jax.ShapeDtypeStruct(x_NxV.shape, x_NxV.dtype)] if grad else [])
   return pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n_len, tune["rows"]),),
       in_specs=[whole(x_NxV.shape), whole(t_N.shape)],
-      out_specs=[whole((n_len,)), whole((n_len,))],
-      out_shape=[stat, stat],
+      out_specs=[whole(o.shape) for o in out_shape],
+      out_shape=out_shape,
       interpret=interpret,
       name="lse_and_target",
       **extra,
