@@ -65,9 +65,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels import (attention_xla, cross_entropy_gpu, gemv_gpu, grouped_decode_gpu,
                             tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu, tpa_step_gpu)
-from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)

@@ -1,4 +1,5 @@
-"""The loss's per-token statistics of a chunk of logits in one read, as a Pallas (Triton) kernel.
+"""The loss's per-token statistics of a chunk of logits (and their gradient) as a Pallas (Triton)
+kernel.
 
 For logits x (N, V) (the compute dtype) and target ids t (N,), per row n, in fp32:
 
@@ -8,8 +9,9 @@ For logits x (N, V) (the compute dtype) and target ids t (N,), per row n, in fp3
   and with grad: dx[n, v] = exp(x[n, v] - lse[n]) - [v == t[n]]  (x's dtype; a second pass)
 
 XLA computes the same pair as two reductions over the logits (the max, then the sum of exp)
-plus a gather: two reads of the chunk where this kernel makes one. On an H200 one T6-small
-chunk (4096 x 50304 bf16) takes 254 us in XLA and 138 us here (docs/benchmarks.md).
+plus a gather: two reads of the chunk where this kernel makes one; its gradient is a third.
+On an H200 one T6-small chunk (4096 x 50304 bf16) takes 262 us in XLA and 151 us here, or
+with the gradient 524 and 369 us (bench/cross_entropy.py; docs/benchmarks.md).
 
 Grid (row blocks,): program i reduces rows [i rows, (i+1) rows), block_v logits per step.
 """
@@ -26,7 +28,8 @@ from jax.experimental.pallas import triton as plgpu
 from t6_jax.kernels.tpa_decode_gpu import NEG
 
 # Rows per program, logits per loop step, warps, pipeline stages: the fastest of a sweep on
-# an H200 (bench/cross_entropy.py) at T6-small's chunk, 4096 x 50304 bf16 (2.98 TB/s).
+# an H200 (bench/cross_entropy.py) at T6-small's chunk, 4096 x 50304 bf16 (2.7-3.0 TB/s),
+# with the gradient as without it.
 TUNING = {"rows": 1, "block_v": 4096, "num_warps": 4, "num_stages": 3}
 MAX_ELEMENTS = 2**31 - 1  # the kernel's offsets are int32
 
@@ -62,8 +65,8 @@ def _kernel(x_ref, t_ref, lse_ref, target_ref, *grad_ref, n_len, v_len, rows, bl
               plgpu.load(x_ref.at[r_R, safe_R], mask=ok_R, other=0.0).astype(f32), mask=ok_R)
   if not grad_ref:
     return
-  # d nll / d logits = softmax - onehot(target), zero for an ignored target (id < 0). The
-  # second read of the row follows the first closely enough to find much of it in L2.
+  # d nll / d logits = softmax - onehot(target), zero for an ignored target (id < 0): a
+  # second read of the row (from HBM mostly: no setting swept kept it in L2).
   (grad_ref,) = grad_ref
   keep_R = t_R >= 0
 
@@ -81,7 +84,7 @@ def _kernel(x_ref, t_ref, lse_ref, target_ref, *grad_ref, n_len, v_len, rows, bl
 def lse_and_target(x_NxV, t_N, *, grad: bool = False, rows: int | None = None,
                    block_v: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, interpret: bool = False):
-  """(lse (N,), x[n, t[n]] (N,)), both fp32, from logits x (N, V) and ids t (N,) in [0, V).
+  """(lse (N,), x[n, t[n]] (N,)), both fp32, from logits x (N, V) and ids t (N,) < V.
 
   grad=True: also d nll / d x = softmax(x) - onehot(t) in x's dtype (N, V), a second pass
   over each row; ids t < 0 (ignored tokens) get a zero row and the logit at id 0.

@@ -52,7 +52,8 @@ def lm_head_cross_entropy(x_BxTxD, w_VxD, targets_BxT, *, dtype, rules: Rules,
   """Sum over counted tokens of -log softmax(x W^T)[target] (fp32 scalar); targets equal to
   IGNORE count nothing. x: final hidden states, w: the tied embedding table (V, D).
   chunks: pieces of T (must divide it); default: `num_chunks` for the mesh traced under.
-  impl: who computes each chunk's logsumexp (`kernels.lse_and_target`)."""
+  impl: who computes each chunk's logsumexp and logit gradient (`kernels.lse_and_target`,
+  train.loss_impl)."""
   b, t, _ = x_BxTxD.shape
   if chunks is None:
     chunks = num_chunks(b, t, w_VxD.shape[0], _mesh_devices())
