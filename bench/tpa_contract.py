@@ -9,18 +9,24 @@ Times the forward (q, k, v from the six factors), the backward alone (the six fa
 gradients from dq, dk, dv) and their sum; GB/s counts the bytes each must move
 (forward: factors read, outputs written; backward: factors and output gradients read, factor
 gradients written). `--tuning_out` writes the fastest forward and backward settings as JSON
-({"fwd": {...}, "bwd": {...}}, the form of `tpa_contract_gpu.TUNING`).
+({"fwd": {...}, "bwd": {...}}, the form of `tpa_contract_gpu.TUNING`). `--sweep KEY=V1,V2
+...` times every combination of those settings (rows, num_warps, num_stages) instead of the
+default list.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py: KEY=V1,V2 parsing)
 
 # Launch settings tried for both kernels: `rows` (token, head) output rows a program, warps.
 SWEEP = [{"rows": r, "num_warps": w} for r, w in ((64, 2), (64, 4), (128, 2), (128, 4), (256, 4))]
@@ -35,6 +41,9 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
   p.add_argument("--calls", type=int, default=10, help="calls per repetition")
   p.add_argument("--tuning_out", default="", help="JSON file for the fastest settings")
+  p.add_argument("--sweep", nargs="*", default=None, metavar="KEY=V1,V2",
+                 help="time every combination of these kernel settings instead of the default "
+                      "list")
   return p.parse_args(argv)
 
 
@@ -106,8 +115,12 @@ def main(argv=None) -> int:
   fx, bx, outs, grads = measure(einsum)
   row("XLA einsum", fx, bx, f"{error(outs, want_outs):.1e} / {error(grads, want_grads):.1e}")
   best = {"fwd": (fx, None), "bwd": (bx, None)}
-  for setting in SWEEP:
-    tune = {**setting, "num_stages": 1}
+  sweep = SWEEP
+  if args.sweep:
+    grid = _settings(args.sweep)
+    sweep = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+  for setting in sweep:
+    tune = {"num_stages": 1, **setting}
     name = "kernel " + " ".join(f"{k}={v}" for k, v in setting.items())
     try:
       fk, bk, outs, grads = measure(
