@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = {
     "cross_entropy": (["bench/cross_entropy.py", "--tokens", "8", "--vocab", "300", "--calls",
-                       "2"], "Pallas kernel"),
+                       "2", "--grad"], "the kernel's statistics, XLA's gradient pass"),
     "decode": (["bench/decode.py", "--tiny", "--no_write", "--models", "t6-small,gqa-small",
                 "--batches", "2", "--contexts", "256"], "| t6-small (tiny) | 2 | 256 |"),
     "decode_profile": (["bench/decode_profile.py", "--tiny"], "ms/step untraced"),

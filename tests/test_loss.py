@@ -133,6 +133,9 @@ def test_lse_on_a_mesh(rules, kernel):
     jaxpr = str(jax.make_jaxpr(run)(x, t))
     got = run(x, t)
   assert ("pallas_call" in jaxpr) == kernel and ("shard_map" in jaxpr) == kernel
+  with jax.set_mesh(mesh):  # no rules: the split is unknown, so XLA's form
+    assert "pallas_call" not in str(jax.make_jaxpr(
+        lambda x, t: kernels.lse_and_target(x, t, impl="pallas"))(x, t))
   for g, want in zip(got, numpy_lse_and_target(x, t)):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6, atol=1e-6)
 

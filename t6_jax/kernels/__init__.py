@@ -401,17 +401,20 @@ def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
   rows for ignored tokens. impl (train.loss_impl): pallas, the kernel (`cross_entropy_gpu`:
   one read for the statistics, a second for the gradient; interpreted off GPU), per shard on
   a mesh; xla, XLA's reductions and elementwise pass; auto, the kernel on GPU. XLA's form
-  runs wherever the rules split the vocabulary (a row's sum would need other shards) or the
-  chunk exceeds the kernel's offsets.
+  runs wherever the rules split the vocabulary (a row's sum would need other shards), on a
+  mesh without rules, and where the chunk exceeds the kernel's offsets.
   """
   if impl not in LOSS_IMPLS:
     raise ValueError(f"train.loss_impl={impl!r}; use {', '.join(LOSS_IMPLS)}")
   platform, mesh = target()
   kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
   axes = [(), (), ()]
-  if kernel and mesh is not None and rules is not None:
-    axes = _split_axes(("batch", "length", "act_vocab"), logits_BxCxV.shape, rules, mesh)
-    kernel = not axes[2]
+  if kernel and mesh is not None:
+    if rules is None:  # how the logits split over the mesh is unknown
+      kernel = False
+    else:
+      axes = _split_axes(("batch", "length", "act_vocab"), logits_BxCxV.shape, rules, mesh)
+      kernel = not axes[2]
   shards = math.prod(mesh.shape[a] for a in axes[0] + axes[1]) if mesh is not None else 1
   if kernel and logits_BxCxV.size // shards > cross_entropy_gpu.MAX_ELEMENTS:
     kernel = False
