@@ -87,6 +87,9 @@ class ModelConfig:
   # kernels/tpa_contract_gpu.py, interpreted off GPU) | auto (pallas in GPU train and eval
   # steps, xla elsewhere)
   contract_impl: str = "auto"
+  # The MLP's silu(gate) * up backward: xla (XLA's elementwise kernels) | pallas (one pass
+  # for both gradients, kernels/swiglu_gpu.py, interpreted off GPU) | auto (pallas on GPU)
+  swiglu_impl: str = "auto"
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
@@ -144,6 +147,8 @@ class ModelConfig:
          f"model.attention_impl={self.attention_impl!r}; use auto, xla, cudnn or splash")
     need(self.contract_impl in ("auto", "xla", "pallas"),
          f"model.contract_impl={self.contract_impl!r}; use auto, xla or pallas")
+    need(self.swiglu_impl in ("auto", "xla", "pallas"),
+         f"model.swiglu_impl={self.swiglu_impl!r}; use auto, xla or pallas")
     need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
          f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
          f"{self.scan_layers!r}")

@@ -53,6 +53,12 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       off GPU, under `jax.shard_map` on a mesh that does not split the vocabulary (else
       XLA's).
 
+  swiglu(g, u, *, impl, rules) -> silu(g) * u, the MLP's hidden activation
+      impl (model.swiglu_impl): auto | xla | pallas. The forward is XLA's one elementwise
+      kernel; the backward's two gradients come from one pass (swiglu_gpu.py; auto on GPU),
+      interpreted off GPU, per shard on a mesh, where XLA runs two passes that each read
+      dh and g.
+
 `Mask` (mask.py) describes what each query may see for every path.
 """
 
@@ -67,7 +73,8 @@ from jax.sharding import PartitionSpec as P
 
 from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels import (attention_xla, cross_entropy_gpu, gemv_gpu, grouped_decode_gpu,
-                            tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu, tpa_step_gpu)
+                            swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu,
+                            tpa_step_gpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -434,6 +441,65 @@ def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
   out_specs = (rows, rows) + ((P(*rows, None),) if grad else ())
   return jax.shard_map(local, mesh=mesh, in_specs=(P(*rows, None), rows),
                        out_specs=out_specs, check_vma=False)(logits_BxCxV, targets_BxC)
+
+
+def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
+  """silu(g) * u, differentiable. impl (model.swiglu_impl): xla, XLA's autodiff; pallas, the
+  backward's dg and du from one pass of `swiglu_gpu` (interpreted off GPU), per shard on a
+  mesh (any split: the op is elementwise); auto, pallas on GPU where the hidden width is a
+  multiple of 8. XLA's form where the rules are unknown on a mesh and past the kernel's
+  int32 offsets."""
+  if impl not in ("auto", "xla", "pallas"):
+    raise ValueError(f"model.swiglu_impl={impl!r}; use auto, xla or pallas")
+  platform, mesh = target()
+  # auto: not where the hidden width is not a multiple of 8 (T6-medium's 2730 unless the
+  # MLP pads it, `swiglu_padding`): XLA pads such GEMM widths for cuBLAS and fuses the
+  # padding into its own elementwise kernels, but would copy the operands unpadded for this
+  # kernel and pad its outputs again (measured on an H200: t6-medium 5% slower).
+  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu" and g.shape[-1] % 8 == 0)
+  spec = None
+  if kernel and mesh is not None:
+    if rules is None:
+      kernel = False
+    else:
+      axes = _split_axes(("batch", "length", "act_mlp"), g.shape, rules, mesh)
+      spec = P(*(a or None for a in axes))
+      shards = math.prod(mesh.shape[x] for a in axes for x in a)
+  if kernel and g.size // (shards if spec is not None else 1) > swiglu_gpu.MAX_ELEMENTS:
+    kernel = False
+  if not kernel:
+    return jax.nn.silu(g) * u
+  return _swiglu(platform != "gpu", mesh if spec is not None else None, spec, g, u)
+
+
+def swiglu_padding(width: int, *, impl: str = "auto") -> int:
+  """Zero hidden units the MLP adds to its width `width` so that `swiglu` takes the kernel:
+  up to a multiple of 8 where impl (model.swiglu_impl) picks it on this platform (auto: on
+  GPU), else 0. XLA pads such GEMM widths itself anyway (for cuBLAS)."""
+  platform, _ = target()
+  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
+  return -width % 8 if kernel else 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _swiglu(interpret, mesh, spec, g, u):
+  return jax.nn.silu(g) * u
+
+
+def _swiglu_fwd(interpret, mesh, spec, g, u):
+  return _swiglu(interpret, mesh, spec, g, u), (g, u)
+
+
+def _swiglu_bwd(interpret, mesh, spec, res, dh):
+  g, u = res
+  fn = functools.partial(swiglu_gpu.swiglu_grad, interpret=interpret)
+  if spec is None:
+    return fn(dh, g, u)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, spec),
+                       check_vma=False)(dh, g, u)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _lse_and_target_xla(logits_BxCxV, targets_BxC, grad: bool):

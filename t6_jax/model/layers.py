@@ -198,6 +198,7 @@ class Mlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules):
     d, f = cfg.d_model, cfg.mlp_dim
     self.dtype, self.rules = jnp.dtype(cfg.dtype), rules
+    self.swiglu_impl = cfg.swiglu_impl
     self.c_fc1 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
@@ -222,15 +223,25 @@ class Mlp(nnx.Module):
     if prenorm:
       x_BxTxD = rms_norm(x_BxTxD)
     x = x_BxTxD.astype(self.dtype)
+    w_proj = self.c_proj[...].astype(self.dtype)
     if packed is not None:
       gate_BxTxF, up_BxTxF = jnp.split(
           packed_product(x, packed[...], self.packed_output_major), 2, axis=-1)
     else:
-      gate_BxTxF = dense("btd,df->btf", x, self.c_fc1[...].astype(self.dtype))
-      up_BxTxF = dense("btd,df->btf", x, self.c_fc2[...].astype(self.dtype))
-    h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+      w_fc1, w_fc2 = (w[...].astype(self.dtype) for w in (self.c_fc1, self.c_fc2))
+      # Zero hidden units up to the width the SwiGLU kernel takes (silu(0) * 0 = 0 meets
+      # zero rows of c_proj: the same output, and the gradients' extra columns are dropped
+      # by the pads' transposes). Not where the rules split the hidden axis.
+      pad = 0 if self.rules.mesh_axes("mlp") else kernels.swiglu_padding(
+          w_fc1.shape[1], impl=self.swiglu_impl)
+      if pad:
+        w_fc1, w_fc2 = (jnp.pad(w, ((0, 0), (0, pad))) for w in (w_fc1, w_fc2))
+        w_proj = jnp.pad(w_proj, ((0, pad), (0, 0)))
+      gate_BxTxF = dense("btd,df->btf", x, w_fc1)
+      up_BxTxF = dense("btd,df->btf", x, w_fc2)
+    h_BxTxF = kernels.swiglu(gate_BxTxF, up_BxTxF, impl=self.swiglu_impl, rules=self.rules)
     h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"), self.rules)
-    return dense("btf,fd->btd", h_BxTxF, self.c_proj[...].astype(self.dtype))
+    return dense("btf,fd->btd", h_BxTxF, w_proj)
 
   def pack_projection(self, output_major: bool = False):
     """Stores c_fc1 and c_fc2 side by side on this (one layer's) module as `packed_fc`
