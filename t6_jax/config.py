@@ -90,6 +90,9 @@ class ModelConfig:
   # The MLP's silu(gate) * up backward: xla (XLA's elementwise kernels) | pallas (one pass
   # for both gradients, kernels/swiglu_gpu.py, interpreted off GPU) | auto (pallas on GPU)
   swiglu_impl: str = "auto"
+  # A block's residual add and the pre-norm after it: xla | pallas (one pass each way,
+  # kernels/add_norm_gpu.py, interpreted off GPU) | auto (pallas on GPU)
+  norm_impl: str = "auto"
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
@@ -149,6 +152,8 @@ class ModelConfig:
          f"model.contract_impl={self.contract_impl!r}; use auto, xla or pallas")
     need(self.swiglu_impl in ("auto", "xla", "pallas"),
          f"model.swiglu_impl={self.swiglu_impl!r}; use auto, xla or pallas")
+    need(self.norm_impl in ("auto", "xla", "pallas"),
+         f"model.norm_impl={self.norm_impl!r}; use auto, xla or pallas")
     need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
          f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
          f"{self.scan_layers!r}")

@@ -59,6 +59,11 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       interpreted off GPU, per shard on a mesh, where XLA runs two passes that each read
       dh and g.
 
+  add_rms_norm(x, y, *, eps, impl, rules) -> (x + y, rms_norm(x + y)): a block's residual
+      add and the pre-norm after it; impl (model.norm_impl): auto | xla | pallas, the
+      kernels of add_norm_gpu.py (one pass over the rows forward and one backward; auto on
+      GPU), interpreted off GPU, per shard on a mesh that does not split d_model.
+
 `Mask` (mask.py) describes what each query may see for every path.
 """
 
@@ -72,9 +77,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from t6_jax.config import LOSS_IMPLS
-from t6_jax.kernels import (attention_xla, cross_entropy_gpu, gemv_gpu, grouped_decode_gpu,
-                            swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu, tpa_decode_tpu,
-                            tpa_step_gpu)
+from t6_jax.kernels import (add_norm_gpu, attention_xla, cross_entropy_gpu, gemv_gpu,
+                            grouped_decode_gpu, swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu,
+                            tpa_decode_tpu, tpa_step_gpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -500,6 +505,73 @@ def _swiglu_bwd(interpret, mesh, spec, res, dh):
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def add_rms_norm(x_BxTxD, y_BxTxD, *, eps: float, impl: str = "auto",
+                 rules: Rules | None = None):
+  """(s = x + y in x's dtype, the parameter-free RMSNorm of s in y's dtype), differentiable:
+  a block's residual add and the next sublayer's pre-norm. impl (model.norm_impl): xla, two
+  XLA kernels each way; pallas, `add_norm_gpu`'s one pass each way (interpreted off GPU),
+  per shard on a mesh; auto, pallas on GPU. XLA's form where the rules split d_model (a
+  row's norm would need other shards), on a mesh without rules, and past the kernel's int32
+  offsets."""
+  if impl not in ("auto", "xla", "pallas"):
+    raise ValueError(f"model.norm_impl={impl!r}; use auto, xla or pallas")
+  platform, mesh = target()
+  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
+  spec, shards = None, 1
+  if kernel and mesh is not None:
+    if rules is None:
+      kernel = False
+    else:
+      axes = _split_axes(("batch", "length", "act_embed"), x_BxTxD.shape, rules, mesh)
+      kernel = not axes[2]
+      spec = P(axes[0] or None, axes[1] or None, None)
+      shards = math.prod(mesh.shape[a] for a in axes[0] + axes[1])
+  if kernel and x_BxTxD.size // shards > add_norm_gpu.MAX_ELEMENTS:
+    kernel = False
+  if not kernel:
+    s = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
+    s32 = s.astype(jnp.float32)
+    n = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
+    return s, n.astype(y_BxTxD.dtype)
+  return _add_norm(eps, platform != "gpu", mesh if spec is not None else None, spec,
+                   x_BxTxD, y_BxTxD)
+
+
+def _rows(fn, *arrays_BxTxD):
+  """fn on the (B T, D) rows of (B, T, D) arrays, its outputs shaped back."""
+  b, t, d = arrays_BxTxD[0].shape
+  return tuple(o.reshape(b, t, d) for o in fn(*(a.reshape(b * t, d) for a in arrays_BxTxD)))
+
+
+def _per_shard(mesh, spec, n_out, fn, *arrays):
+  if spec is None:
+    return fn(*arrays)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays),
+                       out_specs=(spec,) * n_out, check_vma=False)(*arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _add_norm(eps, interpret, mesh, spec, x_BxTxD, y_BxTxD):
+  fwd = lambda x, y: _rows(functools.partial(add_norm_gpu.add_norm, eps=eps,
+                                             interpret=interpret), x, y)
+  return _per_shard(mesh, spec, 2, fwd, x_BxTxD, y_BxTxD)
+
+
+def _add_norm_fwd(eps, interpret, mesh, spec, x_BxTxD, y_BxTxD):
+  s, n = _add_norm(eps, interpret, mesh, spec, x_BxTxD, y_BxTxD)
+  return (s, n), s
+
+
+def _add_norm_bwd(eps, interpret, mesh, spec, s, cotangents):
+  ds, dn = cotangents  # dn in n's dtype, which is y's: dy's
+  bwd = lambda s, dn, ds: _rows(functools.partial(
+      add_norm_gpu.add_norm_grad, y_dtype=dn.dtype, eps=eps, interpret=interpret), s, dn, ds)
+  return _per_shard(mesh, spec, 2, bwd, s, dn, ds)
+
+
+_add_norm.defvjp(_add_norm_fwd, _add_norm_bwd)
 
 
 def _lse_and_target_xla(logits_BxCxV, targets_BxC, grad: bool):

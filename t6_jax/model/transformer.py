@@ -24,7 +24,7 @@ from flax import nnx
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
 from t6_jax.model.attention import LayerCache, Mask, make_attention, roll_rows
-from t6_jax.model.layers import Embed, Mlp, one_row_gemv, rms_norm, rope_tables
+from t6_jax.model.layers import RMS_EPS, Embed, Mlp, one_row_gemv, rms_norm, rope_tables
 from t6_jax.sharding import Rules, constrain, rules_table
 
 REMAT_POLICIES = {
@@ -49,7 +49,7 @@ class Block(nnx.Module):
   """x += attn(rms_norm(x)); x += mlp(rms_norm(x)). The residual stream stays in fp32."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules: Rules):
-    self.rules = rules
+    self.rules, self.norm_impl = rules, cfg.norm_impl
     self.attn = make_attention(cfg, rngs, rules)
     self.mlp = Mlp(cfg, rngs, rules)
 
@@ -60,8 +60,9 @@ class Block(nnx.Module):
                                                      residual=True)
       return self.mlp(x_BxTxD, prenorm=True, residual=True), entries
     y_BxTxD, entries = self.attn(rms_norm(x_BxTxD), rope, mask, cache)
-    x_BxTxD = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
-    x_BxTxD = x_BxTxD + self.mlp(rms_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+    x_BxTxD, h_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS,
+                                            impl=self.norm_impl, rules=self.rules)
+    x_BxTxD = x_BxTxD + self.mlp(h_BxTxD).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.rules), entries
 
   def fuses_norms(self, x_BxTxD, cache: LayerCache | None) -> bool:
