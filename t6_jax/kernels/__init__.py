@@ -462,7 +462,7 @@ def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
   # padding into its own elementwise kernels, but would copy the operands unpadded for this
   # kernel and pad its outputs again (measured on an H200: t6-medium 5% slower).
   kernel = impl == "pallas" or (impl == "auto" and platform == "gpu" and g.shape[-1] % 8 == 0)
-  spec = None
+  spec, shards = None, 1
   if kernel and mesh is not None:
     if rules is None:
       kernel = False
@@ -470,7 +470,7 @@ def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
       axes = _split_axes(("batch", "length", "act_mlp"), g.shape, rules, mesh)
       spec = P(*(a or None for a in axes))
       shards = math.prod(mesh.shape[x] for a in axes for x in a)
-  if kernel and g.size // (shards if spec is not None else 1) > swiglu_gpu.MAX_ELEMENTS:
+  if kernel and g.size // shards > swiglu_gpu.MAX_ELEMENTS:
     kernel = False
   if not kernel:
     return jax.nn.silu(g) * u
@@ -496,12 +496,8 @@ def _swiglu_fwd(interpret, mesh, spec, g, u):
 
 
 def _swiglu_bwd(interpret, mesh, spec, res, dh):
-  g, u = res
   fn = functools.partial(swiglu_gpu.swiglu_grad, interpret=interpret)
-  if spec is None:
-    return fn(dh, g, u)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, spec),
-                       check_vma=False)(dh, g, u)
+  return _per_shard(mesh, spec, 2, fn, dh, *res)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
