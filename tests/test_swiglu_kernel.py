@@ -111,6 +111,19 @@ def test_swiglu_auto_takes_the_kernel_on_gpu_only(monkeypatch):
     kernels.swiglu(g, g, impl="fast")
 
 
+def test_swiglu_auto_looks_at_each_shards_width(monkeypatch):
+  """Hidden units split over tensor (fsdp_tp): auto takes the kernel where each shard's
+  width is a multiple of 8 (48 -> 24), not where only the whole width is (40 -> 20)."""
+  mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4], rules="fsdp_tp")
+  monkeypatch.setattr(kernels, "target", lambda: ("gpu", mesh))
+  for width, kernel in [(48, True), (40, False)]:
+    g = jnp.zeros((4, 3, width))
+    with jax.set_mesh(mesh):
+      jaxpr = str(jax.make_jaxpr(jax.grad(lambda g: jnp.sum(kernels.swiglu(
+          g, g, rules=RULE_TABLES["fsdp_tp"]))))(g))
+    assert ("pallas_call" in jaxpr) == kernel, width
+
+
 
 def test_mlp_padded_to_the_kernel_width_is_unchanged():
   """The MLP pads its hidden width (70) to the kernel's multiple of 8 where the kernel runs:

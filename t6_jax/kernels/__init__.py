@@ -457,12 +457,12 @@ def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
   if impl not in ("auto", "xla", "pallas"):
     raise ValueError(f"model.swiglu_impl={impl!r}; use auto, xla or pallas")
   platform, mesh = target()
-  # auto: not where the hidden width is not a multiple of 8 (T6-medium's 2730 unless the
-  # MLP pads it, `swiglu_padding`): XLA pads such GEMM widths for cuBLAS and fuses the
+  # auto: not where a shard's hidden width is not a multiple of 8 (T6-medium's 2730 unless
+  # the MLP pads it, `swiglu_padding`): XLA pads such GEMM widths for cuBLAS and fuses the
   # padding into its own elementwise kernels, but would copy the operands unpadded for this
   # kernel and pad its outputs again (measured on an H200: t6-medium 5% slower).
-  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu" and g.shape[-1] % 8 == 0)
-  spec, shards = None, 1
+  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
+  spec, shards, width = None, 1, g.shape[-1]
   if kernel and mesh is not None:
     if rules is None:
       kernel = False
@@ -470,7 +470,9 @@ def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
       axes = _split_axes(("batch", "length", "act_mlp"), g.shape, rules, mesh)
       spec = P(*(a or None for a in axes))
       shards = math.prod(mesh.shape[x] for a in axes for x in a)
-  if kernel and g.size // shards > swiglu_gpu.MAX_ELEMENTS:
+      width //= math.prod(mesh.shape[x] for x in axes[-1])  # each shard's
+  if kernel and (g.size // shards > swiglu_gpu.MAX_ELEMENTS
+                 or (impl == "auto" and width % 8)):
     kernel = False
   if not kernel:
     return jax.nn.silu(g) * u
