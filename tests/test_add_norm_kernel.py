@@ -1,13 +1,18 @@
 """The residual add + pre-norm kernels (interpret mode on CPU) and their dispatch against
 float64 NumPy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t6_jax import config as config_lib
 from t6_jax import kernels
 from t6_jax.kernels import add_norm_gpu
+from t6_jax.model import model_from_params
+from t6_jax.model.transformer import init_params
 from t6_jax.sharding import RULES as RULE_TABLES
 from t6_jax.sharding import make_mesh
 
@@ -108,3 +113,25 @@ def test_add_rms_norm_auto_takes_the_kernels_on_gpu_only(monkeypatch):
   assert "pallas_call" in trace()
   with pytest.raises(ValueError, match="model.norm_impl='fast'"):
     kernels.add_rms_norm(x, x, eps=EPS, impl="fast")
+
+
+def test_model_with_the_kernel_equals_xla():
+  """The whole model with each block's second residual add and pre-norm in the kernels
+  (interpreted): the logits and the parameter gradients equal XLA's ops' (float32, tiny)."""
+  cfg = config_lib.load("tiny", ["model.dtype=float32", "model.num_layers=2"]).model
+  params = init_params(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+
+  def run(impl):
+    c = dataclasses.replace(cfg, norm_impl=impl)
+    loss = lambda p: jnp.sum(jnp.sin(model_from_params(c, p)(tokens)))
+    return jax.value_and_grad(loss)(params), str(jax.make_jaxpr(loss)(params))
+
+  (want, want_grads), want_jaxpr = run("xla")
+  (got, got_grads), jaxpr = run("pallas")
+  assert "pallas_call" in jaxpr and "pallas_call" not in want_jaxpr
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    # fp32 sums in another order: errors on the scale of each gradient's largest entries
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(w).max()))
