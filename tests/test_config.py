@@ -36,6 +36,8 @@ def test_unknown_key_in_a_file(tmp_path):
     ("model.vocab_size=[1,2]", "model.vocab_size expects an integer"),
     ("model.attention=mhaa", "tpa, tpa_kvonly, mha, mqa, gqa, mla"),
     ("model.dtype=float8", "use float32, bfloat16 or float16"),
+    ("model.swiglu_impl=triton", "model.swiglu_impl='triton'; use auto, xla or pallas"),
+    ("model.norm_impl=fused", "model.norm_impl='fused'; use auto, xla or pallas"),
 ])
 def test_wrong_type_or_value(override, expected):
   assert expected in error_of([override])
