@@ -448,43 +448,54 @@ def lse_and_target(logits_BxCxV, targets_BxC, *, impl: str = "auto",
                        out_specs=out_specs, check_vma=False)(logits_BxCxV, targets_BxC)
 
 
+def _gpu_kernel_plan(setting: str, impl: str, shape, names, rules: Rules | None,
+                     max_elements: int, whole_last: bool = False):
+  """Where an elementwise or row-wise GPU kernel runs (`swiglu`, `add_rms_norm`): None for
+  XLA's form, else (interpret, mesh, spec, split of the last axis), the kernel per shard
+  under shard_map with `spec` on a mesh (mesh and spec None without one). impl (the model
+  setting `setting`): pallas, the kernel (interpreted off GPU); auto, the kernel on GPU;
+  xla, None. XLA's form on a mesh without rules (the split is unknown), where whole_last
+  and the rules split the last axis (a row would need other shards), and past the kernel's
+  int32 offsets (max_elements per shard)."""
+  if impl not in ("auto", "xla", "pallas"):
+    raise ValueError(f"model.{setting}={impl!r}; use auto, xla or pallas")
+  platform, mesh = target()
+  if not (impl == "pallas" or (impl == "auto" and platform == "gpu")):
+    return None
+  if mesh is None:
+    return (platform != "gpu", None, None, 1) if math.prod(shape) <= max_elements else None
+  if rules is None:
+    return None
+  axes = _split_axes(names, shape, rules, mesh)
+  split = lambda a: math.prod(mesh.shape[x] for x in a)  # noqa: E731
+  if (whole_last and axes[-1]) or math.prod(shape) // split(
+      [x for a in axes for x in a]) > max_elements:
+    return None
+  return platform != "gpu", mesh, P(*(a or None for a in axes)), split(axes[-1])
+
+
 def swiglu(g, u, *, impl: str = "auto", rules: Rules | None = None):
   """silu(g) * u, differentiable. impl (model.swiglu_impl): xla, XLA's autodiff; pallas, the
   backward's dg and du from one pass of `swiglu_gpu` (interpreted off GPU), per shard on a
   mesh (any split: the op is elementwise); auto, pallas on GPU where the hidden width is a
   multiple of 8. XLA's form where the rules are unknown on a mesh and past the kernel's
   int32 offsets."""
-  if impl not in ("auto", "xla", "pallas"):
-    raise ValueError(f"model.swiglu_impl={impl!r}; use auto, xla or pallas")
-  platform, mesh = target()
+  plan = _gpu_kernel_plan("swiglu_impl", impl, g.shape, ("batch", "length", "act_mlp"), rules,
+                          swiglu_gpu.MAX_ELEMENTS)
   # auto: not where a shard's hidden width is not a multiple of 8 (T6-medium's 2730 unless
   # the MLP pads it, `swiglu_padding`): XLA pads such GEMM widths for cuBLAS and fuses the
   # padding into its own elementwise kernels, but would copy the operands unpadded for this
   # kernel and pad its outputs again (measured on an H200: t6-medium 5% slower).
-  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
-  spec, shards, width = None, 1, g.shape[-1]
-  if kernel and mesh is not None:
-    if rules is None:
-      kernel = False
-    else:
-      axes = _split_axes(("batch", "length", "act_mlp"), g.shape, rules, mesh)
-      spec = P(*(a or None for a in axes))
-      shards = math.prod(mesh.shape[x] for a in axes for x in a)
-      width //= math.prod(mesh.shape[x] for x in axes[-1])  # each shard's
-  if kernel and (g.size // shards > swiglu_gpu.MAX_ELEMENTS
-                 or (impl == "auto" and width % 8)):
-    kernel = False
-  if not kernel:
+  if plan is None or (impl == "auto" and (g.shape[-1] // plan[3]) % 8):
     return jax.nn.silu(g) * u
-  return _swiglu(platform != "gpu", mesh if spec is not None else None, spec, g, u)
+  return _swiglu(*plan[:3], g, u)
 
 
 def swiglu_padding(width: int, *, impl: str = "auto") -> int:
   """Zero hidden units the MLP adds to its width `width` so that `swiglu` takes the kernel:
   up to a multiple of 8 where impl (model.swiglu_impl) picks it on this platform (auto: on
   GPU), else 0. XLA pads such GEMM widths itself anyway (for cuBLAS)."""
-  platform, _ = target()
-  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
+  kernel = impl == "pallas" or (impl == "auto" and target()[0] == "gpu")
   return -width % 8 if kernel else 0
 
 
@@ -513,28 +524,14 @@ def add_rms_norm(x_BxTxD, y_BxTxD, *, eps: float, impl: str = "auto",
   per shard on a mesh; auto, pallas on GPU. XLA's form where the rules split d_model (a
   row's norm would need other shards), on a mesh without rules, and past the kernel's int32
   offsets."""
-  if impl not in ("auto", "xla", "pallas"):
-    raise ValueError(f"model.norm_impl={impl!r}; use auto, xla or pallas")
-  platform, mesh = target()
-  kernel = impl == "pallas" or (impl == "auto" and platform == "gpu")
-  spec, shards = None, 1
-  if kernel and mesh is not None:
-    if rules is None:
-      kernel = False
-    else:
-      axes = _split_axes(("batch", "length", "act_embed"), x_BxTxD.shape, rules, mesh)
-      kernel = not axes[2]
-      spec = P(axes[0] or None, axes[1] or None, None)
-      shards = math.prod(mesh.shape[a] for a in axes[0] + axes[1])
-  if kernel and x_BxTxD.size // shards > add_norm_gpu.MAX_ELEMENTS:
-    kernel = False
-  if not kernel:
+  plan = _gpu_kernel_plan("norm_impl", impl, x_BxTxD.shape, ("batch", "length", "act_embed"),
+                          rules, add_norm_gpu.MAX_ELEMENTS, whole_last=True)
+  if plan is None:
     s = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
     s32 = s.astype(jnp.float32)
     n = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
     return s, n.astype(y_BxTxD.dtype)
-  return _add_norm(eps, platform != "gpu", mesh if spec is not None else None, spec,
-                   x_BxTxD, y_BxTxD)
+  return _add_norm(eps, *plan[:3], x_BxTxD, y_BxTxD)
 
 
 def _rows(fn, *arrays_BxTxD):
