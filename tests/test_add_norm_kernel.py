@@ -115,9 +115,9 @@ def test_add_rms_norm_auto_takes_the_kernels_on_gpu_only(monkeypatch):
     kernels.add_rms_norm(x, x, eps=EPS, impl="fast")
 
 
-def test_model_with_the_kernel_equals_xla():
-  """The whole model with each block's second residual add and pre-norm in the kernels
-  (interpreted): the logits and the parameter gradients equal XLA's ops' (float32, tiny)."""
+def test_model_with_the_kernels_equals_xla():
+  """The whole model with every residual add and pre-norm in the kernels (interpreted): the
+  logits and the parameter gradients equal XLA's ops' (float32, tiny config)."""
   cfg = config_lib.load("tiny", ["model.dtype=float32", "model.num_layers=2"]).model
   params = init_params(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
@@ -127,9 +127,9 @@ def test_model_with_the_kernel_equals_xla():
     loss = lambda p: jnp.sum(jnp.sin(model_from_params(c, p)(tokens)))
     return jax.value_and_grad(loss)(params), str(jax.make_jaxpr(loss)(params))
 
-  (want, want_grads), want_jaxpr = run("xla")
+  (want, want_grads), _ = run("xla")
   (got, got_grads), jaxpr = run("pallas")
-  assert "pallas_call" in jaxpr and "pallas_call" not in want_jaxpr
+  assert jaxpr.count("pallas_call") == 3  # two in the layer scan's body, the final norm
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     # fp32 sums in another order: errors on the scale of each gradient's largest entries

@@ -65,6 +65,19 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.mlp(h_BxTxD).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "length", "act_embed"), self.rules), entries
 
+  def pending_step(self, x_BxTxD, y_BxTxD, rope, mask: Mask):
+    """The block on x + y without a cache (training, eval), y the previous block's MLP output
+    not yet added: that add runs with this block's first pre-norm in one pass
+    (`kernels.add_rms_norm`), as the attention's add runs with the second. Returns (x
+    after the attention's add, this block's MLP output, not added)."""
+    x_BxTxD, h_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS,
+                                            impl=self.norm_impl, rules=self.rules)
+    y_BxTxD, _ = self.attn(h_BxTxD, rope, mask)
+    x_BxTxD, h_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS,
+                                            impl=self.norm_impl, rules=self.rules)
+    return (constrain(x_BxTxD, ("batch", "length", "act_embed"), self.rules),
+            self.mlp(h_BxTxD))
+
   def fuses_norms(self, x_BxTxD, cache: LayerCache | None) -> bool:
     """Whether this is a one-token step at batch 1 on one GPU whose two pre-norms run inside
     the GEMV kernels that read them (`layers.packed_partials`), and whose two residual adds
@@ -172,11 +185,16 @@ class Transformer(nnx.Module):
     mask = kernels.training_mask(segment_ids_BxT)
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
 
-    def layer(block, x, _):
-      return block(x, rope, mask)
+    def layer(block, carry, _):
+      return block.pending_step(*carry, rope, mask), None
 
-    x_BxTxD, _ = self.apply_blocks(x_BxTxD, layer)
-    return rms_norm(x_BxTxD)
+    # The carry is (x, the last MLP output not yet added): each add runs with the pre-norm
+    # after it. The first block adds zeros.
+    y_BxTxD = jnp.zeros(x_BxTxD.shape, self.cfg.dtype)
+    (x_BxTxD, y_BxTxD), _ = self.apply_blocks((x_BxTxD, y_BxTxD), layer)
+    _, n_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS, impl=self.cfg.norm_impl,
+                                      rules=self.rules)
+    return n_BxTxD.astype(jnp.float32)
 
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
     """fp32 logits (B, T, V). Positions default to 0..T-1; segment ids keep documents apart."""
