@@ -79,7 +79,7 @@ from jax.sharding import PartitionSpec as P
 from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels import (add_norm_gpu, attention_xla, cross_entropy_gpu, gemv_gpu,
                             grouped_decode_gpu, swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu,
-                            tpa_decode_tpu, tpa_step_gpu)
+                            tpa_decode_tpu, tpa_step_gpu, tpa_unpack_gpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
                                     tpa_decode_sharded)
@@ -567,6 +567,79 @@ def _add_norm_bwd(eps, interpret, mesh, spec, s, cotangents):
 
 
 _add_norm.defvjp(_add_norm_fwd, _add_norm_bwd)
+
+
+def unpack_factors(y_BxTxN, widths, rotate, cos_BxTxF, sin_BxTxF, rope_fn, *,
+                   impl: str = "xla", rules: Rules | None = None):
+  """The packed factor projection's output (B, T, N >= sum(widths)) split into pieces
+  (B, T, w_i) in column order, piece i turned by rope_fn(x (B, T, chunks, 2F), cos, sin)
+  where rotate[i]. Differentiable; with impl (model.contract_impl, resolved) pallas the
+  backward assembles the (B, T, N) gradient in one pass (`tpa_unpack_gpu`, interpreted off
+  GPU; per shard where only the batch is split), else XLA's concatenation."""
+  platform, mesh = target()
+  kernel = impl == "pallas"
+  spec = None
+  if kernel and mesh is not None:
+    if rules is None:
+      kernel = False
+    else:
+      axes = _split_axes(("batch", "length", None), y_BxTxN.shape, rules, mesh)
+      kernel = not axes[1] and not axes[2]
+      spec = P(axes[0] or None, None, None)
+  if kernel and math.prod(y_BxTxN.shape) > tpa_unpack_gpu.MAX_ELEMENTS:
+    kernel = False
+  if not kernel:
+    return _unpack_forward(tuple(widths), tuple(rotate), rope_fn, y_BxTxN, cos_BxTxF,
+                           sin_BxTxF)
+  return _unpack(tuple(widths), tuple(rotate), rope_fn, platform != "gpu",
+                 mesh if spec is not None else None, spec, y_BxTxN, cos_BxTxF, sin_BxTxF)
+
+
+def _unpack_forward(widths, rotate, rope_fn, y_BxTxN, cos_BxTxF, sin_BxTxF):
+  pieces, offset = [], 0
+  b, t, _ = y_BxTxN.shape
+  two_f = 2 * cos_BxTxF.shape[-1]
+  for w, turn in zip(widths, rotate):
+    piece = y_BxTxN[..., offset:offset + w]
+    if turn:
+      piece = rope_fn(piece.reshape(b, t, w // two_f, two_f), cos_BxTxF,
+                      sin_BxTxF).reshape(b, t, w)
+    pieces.append(piece)
+    offset += w
+  return tuple(pieces)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _unpack(widths, rotate, rope_fn, interpret, mesh, spec, y_BxTxN, cos_BxTxF, sin_BxTxF):
+  return _unpack_forward(widths, rotate, rope_fn, y_BxTxN, cos_BxTxF, sin_BxTxF)
+
+
+def _unpack_fwd(widths, rotate, rope_fn, interpret, mesh, spec, y_BxTxN, cos_BxTxF,
+                sin_BxTxF):
+  out = _unpack(widths, rotate, rope_fn, interpret, mesh, spec, y_BxTxN, cos_BxTxF,
+                sin_BxTxF)
+  return out, (cos_BxTxF, sin_BxTxF, y_BxTxN.shape[-1])
+
+
+def _unpack_bwd(widths, rotate, rope_fn, interpret, mesh, spec, res, d_pieces):
+  cos_BxTxF, sin_BxTxF, width = res
+
+  def local(cos, sin, *pieces):
+    b, t, f = cos.shape
+    dy = tpa_unpack_gpu.packed_grad([p.reshape(b * t, -1) for p in pieces], rotate,
+                                    cos.reshape(b * t, f), sin.reshape(b * t, f), width,
+                                    interpret=interpret)
+    return dy.reshape(b, t, width)
+
+  if spec is None:
+    dy = local(cos_BxTxF, sin_BxTxF, *d_pieces)
+  else:
+    dy = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (2 + len(d_pieces)),
+                       out_specs=spec, check_vma=False)(cos_BxTxF, sin_BxTxF, *d_pieces)
+  return dy, jnp.zeros_like(cos_BxTxF), jnp.zeros_like(sin_BxTxF)
+
+
+_unpack.defvjp(_unpack_fwd, _unpack_bwd)
 
 
 def _lse_and_target_xla(logits_BxCxV, targets_BxC, grad: bool):

@@ -341,17 +341,27 @@ class TPA(Attention):
       # ran at 490 (t6-small trains 3.4% faster padded). Stored packed weights (decoding)
       # are read as they are, not copied in every step.
       w_packed = jnp.pad(w_packed, ((0, 0), (0, -width % PACKED_WIDTH_MULTIPLE)))
-    y_BxTxN = packed_product(x_BxTxD, w_packed, output_major)[..., :width]
-    bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
+    y_BxTxN = packed_product(x_BxTxD, w_packed, output_major)
     lead = x_BxTxD.shape[:-1]
-    out = {n: y.reshape(lead + w.shape[1:])
-           for n, w, y in zip(names, weights, jnp.split(y_BxTxN, bounds, axis=-1))}
-    if self.factor_q:
-      q = TPAQueries(out["W_A_q"], apply_rope(out["W_B_q"], *rope))
+    rotated = ("W_B_q", "c_q", "W_B_k")  # turned by RoPE
+    if len(lead) == 2 and getattr(self, "packed_proj", None) is None:
+      # Training and prefill: the pieces (and RoPE) by `kernels.unpack_factors`, whose
+      # backward writes the padded gradient in one pass with the contraction kernels.
+      pieces = kernels.unpack_factors(
+          y_BxTxN, [math.prod(w.shape[1:]) for w in weights], [n in rotated for n in names],
+          *rope, apply_rope, impl=self.cfg.contract_impl, rules=self.rules)
+      out = {n: y.reshape(lead + w.shape[1:]) for n, w, y in zip(names, weights, pieces)}
     else:
-      q = FullQueries(apply_rope(out["c_q"], *rope))
-    entries = {"a_k": out["W_A_k"], "b_k": apply_rope(out["W_B_k"], *rope),
-               "a_v": out["W_A_v"], "b_v": out["W_B_v"]}
+      bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
+      out = {n: y.reshape(lead + w.shape[1:]) for n, w, y in zip(
+          names, weights, jnp.split(y_BxTxN[..., :width], bounds, axis=-1))}
+      out = {n: apply_rope(y, *rope) if n in rotated else y for n, y in out.items()}
+    if self.factor_q:
+      q = TPAQueries(out["W_A_q"], out["W_B_q"])
+    else:
+      q = FullQueries(out["c_q"])
+    entries = {"a_k": out["W_A_k"], "b_k": out["W_B_k"], "a_v": out["W_A_v"],
+               "b_v": out["W_B_v"]}
     return q, entries
 
   def packs_projection(self) -> bool:
