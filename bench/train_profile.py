@@ -107,7 +107,39 @@ def summarise(trace_file: str, steps: int, top: int = 25) -> str:
             "|---|---|---|---|---|"]
   lines += [f"| {n[:90]} | {category(n)} | {counts[n] / steps:g} | {t / steps / 1e3:.2f} | "
             f"{100 * t / total:.1f}% |" for n, t in by_name.most_common(top)]
-  return "\n".join(lines)
+  return "\n".join(lines + [""] + idle_lines(spans, steps))
+
+
+def idle_lines(spans: list[dict], steps: int, top: int = 10) -> list[str]:
+  """Where a stream waits: per stream, the traced span (first kernel's start to last kernel's
+  end), the time no kernel ran, and the kernel pairs with the most waiting between them. Waits
+  are what a step loses to launches and host work beyond the device time above."""
+  lines = []
+  by_line = collections.defaultdict(list)
+  for e in spans:
+    by_line[(e["pid"], e["tid"])].append(e)
+  for events in by_line.values():
+    events.sort(key=lambda e: e["ts"])
+    span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
+    gaps, end = [], events[0]["ts"]
+    for before, after in zip(events, events[1:]):
+      end = max(end, before["ts"] + before["dur"])
+      if after["ts"] > end:
+        gaps.append((after["ts"] - end, before["name"], after["name"]))
+    idle = sum(g for g, _, _ in gaps)
+    small = sum(g for g, _, _ in gaps if g < 10)
+    lines += [f"stream span per step {span / steps / 1e3:.1f} ms, idle {idle / steps / 1e3:.2f} "
+              f"ms ({100 * idle / span:.1f}%): {len(gaps) // steps} waits per step, "
+              f"{small / steps / 1e3:.2f} ms of them under 10 us each",
+              "", f"the {top} kernel pairs with most waiting between them (per step):",
+              "| waits | us | longest us | after | before |", "|---|---|---|---|---|"]
+    pairs = collections.defaultdict(list)
+    for g, a, b in gaps:
+      pairs[(a, b)].append(g)
+    for (a, b), gs in sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]:
+      lines.append(f"| {len(gs) / steps:g} | {sum(gs) / steps:.0f} | {max(gs):.0f} | {a[:55]} "
+                   f"| {b[:55]} |")
+  return lines
 
 
 def main(argv=None) -> int:
