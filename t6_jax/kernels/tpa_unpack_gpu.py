@@ -9,6 +9,9 @@ padded gradient from its rows of every piece:
 
   rotated piece (R chunks of d_h = 2F columns): d[x1] = d1 cos - d2 sin, d[x2] = d1 sin + d2 cos
   other pieces: copied; padding columns: zeros.
+
+On an H200 at T6-small batch 64 it takes 93 us a layer against XLA's 171 us concatenation
+(bench/train_profile.py; docs/benchmarks.md).
 """
 
 from __future__ import annotations
