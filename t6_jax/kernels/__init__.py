@@ -524,14 +524,24 @@ def add_rms_norm(x_BxTxD, y_BxTxD, *, eps: float, impl: str = "auto",
   per shard on a mesh; auto, pallas on GPU. XLA's form where the rules split d_model (a
   row's norm would need other shards), on a mesh without rules, and past the kernel's int32
   offsets."""
-  plan = _gpu_kernel_plan("norm_impl", impl, x_BxTxD.shape, ("batch", "length", "act_embed"),
-                          rules, add_norm_gpu.MAX_ELEMENTS, whole_last=True)
+  plan = _add_norm_plan(x_BxTxD.shape, impl, rules)
   if plan is None:
     s = x_BxTxD + y_BxTxD.astype(x_BxTxD.dtype)
     s32 = s.astype(jnp.float32)
     n = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
     return s, n.astype(y_BxTxD.dtype)
   return _add_norm(eps, *plan[:3], x_BxTxD, y_BxTxD)
+
+
+def add_rms_norm_takes_kernel(shape, *, impl: str = "auto", rules: Rules | None = None) -> bool:
+  """Whether `add_rms_norm` of (B, T, D) arrays of `shape` runs the kernel here (else XLA's
+  two kernels each way)."""
+  return _add_norm_plan(shape, impl, rules) is not None
+
+
+def _add_norm_plan(shape, impl, rules):
+  return _gpu_kernel_plan("norm_impl", impl, shape, ("batch", "length", "act_embed"), rules,
+                          add_norm_gpu.MAX_ELEMENTS, whole_last=True)
 
 
 def _rows(fn, *arrays_BxTxD):

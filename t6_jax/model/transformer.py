@@ -76,7 +76,7 @@ class Block(nnx.Module):
     x_BxTxD, h_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS,
                                             impl=self.norm_impl, rules=self.rules)
     return (constrain(x_BxTxD, ("batch", "length", "act_embed"), self.rules),
-            self.mlp(h_BxTxD))
+            constrain(self.mlp(h_BxTxD), ("batch", "length", "act_embed"), self.rules))
 
   def fuses_norms(self, x_BxTxD, cache: LayerCache | None) -> bool:
     """Whether this is a one-token step at batch 1 on one GPU whose two pre-norms run inside
@@ -185,11 +185,18 @@ class Transformer(nnx.Module):
     mask = kernels.training_mask(segment_ids_BxT)
     x_BxTxD = constrain(self.embed(tokens_BxT), ("batch", "length", "act_embed"), self.rules)
 
+    if not kernels.add_rms_norm_takes_kernel(x_BxTxD.shape, impl=self.cfg.norm_impl,
+                                             rules=self.rules):
+      # XLA fuses each residual add into the next norm itself; the layer carry stays x
+      # alone (what remat keeps per layer).
+      x_BxTxD, _ = self.apply_blocks(x_BxTxD, lambda block, x, _: block(x, rope, mask))
+      return rms_norm(x_BxTxD)
+
     def layer(block, carry, _):
       return block.pending_step(*carry, rope, mask), None
 
-    # The carry is (x, the last MLP output not yet added): each add runs with the pre-norm
-    # after it. The first block adds zeros.
+    # With the add-norm kernel the carry is (x, the last MLP output not yet added): each add
+    # runs with the pre-norm after it, in one pass. The first block adds zeros.
     y_BxTxD = jnp.zeros(x_BxTxD.shape, self.cfg.dtype)
     (x_BxTxD, y_BxTxD), _ = self.apply_blocks((x_BxTxD, y_BxTxD), layer)
     _, n_BxTxD = kernels.add_rms_norm(x_BxTxD, y_BxTxD, eps=RMS_EPS, impl=self.cfg.norm_impl,
