@@ -39,3 +39,25 @@ def test_unknown_topology_is_a_clear_error():
   from t6_jax.train import aot
   with pytest.raises(ValueError, match="cannot describe TPU topology 'v9x:1x1'"):
     aot.topology_devices("v9x:1x1")
+
+
+@pytest.mark.parametrize("have, fails", [("0.0.42.1", False), ("0.0.42", False),
+                                          ("0.0.52", True), ("0.0.420", True)])
+def test_a_libtpu_that_does_not_pair_with_jax_is_named_before_compiling(monkeypatch, have,
+                                                                       fails):
+  """jax 0.10.2 with libtpu 0.0.52 compiles the tiny step but fails inside XLA on real
+  models: the AOT entry points name the pair to install instead."""
+  import importlib.metadata
+
+  from t6_jax.train import aot
+  requires = ['jaxlib<=0.10.2,>=0.10.2; extra == "tpu"', 'libtpu==0.0.42.*; extra == "tpu"',
+              'libtpu>=9; extra == "other"']
+  monkeypatch.setattr(importlib.metadata, "requires", lambda name: requires)
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: have)
+  message = aot.libtpu_mismatch()
+  assert (message is not None) == fails
+  if fails:
+    assert f"libtpu {have} is installed" in message and "libtpu==0.0.42.*" in message
+    assert "pip install 'jax[tpu]==" in message
+    with pytest.raises(RuntimeError, match="pairs with libtpu==0.0.42"):
+      aot.topology_devices("v5e:2x2")

@@ -10,6 +10,7 @@ FLOPs imply at the chip's peak. A step that does not fit raises `DoesNotFit`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import time
 
@@ -28,8 +29,32 @@ class DoesNotFit(RuntimeError):
   """The compiled step needs more memory per chip than the chip has."""
 
 
+def libtpu_mismatch() -> str | None:
+  """Why the installed libtpu does not pair with this jax (None when it does, or when either
+  is not an installed distribution). jax pins the libtpu its `tpu` extra takes; another one
+  still describes topologies and compiles small steps, but real models' steps fail inside
+  XLA (jax 0.10.2 with libtpu 0.0.52: "async-update instruction should have 1 operands")."""
+  try:
+    have = importlib.metadata.version("libtpu")
+    wants = [r.split(";")[0].strip() for r in importlib.metadata.requires("jax") or ()
+             if r.startswith("libtpu") and 'extra == "tpu"' in r]
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  pins = [w.removeprefix("libtpu==") for w in wants if w.startswith("libtpu==")]
+  if not pins or any(have == p or (p.endswith(".*") and (have == p[:-2] or
+                                                         have.startswith(p[:-1])))
+                     for p in pins):
+    return None
+  return (f"libtpu {have} is installed, but jax {jax.__version__} pairs with {wants[0]}: "
+          f"with another libtpu, compiles of real train steps fail inside XLA. Install the "
+          f"pair: pip install 'jax[tpu]=={jax.__version__}' (the t6-jax[tpu] extra does)")
+
+
 def topology_devices(name: str, **kwargs):
   """Compile-only devices of a TPU topology such as v5p:8x8x8, v5e:16x16, v6e:16x16."""
+  mismatch = libtpu_mismatch()
+  if mismatch:
+    raise RuntimeError(mismatch)
   # libtpu otherwise takes a machine-wide lock meant for real TPUs, which any other JAX process
   # that probed the TPU backend may hold; describing a topology needs no exclusive access.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -39,7 +64,7 @@ def topology_devices(name: str, **kwargs):
   except Exception as e:  # libtpu missing, or a name it does not know
     raise ValueError(
         f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}). AOT compiles need "
-        f"libtpu: pip install 't6-jax[tpu]' (libtpu 0.0.42.x pairs with jax 0.10.2); names "
+        f"libtpu: pip install 't6-jax[tpu]' (the libtpu that pairs with this jax); names "
         f"look like v4:8x8x8, v5p:8x8x8, v5e:16x16, v6e:16x16") from e
 
 
