@@ -63,6 +63,12 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       add and the pre-norm after it; impl (model.norm_impl): auto | xla | pallas, the
       kernels of add_norm_gpu.py (one pass over the rows forward and one backward; auto on
       GPU), interpreted off GPU, per shard on a mesh that does not split d_model.
+      add_rms_norm_takes_kernel(shape, *, impl, rules) says whether it does here.
+
+  unpack_factors(y, widths, rotate, cos, sin, rope_fn, *, impl, rules) -> TPA's packed
+      factor projection split into its factors, RoPE applied to some; with impl
+      (model.contract_impl, resolved) pallas the backward writes the packed gradient in one
+      pass (tpa_unpack_gpu.py), else XLA's concatenation.
 
 `Mask` (mask.py) describes what each query may see for every path.
 """
