@@ -24,7 +24,17 @@ LOSS_IMPLS = ("auto", "xla", "pallas")  # who reduces the loss's logits (kernels
 SCHEDULES = ("cosine", "wsd", "constant")
 RULE_NAMES = ("dp", "fsdp", "fsdp_tp")  # the tables of t6_jax.sharding.RULES
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _preset_dir() -> str:
+  """The presets: those installed with the package (a wheel carries configs/ as the package
+  t6_jax.presets), else configs/ beside t6_jax/ in a source checkout."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "presets")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "configs")
+
+
+CONFIG_DIR = _preset_dir()
 
 
 class ConfigError(ValueError):
