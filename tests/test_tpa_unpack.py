@@ -74,3 +74,34 @@ def test_unpack_factors_grad_equals_xla():
   assert "pallas_call" in str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(y, "pallas"))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(float(loss(y, "pallas")), float(loss(y, "xla")), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
+def test_unpack_factors_on_a_mesh(rules):
+  """On a mesh the backward runs per shard (the rules never split the packed width), and
+  without rules the split is unknown: XLA's concatenation. Both equal the float64
+  transpose of the unpacking."""
+  from t6_jax.sharding import RULES as RULE_TABLES
+  from t6_jax.sharding import make_mesh
+  tensor = 2 if rules == "fsdp_tp" else 1
+  mesh = make_mesh(data=1, fsdp=4 // tensor, tensor=tensor, devices=jax.devices()[:4],
+                   rules=rules)
+  rng = np.random.default_rng(2)
+  b, t, half, width = 4, 3, 4, 40
+  widths, rotate = [6, 2 * 2 * half, 3, 2 * half], [False, True, False, True]
+  y = jnp.asarray(rng.standard_normal((b, t, width)), jnp.float32)
+  cos, sin = (jnp.asarray(rng.standard_normal((b, t, half)), jnp.float32) for _ in range(2))
+  cs = [jnp.asarray(rng.standard_normal((b, t, w)), jnp.float32) for w in widths]
+  grad = lambda r: jax.jit(jax.grad(lambda y: sum(jnp.sum(c * p) for c, p in zip(
+      cs, kernels.unpack_factors(y, widths, rotate, cos, sin, apply_rope, impl="pallas",
+                                 rules=r)))))
+  with jax.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(grad(RULE_TABLES[rules]))(y))
+    got = grad(RULE_TABLES[rules])(y)
+    assert "pallas_call" not in str(jax.make_jaxpr(grad(None))(y))
+  assert "pallas_call" in jaxpr and "shard_map" in jaxpr
+  want = numpy_packed_grad([np.asarray(c, np.float64).reshape(b * t, -1) for c in cs], widths,
+                           rotate, np.asarray(cos, np.float64).reshape(b * t, half),
+                           np.asarray(sin, np.float64).reshape(b * t, half), width)
+  np.testing.assert_allclose(np.asarray(got).reshape(b * t, width), want, rtol=1e-5,
+                             atol=1e-5)
