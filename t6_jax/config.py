@@ -158,12 +158,9 @@ class ModelConfig:
            f"model.{key}={getattr(self, key)!r}; use float32, bfloat16 or float16")
     need(self.attention_impl in ("auto", "xla", "cudnn", "splash"),
          f"model.attention_impl={self.attention_impl!r}; use auto, xla, cudnn or splash")
-    need(self.contract_impl in ("auto", "xla", "pallas"),
-         f"model.contract_impl={self.contract_impl!r}; use auto, xla or pallas")
-    need(self.swiglu_impl in ("auto", "xla", "pallas"),
-         f"model.swiglu_impl={self.swiglu_impl!r}; use auto, xla or pallas")
-    need(self.norm_impl in ("auto", "xla", "pallas"),
-         f"model.norm_impl={self.norm_impl!r}; use auto, xla or pallas")
+    for name in ("contract_impl", "swiglu_impl", "norm_impl"):
+      need(getattr(self, name) in ("auto", "xla", "pallas"),
+           f"model.{name}={getattr(self, name)!r}; use auto, xla or pallas")
     need(isinstance(self.scan_layers, bool) or self.scan_layers == "auto",
          f"model.scan_layers expects true or false, or auto (unrolled except on TPU), got "
          f"{self.scan_layers!r}")

@@ -591,24 +591,16 @@ def unpack_factors(y_BxTxN, widths, rotate, cos_BxTxF, sin_BxTxF, rope_fn, *,
   (B, T, w_i) in column order, piece i turned by rope_fn(x (B, T, chunks, 2F), cos, sin)
   where rotate[i]. Differentiable; with impl (model.contract_impl, resolved) pallas the
   backward assembles the (B, T, N) gradient in one pass (`tpa_unpack_gpu`, interpreted off
-  GPU; per shard where only the batch is split), else XLA's concatenation."""
-  platform, mesh = target()
-  kernel = impl == "pallas"
-  spec = None
-  if kernel and mesh is not None:
-    if rules is None:
-      kernel = False
-    else:
-      axes = _split_axes(("batch", "length", None), y_BxTxN.shape, rules, mesh)
-      kernel = not axes[1] and not axes[2]
-      spec = P(axes[0] or None, None, None)
-  if kernel and math.prod(y_BxTxN.shape) > tpa_unpack_gpu.MAX_ELEMENTS:
-    kernel = False
-  if not kernel:
+  GPU; per shard where the rules keep N whole), else XLA's concatenation."""
+  # Only the resolved setting takes the kernel: `auto` left unresolved (prefill) is XLA's.
+  plan = None if impl != "pallas" else _gpu_kernel_plan(
+      "contract_impl", impl, y_BxTxN.shape, ("batch", "length", None), rules,
+      tpa_unpack_gpu.MAX_ELEMENTS, whole_last=True)
+  if plan is None:
     return _unpack_forward(tuple(widths), tuple(rotate), rope_fn, y_BxTxN, cos_BxTxF,
                            sin_BxTxF)
-  return _unpack(tuple(widths), tuple(rotate), rope_fn, platform != "gpu",
-                 mesh if spec is not None else None, spec, y_BxTxN, cos_BxTxF, sin_BxTxF)
+  return _unpack(tuple(widths), tuple(rotate), rope_fn, *plan[:3], y_BxTxN, cos_BxTxF,
+                 sin_BxTxF)
 
 
 def _unpack_forward(widths, rotate, rope_fn, y_BxTxN, cos_BxTxF, sin_BxTxF):
@@ -645,13 +637,9 @@ def _unpack_bwd(widths, rotate, rope_fn, interpret, mesh, spec, res, d_pieces):
     dy = tpa_unpack_gpu.packed_grad([p.reshape(b * t, -1) for p in pieces], rotate,
                                     cos.reshape(b * t, f), sin.reshape(b * t, f), width,
                                     interpret=interpret)
-    return dy.reshape(b, t, width)
+    return (dy.reshape(b, t, width),)
 
-  if spec is None:
-    dy = local(cos_BxTxF, sin_BxTxF, *d_pieces)
-  else:
-    dy = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (2 + len(d_pieces)),
-                       out_specs=spec, check_vma=False)(cos_BxTxF, sin_BxTxF, *d_pieces)
+  (dy,) = _per_shard(mesh, spec, 1, local, cos_BxTxF, sin_BxTxF, *d_pieces)
   return dy, jnp.zeros_like(cos_BxTxF), jnp.zeros_like(sin_BxTxF)
 
 
