@@ -10,8 +10,8 @@ gradients from dq, dk, dv) and their sum; GB/s counts the bytes each must move
 (forward: factors read, outputs written; backward: factors and output gradients read, factor
 gradients written). `--tuning_out` writes the fastest forward and backward settings as JSON
 ({"fwd": {...}, "bwd": {...}}, the form of `tpa_contract_gpu.TUNING`). `--sweep KEY=V1,V2
-...` times every combination of those settings (rows, num_warps, num_stages) instead of the
-default list.
+...` times every combination of those settings (rows, cols, num_warps, num_stages) instead of
+the default list.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py: KEY=V1,V2 parsing)
 
 # Launch settings tried for both kernels: `rows` (token, head) output rows a program, warps.
-SWEEP = [{"rows": r, "num_warps": w} for r, w in ((64, 2), (64, 4), (128, 2), (128, 4), (256, 4))]
+# (The backward also takes the kernel's `cols` bound, 16 unless a sweep sets it.)
+SWEEP = [{"rows": r, "num_warps": w} for r, w in ((64, 1), (64, 2), (128, 1), (128, 2), (256, 2))]
 
 
 def parse_args(argv=None):

@@ -39,6 +39,10 @@ def grads_of(fn, pairs, douts):
 def test_slab_tokens():
   assert [slab_tokens(34, r) for r in (64, 128, 256)] == [1, 3, 7]
   assert slab_tokens(78, 64) == 1  # more heads than rows: still one token a program
+  # A bound on the block diagonal's columns: q (rank 6) two tokens, k / v (rank 2) three.
+  assert [slab_tokens(34, 128, r, 16) for r in (6, 2)] == [2, 3]
+  assert [slab_tokens(34, 64, r, 16) for r in (6, 2)] == [1, 1]
+  assert slab_tokens(34, 128, 17, 16) == 1
   with pytest.raises(ValueError, match="rows=512"):
     tpa_contract(factors(np.random.default_rng(0), (2,), 3, (2,), 8, jnp.float32),
                  interpret=True, fwd={"rows": 512})
@@ -48,7 +52,9 @@ def test_slab_tokens():
     (5, (6, 2, 1), 16, {"rows": 16}),    # 3 tokens a program, 14 tokens: a short last slab
     (3, (2,), 24, {"rows": 8}),          # d_h padded to 32, rows 6 of 16, columns 4 of 16
     (12, (6, 2, 2), 16, {"rows": 64}),   # 5 tokens: rows 60 of 64, q columns 30 of 32
-    (34, (6, 2, 2), 64, {"rows": 256}),  # T6-small's heads, 7 tokens a program
+    (34, (6, 2, 2), 64, {"rows": 256}),  # T6-small's heads, 7 tokens a program (backward:
+                                         # 2 of q and 7 of k, v within 16 columns)
+    (34, (6, 2, 2), 64, {"rows": 128, "cols": 6}),  # the columns bound: one token of q, 3 of k
     (47, (6, 2, 2), 64, {"rows": 32}),   # more heads than rows: one token, 47 of 64 rows
 ])
 def test_kernels_match_numpy(heads, ranks, head_dim, tune):

@@ -22,9 +22,13 @@ stores are plain rows; the block diagonal is a masked load of A's slab. Tensor s
 padded to powers of two by masks, never in HBM, and no two lanes of a store share an address
 (interpret mode scatters them).
 
+The backward launches once per factor pair, so that each takes the tokens a program that suit
+its rank (two tokens of q, three of k or v at T6-small: the block diagonal's columns stay
+within one 16-wide tile, and small one-warp programs keep more loads in flight).
+
 Measured on an H200 (bench/tpa_contract.py, one layer's q, k and v, bf16): T6-small batch 64 x
-1024, forward 0.33 ms (3.0 TB/s) and backward 0.46-0.52 (2.2-2.4 TB/s) against XLA's einsum
-0.42 and 0.64; T6-medium batch 32, 0.19 and 0.31 against 0.24 and 0.40. An earlier form
+1024, forward 0.31 ms (3.2 TB/s) and backward 0.38 (2.9 TB/s) against XLA's einsum 0.44 and
+0.65 (one launch of two-warp programs for all three pairs: 0.33 and 0.45). An earlier form
 that ran the products on the CUDA cores (a block of tokens and a chunk of heads per program,
 reductions over heads and d_h) reached the same forward speed but 1.0-1.2 TB/s backward.
 """
@@ -42,10 +46,13 @@ from jax.sharding import PartitionSpec as P
 
 # Launch settings of the forward and the backward kernel (`bench/tpa_contract.py` sweeps
 # them on the GPU): a program takes as many tokens as fit `rows` (token, head) rows of the
-# output slab; Triton warps and stages. The fastest of its sweep on an H200 at T6-small and
-# T6-medium shapes.
-TUNING = {"fwd": {"rows": 64, "num_warps": 2, "num_stages": 1},
-          "bwd": {"rows": 128, "num_warps": 2, "num_stages": 1}}
+# output slab and, where `cols` is set, `cols` (token, rank) columns of the block diagonal;
+# Triton warps and stages. The fastest of its sweep on an H200 at T6-small shapes: the
+# backward, one launch per factor pair, with two tokens of q (12 columns) and three of k and
+# of v (6 each) a program, 0.38 ms against 0.45 for one launch of three tokens with two warps;
+# the forward 0.31 against 0.34 with two warps.
+TUNING = {"fwd": {"rows": 64, "num_warps": 1, "num_stages": 1},
+          "bwd": {"rows": 128, "cols": 16, "num_warps": 1, "num_stages": 1}}
 # At 512 rows the H200 returned wrong factor gradients (relative error 0.9; right in interpret
 # mode), so a program's slab stays at most this many rows.
 MAX_ROWS = 256
@@ -62,9 +69,13 @@ def contract_einsum(a_xHxR, b_xRxK):
   return jnp.einsum("...hr,...rk->...hk", a_xHxR, b_xRxK) / a_xHxR.shape[-1]
 
 
-def slab_tokens(heads: int, rows: int) -> int:
-  """Tokens per program: as many as fit `rows` output rows (at least one)."""
-  return max(1, rows // heads)
+def slab_tokens(heads: int, rows: int, rank: int = 1, cols: int | None = None) -> int:
+  """Tokens per program: as many as fit `rows` output rows and, given `cols`, `cols` columns
+  of the block diagonal (`rank` a token); at least one."""
+  tokens = rows // heads
+  if cols:
+    tokens = min(tokens, cols // rank)
+  return max(1, tokens)
 
 
 def _slab(n_tokens, tokens, heads, rank, head_dim):
@@ -142,7 +153,7 @@ def _launch(kernel, name, inputs, out_shapes, *, ranks, heads, head_dim, tune, i
   rows = tune["rows"]
   if not 1 <= rows <= MAX_ROWS:
     raise ValueError(f"tpa_contract rows={rows}: use 1..{MAX_ROWS} (output rows a program)")
-  tokens = slab_tokens(heads, rows)
+  tokens = slab_tokens(heads, rows, max(ranks), tune.get("cols"))
   body = functools.partial(kernel, ranks=ranks, heads=heads, head_dim=head_dim,
                            n_tokens=n_tokens, tokens=tokens)
   # Flat operands: the kernel computes every slab's element offsets itself.
@@ -187,12 +198,15 @@ def _contract_bwd(config, factors, douts):
   heads, head_dim, (_, tune), interpret = config
   pairs = list(zip(factors[0::2], factors[1::2]))
   ranks = tuple(a.shape[-1] for a, _ in pairs)
-  inputs, out_shapes = [], []
-  for (a, b), dout in zip(pairs, douts):
-    inputs += [a, b, dout.astype(a.dtype)]
-    out_shapes += [jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, b.dtype)]
-  return tuple(_launch(_bwd_kernel, "tpa_contract_bwd", inputs, out_shapes, ranks=ranks,
-                       heads=heads, head_dim=head_dim, tune=dict(tune), interpret=interpret))
+  grads = []
+  # One launch per pair: each takes the tokens a program that suit its rank (one launch for
+  # all three was 0.45 ms against 0.38 at T6-small).
+  for (a, b), dout, rank in zip(pairs, douts, ranks):
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (a, b)]
+    grads += _launch(_bwd_kernel, "tpa_contract_bwd", [a, b, dout.astype(a.dtype)], shapes,
+                     ranks=(rank,), heads=heads, head_dim=head_dim, tune=dict(tune),
+                     interpret=interpret)
+  return tuple(grads)
 
 
 _contract.defvjp(_contract_fwd, _contract_bwd)
