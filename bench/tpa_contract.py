@@ -21,12 +21,12 @@ import itertools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py: KEY=V1,V2 parsing)
+from timing import median_seconds  # noqa: E402
 
 # Launch settings tried for both kernels: `rows` (token, head) output rows a program, warps.
 # (The backward also takes the kernel's `cols` bound, 16 unless a sweep sets it.)
@@ -78,16 +78,7 @@ def main(argv=None) -> int:
       lambda f: kernels.tpa_contract(list(zip(f[0::2], f[1::2])), impl="pallas"))(flat)))
 
   def timed(fn, *xs):
-    jax.block_until_ready(fn(*xs))
-    jax.block_until_ready(fn(*xs))
-    times = []
-    for _ in range(args.reps):
-      t0 = time.perf_counter()
-      for _ in range(args.calls):
-        out = fn(*xs)
-      jax.block_until_ready(out)
-      times.append((time.perf_counter() - t0) / args.calls)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(fn, xs, reps=args.reps, calls=args.calls)
 
   def measure(contract):
     f = lambda *fl: tuple(contract(list(zip(fl[0::2], fl[1::2]))))

@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +38,7 @@ from t6_jax import cli  # noqa: E402
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
 from decode_kernel import _settings  # noqa: E402  (bench/decode_kernel.py: KEY=V1,V2 parsing)
+from timing import median_seconds  # noqa: E402
 
 KERNELS = ("swiglu", "add_norm", "packed_grad")
 # Settings tried by default, per kernel.
@@ -91,15 +91,7 @@ def main(argv=None) -> int:
   sweep = _settings(args.sweep) if args.sweep else {}
 
   def timed(fn, xs):
-    jax.block_until_ready(fn(*xs))
-    times = []
-    for _ in range(args.reps):
-      t0 = time.perf_counter()
-      for _ in range(args.calls):
-        out = fn(*xs)
-      jax.block_until_ready(out)
-      times.append((time.perf_counter() - t0) / args.calls)
-    return 1e6 * float(np.median(times))
+    return 1e6 * median_seconds(fn, xs, reps=args.reps, calls=args.calls, warm=1)
 
   def error(got, want):
     return max(float(jnp.max(jnp.abs(g.astype(f32) - w.astype(f32))) /
