@@ -253,6 +253,11 @@ class TrainConfig:
           f"{self.grad_accum} (each micro-batch has batch_size / grad_accum rows)")
     _need(0.0 <= self.decay_fraction <= 1.0,
           f"train.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+    for key in ("b1", "b2"):  # AdamW's moment decays
+      _need(0.0 <= getattr(self, key) < 1.0,
+            f"train.{key}={getattr(self, key)} must lie in [0, 1) (AdamW's moment decay; "
+            f"the presets use b1=0.9, b2=0.95)")
+    _need(self.eps > 0, f"train.eps={self.eps} must be positive (AdamW's denominator term)")
 
 
 @dataclasses.dataclass(frozen=True)

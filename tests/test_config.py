@@ -90,6 +90,9 @@ def test_malformed_overrides_and_missing_presets():
     ("decode.temperature=-1", "decode.temperature must be >= 0"),
     ("train.schedule=cosin", "did you mean cosine"),
     ("train.batch_size=6", "multiple of train.grad_accum"),
+    ("train.b2=1", "train.b2=1.0 must lie in [0, 1)"),
+    ("train.b1=-0.1", "train.b1=-0.1 must lie in [0, 1)"),
+    ("train.eps=0", "train.eps=0.0 must be positive"),
 ])
 def test_every_section_checks_its_values_when_loaded(override, expected):
   """Checked at load time, before any data is prepared or device touched."""
