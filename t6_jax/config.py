@@ -132,6 +132,10 @@ class ModelConfig:
     for key in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "max_seq_len"):
       need(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
     need(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
+    need(self.rope_base > 0, f"model.rope_base={self.rope_base} must be positive (RoPE's "
+                             f"frequencies are rope_base^(-2i/d); the presets use 10000)")
+    need(self.mlp_hidden >= 0, f"model.mlp_hidden={self.mlp_hidden} must be >= 0 (0: the "
+                               f"default floor(8 d_model / 3))")
     if self.attention == "mha":
       need(self.num_heads * self.head_dim == self.d_model,
            f"mha needs model.num_heads * model.head_dim == model.d_model, got "

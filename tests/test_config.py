@@ -38,6 +38,8 @@ def test_unknown_key_in_a_file(tmp_path):
     ("model.dtype=float8", "use float32, bfloat16 or float16"),
     ("model.swiglu_impl=triton", "model.swiglu_impl='triton'; use auto, xla or pallas"),
     ("model.norm_impl=fused", "model.norm_impl='fused'; use auto, xla or pallas"),
+    ("model.rope_base=0", "model.rope_base=0.0 must be positive"),
+    ("model.mlp_hidden=-3", "model.mlp_hidden=-3 must be >= 0"),
 ])
 def test_wrong_type_or_value(override, expected):
   assert expected in error_of([override])
