@@ -59,6 +59,9 @@ def parse_args(argv=None):
   p.add_argument("--decode_tuning", default="",
                  help="TPA decode kernel settings over tpa_decode_gpu.TUNING, KEY=V comma-"
                       "separated (e.g. block=32,per_sm=2)")
+  p.add_argument("--step_tuning", default="",
+                 help="launch settings of the fused step kernel over tpa_step_gpu.STEP_TUNING, "
+                      "KEY=V comma-separated (e.g. num_warps=2)")
   p.add_argument("--gemv", default="",
                  help="batch-1 GEMV kernel settings over gemv_gpu.TUNING: KEY=V for both "
                       "layouts or kn.KEY=V / nk.KEY=V, comma-separated (e.g. per_sm=2,"
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
   from t6_jax.model import init_params
   from t6_jax.model.sizes import param_count
 
-  from t6_jax.kernels import gemv_gpu, tpa_decode_gpu
+  from t6_jax.kernels import gemv_gpu, tpa_decode_gpu, tpa_step_gpu
+  set_tuning("--step_tuning", tpa_step_gpu.STEP_TUNING, args.step_tuning)
   set_tuning("--gemv", gemv_gpu.TUNING, args.gemv, layouts=True)
   set_tuning("--decode_tuning", tpa_decode_gpu.TUNING, args.decode_tuning)
   batches = [int(b) for b in args.batches.split(",")]

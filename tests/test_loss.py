@@ -41,8 +41,11 @@ def numpy_loss_and_grads(x, w, targets):
   return (nll * keep).sum(), dlogits @ w, np.einsum("btv,btd->vd", dlogits, x)
 
 
-@pytest.mark.parametrize("chunks,impl", [(1, "xla"), (2, "xla"), (8, "xla"), (2, "pallas")])
-def test_chunked_loss_and_grads_match_numpy(chunks, impl):
+@pytest.mark.parametrize("chunks,impl,stream", [
+    (1, "xla", 0), (2, "xla", 0), (8, "xla", 0), (2, "pallas", 0), (2, "xla", 1),
+    (8, "pallas", 1)])
+def test_chunked_loss_and_grads_match_numpy(chunks, impl, stream):
+  """stream 1: the head's weight gradient one chunk behind (model.weight_grad_stream)."""
   rng = np.random.default_rng(0)
   b, t, d, v = 3, 8, 16, 37
   x = rng.standard_normal((b, t, d)).astype(np.float32)
@@ -52,7 +55,7 @@ def test_chunked_loss_and_grads_match_numpy(chunks, impl):
 
   def f(x, w):
     return loss_lib.lm_head_cross_entropy(x, w, targets, dtype="float32", rules=RULES,
-                                          chunks=chunks, impl=impl)
+                                          chunks=chunks, impl=impl, stream=stream)
 
   loss, (dx, dw) = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
   want_loss, want_dx, want_dw = numpy_loss_and_grads(x, w, targets)

@@ -33,6 +33,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from t6_jax.kernels.tpa_decode_gpu import LOG2E, TUNING, _pow2, query_shape
 
+# Launch settings (bench/decode.py --step_tuning KEY=V sweeps them).
+STEP_TUNING = {"num_warps": 4}
+
 
 def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv_in,
             qhi_ref, qlo_ref, ak_ref, bk_ref, av_ref, bv_ref, *, splits, heads, head_dim,
@@ -175,8 +178,8 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
   q_shape = jax.ShapeDtypeStruct((batch, rows, kp), dtype)
   out_shape = [q_shape] * (2 if split_q else 1) + [
       jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
-  extra = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4,
-                                                                        num_stages=1)}
+  extra = {} if interpret else {"compiler_params": plgpu.CompilerParams(
+      num_warps=STEP_TUNING["num_warps"], num_stages=1)}
   outs = pl.pallas_call(
       kernel,
       grid=(batch, ROLES),

@@ -105,7 +105,8 @@ def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
   targets_BxT = batch["targets"]
   loss_sum = loss_lib.lm_head_cross_entropy(hidden_BxTxD, model.embed.wte[...], targets_BxT,
                                             dtype=cfg.model.dtype, rules=model.rules,
-                                            impl=cfg.train.loss_impl)
+                                            impl=cfg.train.loss_impl,
+                                            stream=cfg.model.weight_grad_stream)
   return loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32)
 
 
