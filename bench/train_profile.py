@@ -2,11 +2,14 @@
 
   python bench/train_profile.py --config t6-small --batch 64            # H200: ~1 min
   python bench/train_profile.py --config tiny --batch 8 --seq_len 32 --dtype float32
+  python bench/train_profile.py --trace runs/t6-small/tb --steps 3   # a run's train.profile_steps
 
 Compiles and warms up the real train step (as bench/train_throughput.py), traces `--steps`
 steps with a Perfetto trace, then sums the device (GPU stream) events: total time per category
 (matmul, attention kernel, reductions, elementwise fusions, copies, collectives, other) and the
 kernels that take the most time. `--trace_dir` keeps the trace for Perfetto / TensorBoard.
+`--trace` summarises a trace already taken instead, such as the one a training run writes
+with train.profile_steps (`--steps` then says how many steps it holds).
 """
 
 from __future__ import annotations
@@ -146,15 +149,27 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="t6-small")
-  p.add_argument("--batch", type=int, required=True)
+  p.add_argument("--batch", type=int, help="global batch (required unless --trace)")
   p.add_argument("--seq_len", type=int, default=1024)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--steps", type=int, default=3, help="traced steps")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--trace_dir", default="", help="keep the trace here ('' : a temp dir)")
+  p.add_argument("--trace", default="", help="summarise the newest Perfetto trace under this "
+                                             "folder (or this file) instead of running steps")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = p.parse_args(argv)
+  if args.trace:
+    trace_file = args.trace if os.path.isfile(args.trace) else perfetto_file(args.trace)
+    if trace_file is None:
+      print(f"no perfetto_trace.json under {args.trace}")
+      return 1
+    print(f"{trace_file}: {args.steps} step(s)")
+    print(summarise(trace_file, args.steps, args.top))
+    return 0
+  if args.batch is None:
+    p.error("--batch is required (unless --trace)")
   import jax
   import numpy as np
 

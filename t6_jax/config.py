@@ -248,6 +248,11 @@ class TrainConfig:
   # (auto: cuBLAS from d_model 1024 up, XLA's Triton GEMMs below; docs/training.md)
   loss_impl: str = "auto"  # auto | xla | pallas: who reduces the loss's logits (auto: the
   # one-read Pallas kernel on GPU, XLA elsewhere; docs/training.md)
+  # A profiler trace (TensorBoard's profile plugin, and Perfetto) of this many steps, taken by
+  # the first process after profile_skip steps past the run's first (compiling) step; it is
+  # written to RUN/tb/plugins/profile/. 0: no trace.
+  profile_steps: int = 0
+  profile_skip: int = 3
 
   def validate(self) -> None:
     _choice("train.schedule", self.schedule, SCHEDULES)
@@ -256,7 +261,7 @@ class TrainConfig:
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
               "eval_every", "eval_batches", "lr")
     _non_negative("train", self, "warmup_steps", "min_lr", "weight_decay", "clip_norm",
-                  "sample_tokens")
+                  "sample_tokens", "profile_steps", "profile_skip")
     _need(self.batch_size % self.grad_accum == 0,
           f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum="
           f"{self.grad_accum} (each micro-batch has batch_size / grad_accum rows)")

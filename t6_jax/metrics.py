@@ -68,6 +68,13 @@ class Metrics:
                            dynamic_ncols=True, file=sys.stdout, smoothing=0.1,
                            disable=None)  # None: off when stdout is not a terminal
 
+  def local_dir(self, name: str) -> str | None:
+    """Where this process writes the run's folder `name` (the primary process's workdir, or
+    its local mirror of a bucket workdir, uploaded with the metrics); None elsewhere."""
+    if not self.primary:
+      return None
+    return os.path.join(self._mirror or self.workdir, name)
+
   def progress(self, step: int, **postfix) -> None:
     """Moves the bar to `step` and shows the given values (loss, tok/s)."""
     if self.bar is None:

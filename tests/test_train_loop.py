@@ -52,3 +52,18 @@ def test_restart_refuses_a_folder_that_is_not_a_run(tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   with pytest.raises(ValueError, match="does not look like a run directory"):
     loop.clear_run_dir(str(tmp_path))
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  """train.profile_steps: a trace of whole steps after the compiling one, in the run's tb/
+  folder as TensorBoard's profile plugin reads it, with a Perfetto file beside it."""
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}",
+                                         "train.steps=4", "train.profile_steps=2",
+                                         "train.profile_skip=0"])
+  loop.train(cfg)
+  runs = os.listdir(tmp_path / "run" / "tb" / "plugins" / "profile")
+  assert len(runs) == 1
+  files = os.listdir(tmp_path / "run" / "tb" / "plugins" / "profile" / runs[0])
+  assert any(f.endswith(".xplane.pb") for f in files), files
+  assert "perfetto_trace.json.gz" in files, files

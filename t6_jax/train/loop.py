@@ -24,6 +24,7 @@ from t6_jax import config as config_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics
 from t6_jax.train import flops as flops_lib
+from t6_jax.train.profile import StepProfiler
 from t6_jax.train import step as step_lib
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints")
@@ -140,6 +141,9 @@ class Run:
     self.metrics = Metrics(self.workdir, total_steps=t.steps, start_step=self.start,
                            primary=self.primary)
     self.say = self.metrics.print
+    # The first step compiles: the trace starts profile_skip steps after it.
+    self.profiler = StepProfiler(self.metrics.local_dir("tb"), self.start + 2 + t.profile_skip,
+                                 t.profile_steps, log=self.say)
     self.first_val_loss = self.last_val_loss = self.train_loss = None
     self.pending = None  # (step, device metrics) dispatched but not read yet
     self.clock_t, self.clock_step, self.tokens_per_s = None, self.start, None
@@ -219,9 +223,11 @@ class Run:
         {k: v for k, v in next(self.train_iter).items() if k in self.keys}, self.mesh,
         self.cfg.mesh.rules)
     t0 = time.time()
-    self.state, step_metrics = self.step_fn(self.state, batch)
+    with self.profiler.step(n):
+      self.state, step_metrics = self.step_fn(self.state, batch)
     if self.compile_s is None:
       self.compile_s = time.time() - t0
+    self.profiler.dispatched(n, step_metrics)
     self.read_pending()
     self.pending = (n, step_metrics)
 
@@ -287,6 +293,7 @@ class Run:
 
   def close(self) -> None:
     try:
+      self.profiler.stop()  # a run that ended inside the traced steps
       self.metrics.close()
     finally:
       self.ckpt.close()
