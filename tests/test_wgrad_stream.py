@@ -43,7 +43,6 @@ def run_steps(mesh_cfg, devices, *extra):
     (config_lib.MeshConfig(data=1, fsdp=1, tensor=1), ["model.attention=tpa"]),
     (config_lib.MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tp"),
      ["model.attention=tpa", "model.scan_layers=true", "model.remat=full"]),
-    (config_lib.MeshConfig(data=1, fsdp=1, tensor=1), ["model.attention=mla"]),
 ])
 def test_weight_grad_stream_leaves_steps_unchanged(mesh_cfg, extra):
   n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor

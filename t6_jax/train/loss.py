@@ -19,8 +19,9 @@ accumulated over chunks in fp32.
 
 With a weight-gradient stream (model.weight_grad_stream, GPU), chunk i's dW product runs on
 that stream while chunk i+1's logits, loss kernel and dX run on the main one: the loop carries
-one chunk's logit gradient over to the next iteration. The sums are the same, in the same
-order.
+one chunk's logit gradient over to the next iteration. The products are the same and are
+added in the same order (bit for bit on one device; on a mesh the partitioner may add the
+devices' shares of a chunk's dW at another point, an ulp apart).
 """
 
 from __future__ import annotations
