@@ -55,16 +55,10 @@ def parse_args(argv=None):
 def peak_memory_bytes(devices) -> tuple[float | None, str]:
   """Peak device memory (largest over devices) where the backend reports it, else the
   process's peak resident memory (CPU)."""
-  peaks = []
-  for d in devices:
-    try:
-      stats = d.memory_stats() or {}
-    except Exception:  # backends without memory statistics
-      stats = {}
-    if "peak_bytes_in_use" in stats:
-      peaks.append(stats["peak_bytes_in_use"])
-  if peaks:
-    return float(max(peaks)), "device peak"
+  from t6_jax.metrics import device_peak_bytes
+  peak = device_peak_bytes(devices)
+  if peak is not None:
+    return peak, "device peak"
   return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "host RSS peak"
 
 

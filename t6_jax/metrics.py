@@ -24,6 +24,20 @@ import tqdm
 from t6_jax import storage
 
 
+def device_peak_bytes(devices) -> float | None:
+  """The largest peak of device memory in use over `devices`, where the backend reports it
+  (GPU, TPU); None where none does (CPU)."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # noqa: BLE001 (backends without memory statistics)
+      stats = {}
+    if "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  return float(max(peaks)) if peaks else None
+
+
 def _plain(value: Any):
   """JSON-able scalar: numpy/jax scalars to float or int, non-finite floats kept as strings."""
   if hasattr(value, "item"):

@@ -67,3 +67,22 @@ def test_profile_steps_write_a_trace(tmp_path):
   files = os.listdir(tmp_path / "run" / "tb" / "plugins" / "profile" / runs[0])
   assert any(f.endswith(".xplane.pb") for f in files), files
   assert "perfetto_trace.json.gz" in files, files
+
+
+def test_device_peak_bytes():
+  """The largest reported peak over the devices; None where no device reports one (CPU)."""
+  from t6_jax.metrics import device_peak_bytes
+
+  class Device:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      if isinstance(self.stats, Exception):
+        raise self.stats
+      return self.stats
+
+  assert device_peak_bytes([Device({"peak_bytes_in_use": 5}), Device({"peak_bytes_in_use": 9}),
+                            Device(None), Device(NotImplementedError())]) == 9.0
+  assert device_peak_bytes([Device(None), Device({"bytes_in_use": 3})]) is None
+  assert device_peak_bytes(jax.devices()[:1]) is None  # host CPUs report none

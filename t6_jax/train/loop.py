@@ -22,7 +22,7 @@ from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (tra
 from t6_jax import sharding as sharding_lib
 from t6_jax import config as config_lib
 from t6_jax.config import Config
-from t6_jax.metrics import Metrics
+from t6_jax.metrics import Metrics, device_peak_bytes
 from t6_jax.train import flops as flops_lib
 from t6_jax.train.profile import StepProfiler
 from t6_jax.train import step as step_lib
@@ -263,12 +263,17 @@ class Run:
           "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
           "tflops_per_device": tflops,
           "mfu": flops_lib.mfu(self.flops_per_token, tps, jax.device_count(), self.device_kind),
-          "step_s": dt / steps_done})
+          "step_s": dt / steps_done, "peak_memory_gib": self._peak_gib()})
       if self.metrics.bar is None or self.metrics.bar.disable:
         self.say(f"step {n}/{t.steps}: loss {loss:.4f}  lr {lr:.3g}  {tps:,.0f} tokens/s  "
                  f"{tflops:.3g} TFLOP/s/device")
     self.metrics.progress(n, loss=loss, **({"tok/s": f"{self.tokens_per_s:,.0f}"}
                                            if self.tokens_per_s else {}))
+
+  def _peak_gib(self) -> float | None:
+    """This process's devices' peak memory in use so far, GiB (None where not reported)."""
+    peak = device_peak_bytes(jax.local_devices())
+    return None if peak is None else round(peak / 2**30, 2)
 
   def validate(self, n: int) -> None:
     loss = evaluate(self.step_fn, self.state["params"], self.val_batches)
@@ -305,6 +310,7 @@ class Run:
            "final_step": int(jax.device_get(self.state["step"])),
            "tokens_per_s": self.tokens_per_s,
            "compile_s": None if self.compile_s is None else round(self.compile_s, 1),
+           "peak_memory_gib": self._peak_gib(),
            "wall_s": round(time.time() - self.t_start, 1),
            "state": self.state, "tokenizer": self.tokenizer}
     if self.train_loss is not None:
