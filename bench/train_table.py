@@ -7,6 +7,9 @@ Each (preset, variant) runs `bench/train_throughput.py` in its own process (so e
 memory figure is that run's own), and the results become one markdown table: tokens/s, MFU by
 the reference formula 6N + 12·L·h·d_h·T and peak memory per variant, the first variant's
 tokens/s as the base of the ratios, and the PyTorch reference's measurement where there is one.
+`--rounds N` runs each preset's variants N times in turn (A B A B ...), so a drift of the
+machine during the run falls on every variant alike; a cell then lists every run's tokens/s
+and the ratio compares medians.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import datetime
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -38,6 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--timeout_s", type=float, default=150.0, help="per run")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="runs of each variant, alternated with the other variants")
   p.add_argument("--out", default="", help="markdown file to append the table to")
   return p.parse_args(argv)
 
@@ -67,17 +73,25 @@ def main(argv=None) -> int:
   header = ["preset", "batch"] + [name for name, _ in variants] + ["reference"]
   rows = []
   for preset, batch in presets:
+    runs = {name: [] for name, _ in variants}
+    for _ in range(max(1, args.rounds)):
+      for name, settings in variants:
+        r = run_one(preset, batch, settings, args)
+        runs[name].append(r)
+        print(f"{preset} B={batch} {name}: {r}", flush=True)
     cells, base = [preset, str(batch)], None
-    for name, settings in variants:
-      r = run_one(preset, batch, settings, args)
-      if "error" in r:
-        cells.append(f"failed: {r['error']}")
-      else:
-        tps = float(r["tokens/s"].replace(",", ""))
-        ratio = "" if base is None else f" ({tps / base:.2f}x)"
-        base = tps if base is None else base
-        cells.append(f"{r['tokens/s']}{ratio}, {r.get('mfu', '?')}, {r.get('peak', '?')}")
-      print(f"{preset} B={batch} {name}: {cells[-1]}", flush=True)
+    for name, _ in variants:
+      good = [r for r in runs[name] if "error" not in r]
+      if not good:
+        cells.append(f"failed: {runs[name][0]['error']}")
+        continue
+      tps = [float(r["tokens/s"].replace(",", "")) for r in good]
+      median = statistics.median(tps)
+      ratio = "" if base is None else f" ({median / base:.3f}x)"
+      base = median if base is None else base
+      last = good[-1]
+      cells.append(f"{' / '.join(r['tokens/s'] for r in good)}{ratio}, {last.get('mfu', '?')}, "
+                   f"{last.get('peak', '?')}")
     cells.append(REFERENCE_H200.get(preset, "").replace(f"batch {batch}: ", ""))
     rows.append(cells)
   sys.path.insert(0, os.path.dirname(HERE))
@@ -86,9 +100,10 @@ def main(argv=None) -> int:
   import jax
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = ["", f"`python bench/train_table.py --presets {args.presets} --variants "
-           f"\"{args.variants}\"` on {jax.devices()[0].device_kind} (jax {jax.__version__}, "
-           f"{date}); each cell: tokens/s (ratio to the first variant), MFU by 6N+12LhdT, "
-           f"peak memory.", "",
+           f"\"{args.variants}\" --rounds {args.rounds}` on {jax.devices()[0].device_kind} "
+           f"(jax {jax.__version__}, {date}); each cell: tokens/s of each run (ratio of "
+           f"medians to the first variant), MFU by 6N+12LhdT and peak memory of the last run.",
+           "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(c) + " |" for c in rows]
   print("\n".join(lines))
