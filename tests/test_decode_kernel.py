@@ -13,6 +13,7 @@ from t6_jax.decode.cache import entry_shapes
 from t6_jax.model import init_params, model_from_params
 from t6_jax import kernels
 from t6_jax.kernels import FactorCacheLayout
+from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.kernels.tpa_decode_gpu import head_chunks, tpa_decode_attention
 from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
 
@@ -25,12 +26,17 @@ from t6_jax.model.attention import FullQueries, TPAQueries, kernel_query
     (False, 20, (2, 3, 1), 16, 16, None, {"head_tile": 16, "split_q": False, "layout": True}),
     # One chunk of 32 rows; kv_len 36 < the cache's 40 slots (the slots past it are not read).
     (False, 20, (6, 2, 2), 32, 16, 3, {"head_tile": None, "layout": True, "kv_len": 36}),
+    # The split count capped by TUNING["max_splits"]: 40 slots in blocks of 16 (the last
+    # one a masked tail) as 2 splits of up to 2 blocks.
+    (False, 5, (6, 2, 3), 16, 16, None, {"max_splits": 2}),
 ])
-def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits, tune):
+def test_kernel_matches_numpy(full_query, heads, ranks, head_dim, block, splits, tune,
+                              monkeypatch):
   layers, batch, slots = 2, 3, 40
   q_rank, k_rank, v_rank = ranks
   tune = dict(tune)
   in_layout, kv_len = tune.pop("layout", False), tune.pop("kv_len", slots)
+  monkeypatch.setitem(tpa_decode_gpu.TUNING, "max_splits", tune.pop("max_splits", 0))
   rng = np.random.default_rng(heads + head_dim)
   rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
   cache = [jnp.asarray(x, jnp.bfloat16) for x in (
@@ -81,6 +87,15 @@ def test_hi_lo_query_keeps_sharp_attention_accurate():
                                kv_len=slots, split_q=split_q, interpret=True)
     errors[split_q] = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
   assert errors[True] < 1e-3 and errors[False] < 6e-3, errors
+
+
+def test_split_count():
+  """About per_sm programs per SM (132 SMs off GPU), capped by max_splits when > 0, every
+  split a whole number of blocks."""
+  assert tpa_decode_gpu._splits(1, 32, 1) == (32, 1)
+  assert tpa_decode_gpu._splits(1, 32, 1, max_splits=16) == (16, 2)
+  assert tpa_decode_gpu._splits(1, 32, 1, max_splits=5) == (5, 7)
+  assert tpa_decode_gpu._splits(64, 512, 1) == (2, 256)
 
 
 def test_head_chunks_cover_the_heads_in_powers_of_two():

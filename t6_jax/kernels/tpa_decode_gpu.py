@@ -55,9 +55,10 @@ LOG2E = math.log2(math.e)
 # 3.55 TB/s for T6-small B=16 S=32k, 4.08 at B=64, 3.19 for T6-XL B=1 S=262k): slots per key
 # block, warps, pipeline stages, programs per SM (sets the split count), the head chunk rows,
 # and whether Q goes in as a bf16 hi + lo pair. One program per SM with three stages in flight
-# beat two programs with two stages by 5-13%.
+# beat two programs with two stages by 5-13%. max_splits (0: none) caps the split count, so
+# that a whole-step run can try fewer, longer programs (bench/decode.py --decode_tuning).
 TUNING = {"block": 64, "num_warps": 4, "num_stages": 3, "per_sm": 1, "head_tile": 64,
-          "split_q": False}
+          "split_q": False, "max_splits": 0}
 COMBINE_KERNEL_SPLITS = 32  # up to this many splits `combine` merges them, else XLA
 DEFAULT_SMS = 132  # an H200's SMs, when no GPU is attached (interpret mode, AOT)
 
@@ -173,10 +174,12 @@ def _kernel(layer_ref, pos_ref, pad_ref, qhi_ref, qlo_ref, ak_ref, bk_ref, av_re
     acc_ref[b, split, pl.ds(h0, rows), :] = acc_HxK
 
 
-def _splits(batch: int, n_blocks: int, per_sm: int) -> tuple[int, int]:
+def _splits(batch: int, n_blocks: int, per_sm: int, max_splits: int = 0) -> tuple[int, int]:
   """(splits, blocks per split): about per_sm programs per SM over the whole grid, rounded
-  down so the grid fits one wave of that many programs."""
+  down so the grid fits one wave of that many programs, and at most max_splits (if > 0)."""
   splits = max(1, min(n_blocks, per_sm * num_sms() // batch))
+  if max_splits > 0:
+    splits = min(splits, max_splits)
   blocks_per_split = -(-n_blocks // splits)
   return -(-n_blocks // blocks_per_split), blocks_per_split
 
@@ -260,7 +263,7 @@ def tpa_decode_rows(q_hi, q_lo, a_k, b_k, a_v, b_v, layer, pad_B, pos, *, heads:
   block = max(16, min(_pow2(block), _pow2(num_slots)))
   n_blocks = -(-num_slots // block)
   if splits is None:
-    splits, blocks_per_split = _splits(batch, n_blocks, per_sm)
+    splits, blocks_per_split = _splits(batch, n_blocks, per_sm, tune["max_splits"])
   else:
     blocks_per_split = -(-n_blocks // max(1, min(splits, n_blocks)))
     splits = -(-n_blocks // blocks_per_split)
