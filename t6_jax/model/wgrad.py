@@ -23,15 +23,16 @@ from t6_jax import kernels
 
 def run_on(stream: int, fn, *args):
   """jit(fn)(*args), placed on CUDA stream `stream` (> 0) on GPU, on the one stream elsewhere."""
-  if stream > 0 and kernels.target()[0] == "gpu":
-    where = f"gpu_stream:{stream}"
-    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
-      # jax >= 0.11.1: a function transform
-      return compute_on(jax.jit(fn), compute_type=where,
-                        out_memory_spaces=jax.memory.Space.Device)(*args)
-    with compute_on(where):  # earlier: a context manager around a jitted call
-      return jax.jit(fn)(*args)
-  return jax.jit(fn)(*args)
+  jitted = jax.jit(fn)
+  if stream <= 0 or kernels.target()[0] != "gpu":
+    return jitted(*args)
+  where = f"gpu_stream:{stream}"
+  if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+    # jax >= 0.11.1: a function transform
+    return compute_on(jitted, compute_type=where,
+                      out_memory_spaces=jax.memory.Space.Device)(*args)
+  with compute_on(where):  # earlier: a context manager around a jitted call
+    return jitted(*args)
 
 
 def projection(spec: str, x, w, stream: int = 0):

@@ -117,6 +117,23 @@ def _add_weight_grad(dw_VxD, dlogits_BxCxV, x_BxCxD):
                              preferred_element_type=jnp.float32)
 
 
+def _chunk_grads(x_BxCxD, targets_BxC, w_c_VxD, dtype, rules, impl):
+  """One chunk's summed nll, d nll / d logits (softmax - onehot(target), zero on ignored
+  tokens) and dX (fp32)."""
+  nll_BxC, dlogits_BxCxV = _chunk_nll(_chunk_logits(x_BxCxD, w_c_VxD, dtype, rules),
+                                      targets_BxC, impl, rules, grad=True)
+  dlogits_BxCxV = constrain(dlogits_BxCxV, ("batch", "length", "act_vocab"), rules)
+  dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_c_VxD,
+                        preferred_element_type=jnp.float32)
+  return jnp.sum(nll_BxC), dlogits_BxCxV, dx_BxCxD
+
+
+def _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules):
+  """(dX (B, T, D) from its chunks, dW in the weight's dtype and layout)."""
+  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(x_BxTxD.shape)
+  return dx_BxTxD, constrain(dw_VxD.astype(w_VxD.dtype), ("vocab", "embed"), rules)
+
+
 def _loss_and_grads(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
   w_c_VxD = _head_weight(w_VxD, dtype, rules)
   xs = _chunked(x_BxTxD, targets_BxT, chunks)
@@ -126,20 +143,14 @@ def _loss_and_grads(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_
   def body(carry, chunk):
     total, dw_VxD = carry
     x_BxCxD, targets_BxC = chunk
-    # d nll / d logits = softmax - onehot(target), zero on ignored tokens.
-    nll_BxC, dlogits_BxCxV = _chunk_nll(_chunk_logits(x_BxCxD, w_c_VxD, dtype, rules),
-                                        targets_BxC, impl, rules, grad=True)
-    dlogits_BxCxV = constrain(dlogits_BxCxV, ("batch", "length", "act_vocab"), rules)
-    dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_c_VxD,
-                          preferred_element_type=jnp.float32)
+    nll, dlogits_BxCxV, dx_BxCxD = _chunk_grads(x_BxCxD, targets_BxC, w_c_VxD, dtype, rules,
+                                                impl)
     dw_VxD = _add_weight_grad(dw_VxD, dlogits_BxCxV, x_BxCxD.astype(dtype))
-    return (total + jnp.sum(nll_BxC), dw_VxD), dx_BxCxD.astype(x_BxTxD.dtype)
+    return (total + nll, dw_VxD), dx_BxCxD.astype(x_BxTxD.dtype)
 
   dw0 = jnp.zeros(w_VxD.shape, jnp.float32)
   (total, dw_VxD), dx_NxBxCxD = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
-  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(x_BxTxD.shape)
-  dw_VxD = constrain(dw_VxD.astype(w_VxD.dtype), ("vocab", "embed"), rules)
-  return total, (dx_BxTxD, dw_VxD)
+  return total, _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules)
 
 
 def _streamed_loss_and_grads(dtype, rules, impl, stream, x_BxTxD, w_VxD, w_c_VxD, xs):
@@ -148,12 +159,9 @@ def _streamed_loss_and_grads(dtype, rules, impl, stream, x_BxTxD, w_VxD, w_c_VxD
 
   def chunk(i):
     x_BxCxD = x_NxBxCxD[i].astype(dtype)
-    nll_BxC, dlogits_BxCxV = _chunk_nll(_chunk_logits(x_BxCxD, w_c_VxD, dtype, rules),
-                                        targets_NxBxC[i], impl, rules, grad=True)
-    dlogits_BxCxV = constrain(dlogits_BxCxV, ("batch", "length", "act_vocab"), rules)
-    dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_c_VxD,
-                          preferred_element_type=jnp.float32)
-    return jnp.sum(nll_BxC), dlogits_BxCxV, x_BxCxD, dx_BxCxD.astype(x_BxTxD.dtype)
+    nll, dlogits_BxCxV, dx_BxCxD = _chunk_grads(x_BxCxD, targets_NxBxC[i], w_c_VxD, dtype,
+                                                rules, impl)
+    return nll, dlogits_BxCxV, x_BxCxD, dx_BxCxD.astype(x_BxTxD.dtype)
 
   total, dlogits_BxCxV, x_BxCxD, dx_BxCxD = chunk(0)
   dx_NxBxCxD = jnp.zeros(x_NxBxCxD.shape, x_BxTxD.dtype).at[0].set(dx_BxCxD)
@@ -168,9 +176,7 @@ def _streamed_loss_and_grads(dtype, rules, impl, stream, x_BxTxD, w_VxD, w_c_VxD
   total, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD = jax.lax.fori_loop(
       1, x_NxBxCxD.shape[0], body, (total, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD))
   dw_VxD = wgrad.run_on(stream, _add_weight_grad, dw_VxD, dlogits_BxCxV, x_BxCxD)
-  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(x_BxTxD.shape)
-  dw_VxD = constrain(dw_VxD.astype(w_VxD.dtype), ("vocab", "embed"), rules)
-  return total, (dx_BxTxD, dw_VxD)
+  return total, _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules)
 
 
 def _fwd(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
