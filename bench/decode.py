@@ -11,7 +11,7 @@ model for one new token per row against the full cache, inside the same jitted l
 batch 1 once before the timed calls, `decode.weights.prepare_before_loop`). Roofline
 fraction = (weight bytes + cache bytes read per step) / step time / HBM bandwidth
 (--hbm_tbps, 4.0 TB/s for an H200 by default). Results go to stdout and (unless --no_write)
-replace the "## Decoding" section of docs/benchmarks.md.
+replace the "## Decoding: the full sweep" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from t6_jax import cli  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
-HEADING = "## Decoding"
+HEADING = "## Decoding: the full sweep"
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                    "benchmarks.md")
 

@@ -98,7 +98,7 @@ DECODE_KERNELS = ("auto", "xla", "pallas")
 CONTRACT_IMPLS = ("auto", "xla", "pallas")  # auto here: xla (train steps resolve it first)
 FACTOR_ATTENTIONS = ("tpa", "tpa_kvonly")  # attention types with a factor cache
 # The grouped (K/V or latent) decode kernel, which `auto` takes for all four on GPU: measured
-# on an H200 at 32k context (docs/benchmarks.md), GQA/MLA 1.7-5.4x their XLA paths, MHA 1.4x
+# on an H200 at 32k context (docs/benchmarks_log.md), GQA/MLA 1.7-5.4x their XLA paths, MHA 1.4x
 # (batch 16) and 3.0x (batch 64).
 GROUPED_ATTENTIONS = ("mha", "mqa", "gqa", "mla")
 FAST_CACHE_DTYPES = {"gpu": (jnp.bfloat16, jnp.float16),

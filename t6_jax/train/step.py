@@ -252,7 +252,7 @@ def _jitted_steps(cfg: Config, mesh, batch_keys: tuple[str, ...]):
 # train.gpu_gemm=auto takes cuBLAS from this model width up: on an H200 cuBLAS trained every
 # medium preset (d_model 1024) 1.09-1.26x faster than XLA's Triton GEMMs, while at d_model 768
 # the Triton GEMMs were 1.15x faster for T6 (its per-token factor contractions) and 1.02x for
-# MHA (docs/benchmarks.md).
+# MHA (docs/benchmarks_log.md).
 CUBLAS_FROM_D_MODEL = 1024
 
 
