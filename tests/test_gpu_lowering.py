@@ -1,7 +1,8 @@
-"""The GPU train step, lowered for CUDA on this CPU host: every GPU-only path (the Pallas Triton
-kernels compiled, not interpreted; cuDNN's fused attention; weight gradients on a second
-stream) must trace and lower with the installed jax, on one device and on a mesh (kernels
-under shard_map), so that an API change in jax shows here rather than on the GPU machine.
+"""The GPU train and decode steps, lowered for CUDA on this CPU host: every GPU-only path (the
+Pallas Triton kernels compiled, not interpreted; cuDNN's fused attention; weight gradients on a
+second stream; the decode kernels) must trace and lower with the installed jax, on one device
+and on meshes (kernels under shard_map), so that an API change in jax shows here rather than
+on the GPU machine.
 
 Lowering stops before XLA's GPU compiler: what it checks is the program, not its speed. Two
 probes of jax's that need a GPU are answered as an H200 would (cuDNN's version; in jax 0.11
@@ -83,3 +84,18 @@ def test_gpu_train_step_lowers_for_cuda(as_on_a_gpu, mesh_cfg, stream):
     assert (kernel in kernel_names) == ("tensor" not in mesh_cfg), kernel_names
   # Weight gradients on stream 1 only when asked for.
   assert ('_xla_stream_annotation = "1"' in text) == bool(stream)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_decode_step_lowers_for_cuda(as_on_a_gpu, batch):
+  """The token loop of generation on one GPU: the factor-attention kernel and the step's
+  fused cache writes at any batch, the GEMV kernel for every product at batch 1."""
+  from t6_jax.decode import aot
+  cfg = config_lib.load("tiny", ["model.dtype=bfloat16"])
+  lowered, _ = aot.lower_decode_step(cfg, jax.devices()[:1], batch=batch, context=64,
+                                     platforms=("cuda",))
+  text = lowered.as_text()
+  assert custom_calls(text)["__gpu$xla.gpu.triton"] >= 3, custom_calls(text)
+  kernel_names = set(re.findall(r'name = "(\w+)"', text))
+  want = {"tpa_decode", "tpa_step"} | ({"gemv"} if batch == 1 else set())
+  assert want <= kernel_names, kernel_names

@@ -40,6 +40,16 @@ def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
   """(compiled decode step, mesh) of `cfg` on `devices` (e.g. `train.aot.topology_devices`)
   for `batch` rows against a cache of `context` slots; attention_kernel overrides
   decode.attention_kernel."""
+  lowered, mesh = lower_decode_step(cfg, devices, batch=batch, context=context,
+                                    attention_kernel=attention_kernel)
+  return lowered.compile(), mesh
+
+
+def lower_decode_step(cfg: Config, devices, *, batch: int, context: int,
+                      attention_kernel: str | None = None, platforms: tuple[str, ...] = ()):
+  """(lowered decode step, mesh): what `compile_decode_step` compiles; platforms, when given,
+  the platforms to lower for instead of the devices' (("cuda",) on a CPU host: the GPU
+  program without a GPU, which can be lowered but not compiled)."""
   kernel = cfg.decode.attention_kernel if attention_kernel is None else attention_kernel
   mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
   rules = cfg.mesh.rules
@@ -62,12 +72,13 @@ def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
   logits = jax.ShapeDtypeStruct((batch, model.vocab_size), jnp.float32, sharding=rows)
   key = jax.eval_shape(lambda: jax.random.key(0))
   with jax.set_mesh(mesh):
-    lowered = decode_loop.lower(
+    traced = decode_loop.trace(
         params, cache, logits, key, scalar(jnp.float32), scalar(jnp.int32),
         scalar(jnp.float32), model_cfg=model, rules=rules, steps=2, greedy=True,
         use_filters=False, stop_tokens=(), valid_vocab=None,
         factor=cfg.decode.factor_attention, kernel=kernel)
-  return lowered.compile(), mesh
+    lowered = traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+  return lowered, mesh
 
 
 def compile_prefill(cfg: Config, devices, *, batch: int, prompt_len: int, context: int):
