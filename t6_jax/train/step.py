@@ -156,7 +156,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], *, cfg: Config):
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   loss = loss_sum / count
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   optimizer = make_optimizer(cfg.train)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
