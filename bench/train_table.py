@@ -52,8 +52,7 @@ def parse_args(argv=None):
 def run_one(preset: str, batch: int, settings: list[str], args) -> dict[str, str]:
   cmd = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--config", preset,
          "--batch", str(batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
-         "--warmup", str(args.warmup),
-         "--out", "", *settings]
+         "--warmup", str(args.warmup), "--out", "", *settings]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
     text = done.stdout + done.stderr
