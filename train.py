@@ -78,7 +78,7 @@ def run(args) -> int:
         f"(data {summary['data_s']:.0f} s, compile {summary['compile_s'] or 0:.0f} s)"
         + (f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "")
         + (f", peak memory {summary['peak_memory_gib']:.1f} GiB per device"
-           if summary.get("peak_memory_gib") else ""))
+           if summary["peak_memory_gib"] else ""))
   if first is not None and last is not None:
     print(f"validation loss: first {first:.4f} -> last {last:.4f}")
   elif last is not None:

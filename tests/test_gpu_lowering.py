@@ -57,6 +57,11 @@ def custom_calls(text: str) -> collections.Counter:
   return collections.Counter(re.findall(r"custom_call @([\w$.]+)", text))
 
 
+def kernel_names(text: str) -> set[str]:
+  """The Pallas kernels' names in a lowered program."""
+  return set(re.findall(r'name = "(\w+)"', text))
+
+
 @pytest.mark.parametrize("mesh_cfg, stream", [("one device", 0), ("one device", 1),
                                               ("data=4 fsdp=2", 1),
                                               ("data=2 fsdp=2 tensor=2", 1)])
@@ -79,9 +84,9 @@ def test_gpu_train_step_lowers_for_cuda(as_on_a_gpu, mesh_cfg, stream):
   # The loss's and the MLP backward's kernels, per shard on a mesh. Split over `tensor`, XLA's
   # forms run instead: the loss kernel needs whole vocabulary rows, and tiny's hidden shard
   # (170 / 2) is not a multiple of 8.
-  kernel_names = set(re.findall(r'name = "(\w+)"', text))
+  names = kernel_names(text)
   for kernel in ("lse_and_target", "swiglu_grad"):
-    assert (kernel in kernel_names) == ("tensor" not in mesh_cfg), kernel_names
+    assert (kernel in names) == ("tensor" not in mesh_cfg), names
   # Weight gradients on stream 1 only when asked for.
   assert ('_xla_stream_annotation = "1"' in text) == bool(stream)
 
@@ -96,6 +101,5 @@ def test_gpu_decode_step_lowers_for_cuda(as_on_a_gpu, batch):
                                      platforms=("cuda",))
   text = lowered.as_text()
   assert custom_calls(text)["__gpu$xla.gpu.triton"] >= 3, custom_calls(text)
-  kernel_names = set(re.findall(r'name = "(\w+)"', text))
   want = {"tpa_decode", "tpa_step"} | ({"gemv"} if batch == 1 else set())
-  assert want <= kernel_names, kernel_names
+  assert want <= kernel_names(text), kernel_names(text)

@@ -77,8 +77,7 @@ def lower_decode_step(cfg: Config, devices, *, batch: int, context: int,
         scalar(jnp.float32), model_cfg=model, rules=rules, steps=2, greedy=True,
         use_filters=False, stop_tokens=(), valid_vocab=None,
         factor=cfg.decode.factor_attention, kernel=kernel)
-    lowered = traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
-  return lowered, mesh
+    return traced.lower(lowering_platforms=platforms or None), mesh
 
 
 def compile_prefill(cfg: Config, devices, *, batch: int, prompt_len: int, context: int):
