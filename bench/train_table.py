@@ -60,8 +60,15 @@ def run_one(preset: str, batch: int, settings: list[str], args) -> dict[str, str
     return {"error": f"over {args.timeout_s:.0f} s"}
   found = {k: m.group(1) for k, pat in FIELDS.items() if (m := re.search(pat, text))}
   if "tokens/s" not in found:
-    found["error"] = (text.strip().splitlines() or ["no output"])[-1][:120]
+    found["error"] = _error_line(text)
   return found
+
+
+def _error_line(text: str) -> str:
+  """The exception line of a failed run's output (jax prints a note after it), else the last."""
+  lines = text.strip().splitlines() or ["no output"]
+  raised = [l for l in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b:?", l)]
+  return (raised or lines)[-1][:160]
 
 
 def main(argv=None) -> int:

@@ -81,3 +81,20 @@ def test_bench_runs(name, kernel_tunings):
   assert rc == 0, stdout[-2000:]
   assert SCRIPTS[name][1] in stdout, stdout[-2000:]
   assert "failed" not in stdout
+
+
+def test_train_table_reports_the_exception_line():
+  """A failed run's cell names its exception, not the note jax prints after a traceback."""
+  spec = importlib.util.spec_from_file_location("bench_train_table_errors",
+                                                os.path.join(ROOT, "bench", "train_table.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(os.path.join(ROOT, "bench"))
+  text = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+          "jax.errors.JaxRuntimeError: NOT_FOUND: no stream\n--------------------\n"
+          "For simplicity, JAX has removed its internal frames from the traceback.\n")
+  assert module._error_line(text) == "jax.errors.JaxRuntimeError: NOT_FOUND: no stream"
+  assert module._error_line("compiling\nkilled\n") == "killed"
