@@ -242,6 +242,11 @@ def test_compiler_options_by_platform():
   assert step_lib.compiler_options(triton, FakeMesh("gpu")) is None
   for platform in ("cpu", "tpu"):
     assert step_lib.compiler_options(forced, FakeMesh(platform)) is None
+  # A weight-gradient stream turns on XLA's stream annotation, on GPU only.
+  streamed = config_lib.load("tiny", ["model.weight_grad_stream=1"])
+  assert step_lib.compiler_options(streamed, FakeMesh("gpu")) == {
+      "xla_gpu_experimental_stream_annotation": True}
+  assert step_lib.compiler_options(streamed, FakeMesh("cpu")) is None
   # model.contract_impl=auto: the Pallas contraction on GPU, whoever runs the products.
   impl = lambda cfg, platform: step_lib.settled(cfg, FakeMesh(platform)).model.contract_impl
   assert impl(tiny, "gpu") == "pallas" and impl(triton, "gpu") == "pallas"

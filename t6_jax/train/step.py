@@ -289,10 +289,17 @@ def compiler_options(cfg: Config, mesh) -> dict | None:
   XLA's own Triton GEMM fusions off, so the matrix products run in cuBLAS and the casts and
   activations XLA would fuse into a Triton GEMM become separate elementwise kernels. Only the
   train and eval steps get it; decoding, CPU and TPU (AOT included) keep XLA's defaults.
+
+  A weight-gradient stream (model.weight_grad_stream > 0) needs XLA's experimental stream
+  annotation turned on: without it the GPU compiler rejects the annotated calls ("No
+  ExecutionStreamId found for call-start", jax 0.11.2).
   """
+  options = {}
   if gpu_gemm(cfg, mesh) == "cublas":
-    return {"xla_gpu_enable_triton_gemm": False}
-  return None
+    options["xla_gpu_enable_triton_gemm"] = False
+  if _on_gpu(mesh) and cfg.model.weight_grad_stream > 0:
+    options["xla_gpu_experimental_stream_annotation"] = True
+  return options or None
 
 
 def _jit_steps(cfg: Config, mesh, shardings: dict, batch_keys: tuple[str, ...]):
