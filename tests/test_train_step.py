@@ -247,6 +247,9 @@ def test_compiler_options_by_platform():
   assert step_lib.compiler_options(streamed, FakeMesh("gpu")) == {
       "xla_gpu_experimental_stream_annotation": True}
   assert step_lib.compiler_options(streamed, FakeMesh("cpu")) is None
+  # Every option named is one XLA knows (a misspelt one fails any compile, on any backend).
+  for options in (cublas, step_lib.compiler_options(streamed, FakeMesh("gpu"))):
+    assert float(jax.jit(lambda x: x + 1, compiler_options=options)(1.)) == 2.
   # model.contract_impl=auto: the Pallas contraction on GPU, whoever runs the products.
   impl = lambda cfg, platform: step_lib.settled(cfg, FakeMesh(platform)).model.contract_impl
   assert impl(tiny, "gpu") == "pallas" and impl(triton, "gpu") == "pallas"
