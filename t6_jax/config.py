@@ -106,8 +106,9 @@ class ModelConfig:
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
-  # GPU: the CUDA stream (> 0) on which the projections' and the LM head's weight gradients
-  # run beside the rest of the backward (t6_jax/model/wgrad.py); 0 keeps one stream.
+  # GPU, experimental: the CUDA stream (> 0) on which the projections' and the LM head's
+  # weight gradients run beside the rest of the backward (t6_jax/model/wgrad.py; not yet
+  # seen to compile on an H200, docs/training.md); 0 keeps one stream.
   weight_grad_stream: int = 0
   remat: str = "none"  # none | full | save_dots: activation checkpointing per layer
 
