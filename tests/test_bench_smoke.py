@@ -42,20 +42,27 @@ SCRIPTS = {
 }
 
 
-def run_script(path: str, argv: list[str]) -> tuple[int, str]:
-  """`python PATH ARGV...` from the repository root, in this process: (exit code, stdout)."""
-  bench = os.path.join(ROOT, "bench")
+@contextlib.contextmanager
+def script_module(path: str):
+  """The module of the script at PATH (from the repository root), loaded as `python PATH`
+  would: the script's folder first on sys.path while the block runs."""
+  folder = os.path.join(ROOT, os.path.dirname(path))
   spec = importlib.util.spec_from_file_location(f"bench_{os.path.basename(path)[:-3]}",
                                                 os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, folder)
+  try:
+    spec.loader.exec_module(module)
+    yield module
+  finally:
+    sys.path.remove(folder)
+
+
+def run_script(path: str, argv: list[str]) -> tuple[int, str]:
+  """`python PATH ARGV...` from the repository root, in this process: (exit code, stdout)."""
   out = io.StringIO()
-  with contextlib.chdir(ROOT), contextlib.redirect_stdout(out):
-    sys.path.insert(0, bench)  # as `python bench/x.py` puts the script's folder first
-    try:
-      spec.loader.exec_module(module)
-      rc = module.main(argv)
-    finally:
-      sys.path.remove(bench)
+  with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), script_module(path) as module:
+    rc = module.main(argv)
   return rc or 0, out.getvalue()
 
 
@@ -85,16 +92,9 @@ def test_bench_runs(name, kernel_tunings):
 
 def test_train_table_reports_the_exception_line():
   """A failed run's cell names its exception, not the note jax prints after a traceback."""
-  spec = importlib.util.spec_from_file_location("bench_train_table_errors",
-                                                os.path.join(ROOT, "bench", "train_table.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.join(ROOT, "bench"))
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(os.path.join(ROOT, "bench"))
   text = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
           "jax.errors.JaxRuntimeError: NOT_FOUND: no stream\n--------------------\n"
           "For simplicity, JAX has removed its internal frames from the traceback.\n")
-  assert module._error_line(text) == "jax.errors.JaxRuntimeError: NOT_FOUND: no stream"
-  assert module._error_line("compiling\nkilled\n") == "killed"
+  with script_module("bench/train_table.py") as module:
+    assert module._error_line(text) == "jax.errors.JaxRuntimeError: NOT_FOUND: no stream"
+    assert module._error_line("compiling\nkilled\n") == "killed"
