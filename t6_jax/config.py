@@ -106,10 +106,6 @@ class ModelConfig:
   # Layer loop: true scans (compile time flat in depth), false unrolls (faster steps on GPU),
   # auto unrolls except on TPU (and AOT compiles for TPU topologies).
   scan_layers: bool | str = "auto"
-  # GPU, experimental: the CUDA stream (> 0) on which the projections' and the LM head's
-  # weight gradients run beside the rest of the backward (t6_jax/model/wgrad.py; not yet
-  # seen to compile on an H200, docs/training.md); 0 keeps one stream.
-  weight_grad_stream: int = 0
   remat: str = "none"  # none | full | save_dots: activation checkpointing per layer
 
   @property
@@ -138,8 +134,6 @@ class ModelConfig:
     need(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
     need(self.rope_base > 0, f"model.rope_base={self.rope_base} must be positive (RoPE's "
                              f"frequencies are rope_base^(-2i/d); the presets use 10000)")
-    need(self.weight_grad_stream >= 0, f"model.weight_grad_stream={self.weight_grad_stream} "
-                                       f"must be >= 0 (0: one stream; N: CUDA stream N)")
     need(self.mlp_hidden >= 0, f"model.mlp_hidden={self.mlp_hidden} must be >= 0 (0: the "
                                f"default floor(8 d_model / 3))")
     if self.attention == "mha":

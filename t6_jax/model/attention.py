@@ -189,12 +189,10 @@ class Attention(nnx.Module):
 
   def out(self, y_BxTxHxV):
     y_BxTxHxV = constrain(y_BxTxHxV, ("batch", "length", "act_heads", None), self.rules)
-    return dense("bthv,hvd->btd", y_BxTxHxV, self.c_proj[...].astype(self.dtype),
-                 stream=self.cfg.weight_grad_stream)
+    return dense("bthv,hvd->btd", y_BxTxHxV, self.c_proj[...].astype(self.dtype))
 
   def _proj(self, x, w, spec):
-    return dense(spec, x.astype(self.dtype), w[...].astype(self.dtype),
-                 stream=self.cfg.weight_grad_stream)
+    return dense(spec, x.astype(self.dtype), w[...].astype(self.dtype))
 
   def _constrain_q(self, q_BxTxHxK):
     return constrain(q_BxTxHxK, ("batch", "length", "act_heads", None), self.rules)
@@ -343,8 +341,7 @@ class TPA(Attention):
       # ran at 490 (t6-small trains 3.4% faster padded). Stored packed weights (decoding)
       # are read as they are, not copied in every step.
       w_packed = jnp.pad(w_packed, ((0, 0), (0, -width % PACKED_WIDTH_MULTIPLE)))
-    y_BxTxN = packed_product(x_BxTxD, w_packed, output_major,
-                             stream=self.cfg.weight_grad_stream)
+    y_BxTxN = packed_product(x_BxTxD, w_packed, output_major)
     lead = x_BxTxD.shape[:-1]
     rotated = ("W_B_q", "c_q", "W_B_k")  # turned by RoPE
     if len(lead) == 2 and getattr(self, "packed_proj", None) is None:

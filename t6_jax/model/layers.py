@@ -12,7 +12,6 @@ from flax import nnx
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.model import wgrad
 from t6_jax.sharding import Rules, constrain
 
 
@@ -66,20 +65,19 @@ class RMSNorm(nnx.Module):
     return (rms_norm(x, self.eps) * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(spec: str, x, w, *, kernel: bool | None = None, stream: int = 0):
+def dense(spec: str, x, w, *, kernel: bool | None = None):
   """jnp.einsum(spec, x, w) for a projection x (rows ...) by weights w, with a one-row x (a
   decode step at batch 1) read as a vector-matrix product that reads w once. XLA's GPU
   simplifier rewrites such a product into an elementwise multiply and a reduction and writes
   the multiply out as a weight-sized temporary every step. On one GPU (kernel None) or with
   kernel=True the product runs the Pallas GEMV kernel (`kernels.gemv`; interpreted off GPU)
   where w's contracted axes lead or trail its others; on GPUs under a mesh (or kernel=False)
-  a zero second row keeps it a GEMM. Other backends (kernel None) take the plain product.
-  stream: where several rows' weight gradient runs (`wgrad.projection`)."""
+  a zero second row keeps it a GEMM. Other backends (kernel None) take the plain product."""
   lhs, rest = spec.split(",")
   rhs, out = rest.split("->")
   rows = [c for c in lhs if c in out and c not in rhs]
   if not rows or math.prod(x.shape[lhs.index(c)] for c in rows) != 1:
-    return wgrad.projection(spec, x, w, stream)
+    return jnp.einsum(spec, x, w)
   contracted = "".join(c for c in rhs if c in lhs)
   kept = "".join(c for c in rhs if c not in lhs)
   layout = {contracted + kept: "kn", kept + contracted: "nk"}.get(rhs)
@@ -109,9 +107,9 @@ def pack_columns(weights, output_major: bool = False):
   return w_DxN.T if output_major else w_DxN
 
 
-def packed_product(x_BxTxD, w, output_major: bool, stream: int = 0):
+def packed_product(x_BxTxD, w, output_major: bool):
   """x times a `pack_columns` matrix: (B, T, N)."""
-  return dense("btd,nd->btn" if output_major else "btd,dn->btn", x_BxTxD, w, stream=stream)
+  return dense("btd,nd->btn" if output_major else "btd,dn->btn", x_BxTxD, w)
 
 
 def one_row_gemv(x_BxTxD) -> bool:
@@ -201,7 +199,6 @@ class Mlp(nnx.Module):
     d, f = cfg.d_model, cfg.mlp_dim
     self.dtype, self.rules = jnp.dtype(cfg.dtype), rules
     self.swiglu_impl = cfg.swiglu_impl
-    self.stream = cfg.weight_grad_stream
     self.c_fc1 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_fc2 = fan_in_param(rngs, d, (d, f), ("embed", "mlp"), cfg)
     self.c_proj = param(rngs, zeros_init, (f, d), ("mlp", "embed"), cfg)
@@ -240,11 +237,11 @@ class Mlp(nnx.Module):
       if pad:
         w_fc1, w_fc2 = (jnp.pad(w, ((0, 0), (0, pad))) for w in (w_fc1, w_fc2))
         w_proj = jnp.pad(w_proj, ((0, pad), (0, 0)))
-      gate_BxTxF = dense("btd,df->btf", x, w_fc1, stream=self.stream)
-      up_BxTxF = dense("btd,df->btf", x, w_fc2, stream=self.stream)
+      gate_BxTxF = dense("btd,df->btf", x, w_fc1)
+      up_BxTxF = dense("btd,df->btf", x, w_fc2)
     h_BxTxF = kernels.swiglu(gate_BxTxF, up_BxTxF, impl=self.swiglu_impl, rules=self.rules)
     h_BxTxF = constrain(h_BxTxF, ("batch", "length", "act_mlp"), self.rules)
-    return dense("btf,fd->btd", h_BxTxF, w_proj, stream=self.stream)
+    return dense("btf,fd->btd", h_BxTxF, w_proj)
 
   def pack_projection(self, output_major: bool = False):
     """Stores c_fc1 and c_fc2 side by side on this (one layer's) module as `packed_fc`

@@ -16,12 +16,6 @@ Semantics are the unfused path's: logits = x @ W^T computed in the compute dtype
 fp32, log-softmax in fp32; the logit gradient softmax - onehot goes back into the two
 backward GEMMs in the compute dtype, as the transpose of that cast would send it. dW is
 accumulated over chunks in fp32.
-
-With a weight-gradient stream (model.weight_grad_stream, GPU), chunk i's dW product runs on
-that stream while chunk i+1's logits, loss kernel and dX run on the main one: the loop carries
-one chunk's logit gradient over to the next iteration. The products are the same and are
-added in the same order (bit for bit on one device; on a mesh the partitioner may add the
-devices' shares of a chunk's dW at another point, an ulp apart).
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from t6_jax import kernels
-from t6_jax.model import wgrad
 from t6_jax.sharding import Rules, constrain
 
 IGNORE = -1  # target id that contributes no loss
@@ -55,20 +48,18 @@ def _mesh_devices() -> int:
 
 
 def lm_head_cross_entropy(x_BxTxD, w_VxD, targets_BxT, *, dtype, rules: Rules,
-                          chunks: int | None = None, impl: str = "auto", stream: int = 0):
+                          chunks: int | None = None, impl: str = "auto"):
   """Sum over counted tokens of -log softmax(x W^T)[target] (fp32 scalar); targets equal to
   IGNORE count nothing. x: final hidden states, w: the tied embedding table (V, D).
   chunks: pieces of T (must divide it); default: `num_chunks` for the mesh traced under.
   impl: who computes each chunk's logsumexp and logit gradient (`kernels.lse_and_target`,
-  train.loss_impl). stream: the CUDA stream of the head's weight gradient (see the module
-  doc; 0: inline)."""
+  train.loss_impl)."""
   b, t, _ = x_BxTxD.shape
   if chunks is None:
     chunks = num_chunks(b, t, w_VxD.shape[0], _mesh_devices())
   if t % chunks:
     raise ValueError(f"chunks={chunks} must divide the sequence length {t}")
-  stream = stream if chunks > 1 else 0
-  return _fused(jnp.dtype(dtype), rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT)
+  return _fused(jnp.dtype(dtype), rules, chunks, impl, x_BxTxD, w_VxD, targets_BxT)
 
 
 def _chunked(x_BxTxD, targets_BxT, chunks):
@@ -95,8 +86,7 @@ def _chunk_nll(logits_BxCxV, targets_BxC, impl, rules, grad: bool = False):
   return (nll_BxC, stats[2]) if grad else nll_BxC
 
 
-def _loss(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
-  del stream
+def _loss(dtype, rules, chunks, impl, x_BxTxD, w_VxD, targets_BxT):
   w_VxD = _head_weight(w_VxD, dtype, rules)
   xs = _chunked(x_BxTxD, targets_BxT, chunks)
 
@@ -109,82 +99,39 @@ def _loss(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
   return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
 
 
-_fused = jax.custom_vjp(_loss, nondiff_argnums=(0, 1, 2, 3, 4))
+_fused = jax.custom_vjp(_loss, nondiff_argnums=(0, 1, 2, 3))
 
 
-def _add_weight_grad(dw_VxD, dlogits_BxCxV, x_BxCxD):
-  return dw_VxD + jnp.einsum("bcv,bcd->vd", dlogits_BxCxV, x_BxCxD,
-                             preferred_element_type=jnp.float32)
-
-
-def _chunk_grads(x_BxCxD, targets_BxC, w_c_VxD, dtype, rules, impl):
-  """One chunk's summed nll, d nll / d logits (softmax - onehot(target), zero on ignored
-  tokens) and dX (fp32)."""
-  nll_BxC, dlogits_BxCxV = _chunk_nll(_chunk_logits(x_BxCxD, w_c_VxD, dtype, rules),
-                                      targets_BxC, impl, rules, grad=True)
-  dlogits_BxCxV = constrain(dlogits_BxCxV, ("batch", "length", "act_vocab"), rules)
-  dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_c_VxD,
-                        preferred_element_type=jnp.float32)
-  return jnp.sum(nll_BxC), dlogits_BxCxV, dx_BxCxD
-
-
-def _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules):
-  """(dX (B, T, D) from its chunks, dW in the weight's dtype and layout)."""
-  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(x_BxTxD.shape)
-  return dx_BxTxD, constrain(dw_VxD.astype(w_VxD.dtype), ("vocab", "embed"), rules)
-
-
-def _loss_and_grads(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
+def _loss_and_grads(dtype, rules, chunks, impl, x_BxTxD, w_VxD, targets_BxT):
   w_c_VxD = _head_weight(w_VxD, dtype, rules)
   xs = _chunked(x_BxTxD, targets_BxT, chunks)
-  if stream:
-    return _streamed_loss_and_grads(dtype, rules, impl, stream, x_BxTxD, w_VxD, w_c_VxD, xs)
 
   def body(carry, chunk):
     total, dw_VxD = carry
     x_BxCxD, targets_BxC = chunk
-    nll, dlogits_BxCxV, dx_BxCxD = _chunk_grads(x_BxCxD, targets_BxC, w_c_VxD, dtype, rules,
-                                                impl)
-    dw_VxD = _add_weight_grad(dw_VxD, dlogits_BxCxV, x_BxCxD.astype(dtype))
-    return (total + nll, dw_VxD), dx_BxCxD.astype(x_BxTxD.dtype)
+    # d nll / d logits = softmax - onehot(target), zero on ignored tokens.
+    nll_BxC, dlogits_BxCxV = _chunk_nll(_chunk_logits(x_BxCxD, w_c_VxD, dtype, rules),
+                                        targets_BxC, impl, rules, grad=True)
+    dlogits_BxCxV = constrain(dlogits_BxCxV, ("batch", "length", "act_vocab"), rules)
+    dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_c_VxD,
+                          preferred_element_type=jnp.float32)
+    dw_VxD = dw_VxD + jnp.einsum("bcv,bcd->vd", dlogits_BxCxV, x_BxCxD.astype(dtype),
+                                 preferred_element_type=jnp.float32)
+    return (total + jnp.sum(nll_BxC), dw_VxD), dx_BxCxD.astype(x_BxTxD.dtype)
 
   dw0 = jnp.zeros(w_VxD.shape, jnp.float32)
   (total, dw_VxD), dx_NxBxCxD = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
-  return total, _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules)
+  dx_BxTxD = jnp.moveaxis(dx_NxBxCxD, 0, 1).reshape(x_BxTxD.shape)
+  dw_VxD = constrain(dw_VxD.astype(w_VxD.dtype), ("vocab", "embed"), rules)
+  return total, (dx_BxTxD, dw_VxD)
 
 
-def _streamed_loss_and_grads(dtype, rules, impl, stream, x_BxTxD, w_VxD, w_c_VxD, xs):
-  """`_loss_and_grads` with chunk i's dW on `stream` beside chunk i+1's main-stream work."""
-  x_NxBxCxD, targets_NxBxC = xs
-
-  def chunk(i):
-    x_BxCxD = x_NxBxCxD[i].astype(dtype)
-    nll, dlogits_BxCxV, dx_BxCxD = _chunk_grads(x_BxCxD, targets_NxBxC[i], w_c_VxD, dtype,
-                                                rules, impl)
-    return nll, dlogits_BxCxV, x_BxCxD, dx_BxCxD.astype(x_BxTxD.dtype)
-
-  total, dlogits_BxCxV, x_BxCxD, dx_BxCxD = chunk(0)
-  dx_NxBxCxD = jnp.zeros(x_NxBxCxD.shape, x_BxTxD.dtype).at[0].set(dx_BxCxD)
-  dw_VxD = jnp.zeros(w_VxD.shape, jnp.float32)
-
-  def body(i, carry):
-    total, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD = carry
-    dw_VxD = wgrad.run_on(stream, _add_weight_grad, dw_VxD, dlogits_BxCxV, x_BxCxD)
-    nll, dlogits_BxCxV, x_BxCxD, dx_BxCxD = chunk(i)
-    return total + nll, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD.at[i].set(dx_BxCxD)
-
-  total, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD = jax.lax.fori_loop(
-      1, x_NxBxCxD.shape[0], body, (total, dw_VxD, dlogits_BxCxV, x_BxCxD, dx_NxBxCxD))
-  dw_VxD = wgrad.run_on(stream, _add_weight_grad, dw_VxD, dlogits_BxCxV, x_BxCxD)
-  return total, _gathered(dx_NxBxCxD, dw_VxD, x_BxTxD, w_VxD, rules)
+def _fwd(dtype, rules, chunks, impl, x_BxTxD, w_VxD, targets_BxT):
+  return _loss_and_grads(dtype, rules, chunks, impl, x_BxTxD, w_VxD, targets_BxT)
 
 
-def _fwd(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT):
-  return _loss_and_grads(dtype, rules, chunks, impl, stream, x_BxTxD, w_VxD, targets_BxT)
-
-
-def _bwd(dtype, rules, chunks, impl, stream, residuals, g):
-  del dtype, rules, chunks, impl, stream
+def _bwd(dtype, rules, chunks, impl, residuals, g):
+  del dtype, rules, chunks, impl
   dx_BxTxD, dw_VxD = residuals
   return g * dx_BxTxD, g * dw_VxD, None  # integer targets: no cotangent
 

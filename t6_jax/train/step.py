@@ -105,8 +105,7 @@ def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
   targets_BxT = batch["targets"]
   loss_sum = loss_lib.lm_head_cross_entropy(hidden_BxTxD, model.embed.wte[...], targets_BxT,
                                             dtype=cfg.model.dtype, rules=model.rules,
-                                            impl=cfg.train.loss_impl,
-                                            stream=cfg.model.weight_grad_stream)
+                                            impl=cfg.train.loss_impl)
   return loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32)
 
 
@@ -289,16 +288,10 @@ def compiler_options(cfg: Config, mesh) -> dict | None:
   XLA's own Triton GEMM fusions off, so the matrix products run in cuBLAS and the casts and
   activations XLA would fuse into a Triton GEMM become separate elementwise kernels. Only the
   train and eval steps get it; decoding, CPU and TPU (AOT included) keep XLA's defaults.
-
-  A weight-gradient stream (model.weight_grad_stream > 0) needs XLA's experimental stream
-  annotation turned on: without it the GPU compiler rejects the annotated calls ("No
-  ExecutionStreamId found for call-start", jax 0.11.2).
   """
   options = {}
   if gpu_gemm(cfg, mesh) == "cublas":
     options["xla_gpu_enable_triton_gemm"] = False
-  if _on_gpu(mesh) and cfg.model.weight_grad_stream > 0:
-    options["xla_gpu_experimental_stream_annotation"] = True
   return options or None
 
 
