@@ -289,10 +289,9 @@ def compiler_options(cfg: Config, mesh) -> dict | None:
   activations XLA would fuse into a Triton GEMM become separate elementwise kernels. Only the
   train and eval steps get it; decoding, CPU and TPU (AOT included) keep XLA's defaults.
   """
-  options = {}
   if gpu_gemm(cfg, mesh) == "cublas":
-    options["xla_gpu_enable_triton_gemm"] = False
-  return options or None
+    return {"xla_gpu_enable_triton_gemm": False}
+  return None
 
 
 def _jit_steps(cfg: Config, mesh, shardings: dict, batch_keys: tuple[str, ...]):
