@@ -1,6 +1,8 @@
 """model.attention_impl=splash (interpret mode on CPU) against attention_impl=xla through the
-whole model: forward logits and parameter gradients, for every attention type, causal and with
-packed documents (segment ids), on one device and under shard_map on 8 forced CPU devices."""
+whole model: forward logits and parameter gradients, for every attention type with packed
+documents (segment ids) under shard_map on 8 forced CPU devices, and causal on one device for
+each shape of call the kernel sees (as many K/V heads as query heads, fewer, a V width of its
+own)."""
 
 import dataclasses
 import functools
@@ -84,7 +86,7 @@ def xla_reference(attention: str, segments: bool):
   return run(tiny(attention), "xla", "fsdp", None, segments)
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("attention", ["tpa", "gqa", "mla"])
 def test_splash_equals_xla_one_device_causal(attention):
   assert_same(run(tiny(attention), "splash", "fsdp", None, False),
               xla_reference(attention, False))
