@@ -299,6 +299,9 @@ class CheckpointConfig:
   async_save: bool = True
   resume_from: str = ""  # train.workdir has no checkpoint yet: start from this run/step dir
   resume_step: int = -1  # resume this step rather than the newest good one (-1)
+  # train.workdir has no checkpoint yet: take only the params of this export / run / step dir
+  # (fine-tuning: fresh optimizer state, step 0, data from the start)
+  init_from: str = ""
 
   def validate(self) -> None:
     _positive("checkpoint", self, "every")
@@ -308,6 +311,10 @@ class CheckpointConfig:
           f"checkpoint.keep_every must be 0 (off) or positive, got {self.keep_every}")
     _need(self.resume_step >= -1,
           f"checkpoint.resume_step must be a step, or -1 for the newest good one")
+    _need(not (self.init_from and self.resume_from),
+          f"checkpoint.init_from and checkpoint.resume_from are both set; keep resume_from to "
+          f"continue that run (optimizer state, step, data position), or init_from to take only "
+          f"its parameters into a new run")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from t6_jax import config as config_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics, device_peak_bytes
 from t6_jax.train import flops as flops_lib
+from t6_jax.train import init_from as init_from_lib
 from t6_jax.train.profile import StepProfiler
 from t6_jax.train import step as step_lib
 
@@ -189,6 +190,12 @@ class Run:
                                               self.train_iter)
         shardings = step_lib.state_shardings(cfg, self.mesh)
         self.log(f"resuming from the checkpoint of step {start} in {self.workdir}")
+        if cfg.checkpoint.init_from:
+          self.log("(checkpoint.init_from is not read: the run resumes its own checkpoints)")
+      elif cfg.checkpoint.init_from:
+        self.state, shardings = init_from_lib.initial_state(cfg, self.mesh, self.tokenizer,
+                                                            log=self.log)
+        start = 0
       else:
         _, self.state, shardings = step_lib.init_state(cfg, self.mesh)
         start = 0
