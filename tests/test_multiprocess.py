@@ -291,14 +291,16 @@ def test_restore_across_process_counts_and_meshes(shared, tmp_path, one, two):
 
 
 # In each process of a 2-process job: its slice of the first 3 global batches of each split,
-# then eval.py and generate.py (their main(), as `python eval.py ...` runs it) on the run.
+# then eval.py and generate.py (their main(), as `python eval.py ...` runs it) on the run,
+# then a new run's state taken from it by checkpoint.init_from (each leaf's sum of squares).
 SLICES_EVAL_GENERATE = """
 import importlib.util, json, sys
 from t6_jax import config, distributed
 distributed.initialize()
-import jax, numpy as np
-from t6_jax import data
-out, overrides, eval_args, generate_args = sys.argv[1], *map(json.loads, sys.argv[2:])
+import jax, jax.numpy as jnp, numpy as np
+from t6_jax import data, sharding
+from t6_jax.train import init_from
+out, overrides, eval_args, generate_args, init_args = sys.argv[1], *map(json.loads, sys.argv[2:])
 me = jax.process_index()
 cfg = config.load("tiny", overrides)
 for split in ("train", "validation"):
@@ -312,6 +314,14 @@ for name, args in (("eval", eval_args + ["--output", f"{out}/eval.json"]),
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
   assert cli.main(args) == 0, name
+cfg = config.load("tiny", init_args)
+state, _ = init_from.initial_state(cfg, sharding.mesh_from_config(cfg.mesh),
+                                   data.load_tokenizer(cfg), log=lambda *a: None)
+sums = jax.jit(lambda t: jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))), t))(
+    state)
+with open(f"{out}/init_from.{me}.json", "w") as f:
+  json.dump({jax.tree_util.keystr(k): float(v)
+             for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(sums))}, f)
 """
 
 
@@ -336,8 +346,9 @@ def test_data_slices_eval_and_generate_in_two_processes_as_in_one(shared, tmp_pa
                    "40 50", "--max_new_tokens", "6", "--temperature", "0", "--no_stop"]
   out = tmp_path / "two"
   out.mkdir()
+  init_args = overrides + MICRO + [f"checkpoint.init_from={one_dir}"]
   script = ["-c", SLICES_EVAL_GENERATE, str(out), json.dumps(overrides), json.dumps(eval_args),
-            json.dumps(generate_args)]
+            json.dumps(generate_args), json.dumps(init_args)]
   run(shared, tmp_path, script, 2, "slices_eval_generate")
 
   # Each process reads a disjoint slice of every global batch, and the slices cover it.
@@ -369,3 +380,16 @@ def test_data_slices_eval_and_generate_in_two_processes_as_in_one(shared, tmp_pa
   assert len(reference) == 2
   for i in range(2):
     assert completions(out / f"generate.{i}.jsonl") == reference, i
+
+  # checkpoint.init_from over 2 processes: the run's params, sharded over both, a fresh AdamW
+  # state and step 0 (sums of squares against float64 NumPy on the saved params).
+  want = {f"['params']{jax.tree_util.keystr(k)}": float(np.sum(np.square(v, dtype=np.float64)))
+          for k, v in jax.tree_util.tree_leaves_with_path(params_of(one_dir))}
+  for i in range(2):
+    got = json.loads((out / f"init_from.{i}.json").read_text())
+    assert set(want) <= set(got), sorted(set(want) - set(got))
+    for key, value in got.items():
+      if key in want:
+        np.testing.assert_allclose(value, want[key], rtol=1e-5, err_msg=key)
+      else:  # the step and every optimizer leaf
+        assert value == 0.0, key
