@@ -2,6 +2,7 @@
 
   python eval.py --workdir runs/demo                 # newest step: loss/ppl/bpb + bundled fixture
   python eval.py --workdir runs/demo --step 200
+  python eval.py --workdir runs/demo --step all      # every saved step: a curve over training
   python eval.py --checkpoint exports/t6-small eval.tasks=paper eval.task_dir=~/mc_tasks
   python eval.py --workdir RUN eval.tasks=paper eval.task_source=tfds eval.num_fewshot=2
   python eval.py --workdir RUN --no_loss eval.tasks=arc_easy=arc_easy_test.jsonl
@@ -9,8 +10,10 @@
 The checkpoint's own config is the base; section.key=value overrides go on top (data.* picks
 the held-out split's source, eval.* the tasks and batch sizes, mesh.* the device mesh). Results
 are printed as a table and written as JSON next to the checkpoint (RUN/eval_step<N>.json, or
-EXPORT/eval.json; --output chooses another file). docs/eval.md has the paper's nine tasks and
-the lm-evaluation-harness route.
+EXPORT/eval.json; --output chooses another file). With --step all every complete step of the
+run is evaluated in turn (compiled once), each into its own RUN/eval_step<N>.json, damaged
+steps skipped with a notice, and a table of all steps ends the output (--output: one JSON list
+of all reports). docs/eval.md has the paper's nine tasks and the lm-evaluation-harness route.
 """
 
 from __future__ import annotations
@@ -35,13 +38,23 @@ def parse_args(argv=None):
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument("--workdir", help="run directory (its newest good step unless --step)")
   where.add_argument("--checkpoint", help="a step directory or a params export")
-  parser.add_argument("--step", type=int, default=None, help="step of the run to evaluate")
+  parser.add_argument("--step", type=step_arg, default=None,
+                      help="step of the run to evaluate, or all (every complete step)")
   parser.add_argument("--output", default="", help="JSON file for the results")
   parser.add_argument("--no_loss", action="store_true", help="skip loss / perplexity / bpb")
   parser.add_argument("--no_tasks", action="store_true", help="skip the multiple-choice tasks")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   cli.add_common(parser)
   return cli.parse(parser, argv)
+
+
+def step_arg(text: str) -> int | str:
+  if text == "all":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step; give a number, or all") from None
 
 
 def normpath(path: str) -> str:
@@ -75,7 +88,7 @@ def loss_table(r: dict) -> str:
 
 def run(args) -> int:
   from t6_jax import config as config_lib
-  from t6_jax.checkpoint import load_checkpoint, read_config, resolve
+  from t6_jax.checkpoint import read_config, resolve
   from t6_jax.eval import tasks
 
   path = args.workdir or args.checkpoint
@@ -86,7 +99,12 @@ def run(args) -> int:
   # Join the job first: reading checkpoint metadata (resolve) starts JAX's backend.
   from t6_jax.distributed import initialize
   initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
-  found = resolve(path, args.step)  # says so when it falls back past a damaged step
+  every = args.step == "all"
+  found = resolve(path, None if every else args.step)  # says so when it falls back
+  if every and found.checkpoint_dir is None or every and found.kind == "step":
+    raise ValueError(f"--step all evaluates the steps of a run; {path} is "
+                     f"{'an export' if found.kind == 'export' else 'one step'}: give its run "
+                     f"directory with --workdir, or drop --step all")
   saved_cfg, spec = read_config(path, step=found.step if found.kind != "export" else None,
                                 report=False)
   cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
@@ -100,24 +118,64 @@ def run(args) -> int:
 
   import jax
   from t6_jax import sharding as sharding_lib
+  from t6_jax.checkpoint.params import committed_steps
   from t6_jax.data import load_tokenizer, tokenizer_from_spec
-  from t6_jax.eval import scoring
-  from t6_jax.eval.perplexity import evaluate_perplexity
 
   try:
     mesh = sharding_lib.mesh_from_config(cfg.mesh)
   except ValueError as e:
     raise ValueError(f"{e}; set mesh.data/mesh.fsdp/mesh.tensor for this machine") from e
+  tokenizer = tokenizer_from_spec(spec) if spec else load_tokenizer(cfg)
+  primary = jax.process_index() == 0
+  if not every:
+    report = evaluate(args, path, args.step, found.step, cfg, mesh, tokenizer, task_data)
+    if primary:
+      out = args.output or default_output(path, report["step"])
+      storage.write_text(out, json.dumps(report, indent=2), atomic=False)
+      print(f"results: {out}")
+    return 0
+
+  from t6_jax.checkpoint import CheckpointError
+  steps = [s for s in committed_steps(found.checkpoint_dir) if s <= found.step]
+  reports = []
+  for step in steps:
+    try:
+      report = evaluate(args, path, step, step, cfg, mesh, tokenizer, task_data)
+    except CheckpointError as e:
+      if isinstance(e, ValueError):  # another model's checkpoint: not damage
+        raise
+      if primary:
+        print(f"[checkpoint] skipping step {step}: {e}", file=sys.stderr)
+      continue
+    reports.append(report)
+    if primary:
+      out = default_output(path, step)
+      storage.write_text(out, json.dumps(report, indent=2), atomic=False)
+      print(f"results: {out}")
+  if primary:
+    print(steps_table(reports))
+    if args.output:
+      storage.write_text(args.output, json.dumps(reports, indent=2), atomic=False)
+      print(f"results of all steps: {args.output}")
+  return 0
+
+
+def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_data) -> dict:
+  """The report of one checkpoint: its validation loss and task results, printed as tables."""
+  import jax
+  from t6_jax.checkpoint import load_checkpoint
+  from t6_jax.eval import scoring, tasks
+  from t6_jax.eval.perplexity import evaluate_perplexity
+
   primary = jax.process_index() == 0
   progress = primary and not args.no_progress
   start = time.perf_counter()
-  loaded = load_checkpoint(path, step=args.step, mesh=mesh, model=cfg.model,
+  loaded = load_checkpoint(path, step=step, mesh=mesh, model=cfg.model,
                            rules=cfg.mesh.rules, report=False)
   step, params = loaded.step, loaded.params
-  if step != found.step and primary:
-    print(f"[checkpoint] the arrays of step {found.step} are damaged; evaluating step {step}",
-          file=sys.stderr)
-  tokenizer = tokenizer_from_spec(spec) if spec else load_tokenizer(cfg)
+  if step != expected_step and primary:
+    print(f"[checkpoint] the arrays of step {expected_step} are damaged; evaluating step "
+          f"{step}", file=sys.stderr)
   if primary:
     where = f"step {step}" if step is not None else "export"
     print(f"evaluating {path} ({where}): {cfg.model.attention}, {cfg.model.num_layers} layers, "
@@ -143,11 +201,21 @@ def run(args) -> int:
       print(tasks.format_table(results, cfg.model))
 
   report["seconds"] = time.perf_counter() - start
-  if primary:
-    out = args.output or default_output(path, step)
-    storage.write_text(out, json.dumps(report, indent=2), atomic=False)
-    print(f"results: {out}")
-  return 0
+  return report
+
+
+def steps_table(reports: list[dict]) -> str:
+  """One row a step: validation loss, perplexity, bits per byte, each task's paper metric."""
+  names = [r["task"] for r in reports[0].get("tasks", [])] if reports else []
+  head = f"{'step':>8}{'loss':>9}{'perplexity':>12}{'bits/byte':>11}"
+  lines = [head + "".join(f"{n[:14]:>15}" for n in names)]
+  for r in reports:
+    v = r.get("validation")
+    row = (f"{r['step']:>8}" + (f"{v['loss']:>9.4f}{v['perplexity']:>12.3f}"
+                                f"{v['bits_per_byte']:>11.4f}" if v else f"{'-':>9}{'-':>12}{'-':>11}"))
+    row += "".join(f"{100 * t[t['paper_metric']]:>15.2f}" for t in r.get("tasks", []))
+    lines.append(row)
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ checkpoints that replace the damaged step, and nothing of the user's lost or ove
 import fcntl
 import glob
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,46 @@ def test_eval_and_generate_fall_back_past_a_damaged_step(trained, tmp_path):
   assert_clean(err)
   # Readers never move anything: the damaged step is still where it was.
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+
+
+def test_eval_of_every_step_skips_a_damaged_one(trained, tmp_path, capsys):
+  """eval.py --step all: each complete step in turn, each into its own eval_step<N>.json, a
+  damaged step skipped with a notice, a table of the steps, --output a list of the reports."""
+  workdir = copy_run(trained[0], tmp_path)
+  os.makedirs(os.path.join(workdir, "checkpoints", "3"))  # an empty step is no step
+  eval_cli = load_cli("eval")
+  common = ["--workdir", workdir, "--step", "all", "--no_progress", "eval.max_batches=1",
+            "eval.limit=4", trained[1][-1]]  # the run's data cache
+  assert eval_cli.main(common + ["--output", str(tmp_path / "all.json")]) == 0
+  out = capsys.readouterr().out
+  reports = json.loads((tmp_path / "all.json").read_text())
+  assert [r["step"] for r in reports] == [2, 4]
+  assert reports[0]["validation"]["loss"] != reports[1]["validation"]["loss"]
+  for r in reports:
+    saved = json.loads(open(os.path.join(workdir, f"eval_step{r['step']}.json")).read())
+    assert saved["validation"] == r["validation"] and saved["tasks"] == r["tasks"]
+  table = out[out.index("    step     loss"):].splitlines()
+  assert table[0].split() == ["step", "loss", "perplexity", "bits/byte", "fixture"]
+  assert [row.split()[0] for row in table[1:3]] == ["2", "4"]
+  assert f"{reports[1]['validation']['loss']:.4f}" in table[2]
+
+  damage(os.path.join(workdir, "checkpoints", "2"))
+  os.remove(os.path.join(workdir, "eval_step2.json"))
+  assert eval_cli.main(common + ["--no_tasks"]) == 0
+  captured = capsys.readouterr()
+  assert "skipping step 2: checkpoint step 2" in captured.err
+  assert "(step 4)" in captured.out and not os.path.exists(os.path.join(workdir,
+                                                                         "eval_step2.json"))
+
+
+def test_eval_step_all_needs_a_run(trained, capsys):
+  eval_cli = load_cli("eval")
+  step_dir = os.path.join(trained[0], "checkpoints", "2")
+  assert eval_cli.main(["--checkpoint", step_dir, "--step", "all", "--no_tasks"]) != 0
+  assert "error: --step all evaluates the steps of a run" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--workdir", trained[0], "--step", "newest"])
+  assert "'newest' is not a step; give a number, or all" in capsys.readouterr().err
 
 
 def test_train_replaces_a_damaged_step_and_keeps_the_user_s_files(trained, tmp_path):
