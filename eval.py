@@ -101,7 +101,7 @@ def run(args) -> int:
   initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
   every = args.step == "all"
   found = resolve(path, None if every else args.step)  # says so when it falls back
-  if every and found.checkpoint_dir is None or every and found.kind == "step":
+  if every and found.kind in ("export", "step"):
     raise ValueError(f"--step all evaluates the steps of a run; {path} is "
                      f"{'an export' if found.kind == 'export' else 'one step'}: give its run "
                      f"directory with --workdir, or drop --step all")
@@ -135,15 +135,15 @@ def run(args) -> int:
       print(f"results: {out}")
     return 0
 
-  from t6_jax.checkpoint import CheckpointError
+  from t6_jax.checkpoint import CheckpointError, CheckpointMismatchError
   steps = [s for s in committed_steps(found.checkpoint_dir) if s <= found.step]
   reports = []
   for step in steps:
     try:
       report = evaluate(args, path, step, step, cfg, mesh, tokenizer, task_data)
+    except CheckpointMismatchError:  # another model's checkpoint: not damage
+      raise
     except CheckpointError as e:
-      if isinstance(e, ValueError):  # another model's checkpoint: not damage
-        raise
       if primary:
         print(f"[checkpoint] skipping step {step}: {e}", file=sys.stderr)
       continue
@@ -211,8 +211,9 @@ def steps_table(reports: list[dict]) -> str:
   lines = [head + "".join(f"{n[:14]:>15}" for n in names)]
   for r in reports:
     v = r.get("validation")
-    row = (f"{r['step']:>8}" + (f"{v['loss']:>9.4f}{v['perplexity']:>12.3f}"
-                                f"{v['bits_per_byte']:>11.4f}" if v else f"{'-':>9}{'-':>12}{'-':>11}"))
+    row = f"{r['step']:>8}" + (
+        f"{v['loss']:>9.4f}{v['perplexity']:>12.3f}{v['bits_per_byte']:>11.4f}" if v
+        else f"{'-':>9}{'-':>12}{'-':>11}")
     row += "".join(f"{100 * t[t['paper_metric']]:>15.2f}" for t in r.get("tasks", []))
     lines.append(row)
   return "\n".join(lines)

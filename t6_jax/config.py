@@ -312,9 +312,9 @@ class CheckpointConfig:
     _need(self.resume_step >= -1,
           f"checkpoint.resume_step must be a step, or -1 for the newest good one")
     _need(not (self.init_from and self.resume_from),
-          f"checkpoint.init_from and checkpoint.resume_from are both set; keep resume_from to "
-          f"continue that run (optimizer state, step, data position), or init_from to take only "
-          f"its parameters into a new run")
+          "checkpoint.init_from and checkpoint.resume_from are both set; keep resume_from to "
+          "continue that run (optimizer state, step, data position), or init_from to take only "
+          "its parameters into a new run")
 
 
 @dataclasses.dataclass(frozen=True)
