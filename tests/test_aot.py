@@ -36,12 +36,12 @@ def test_aot_compile_tiny_for_v5e_2x2():
 
 
 def test_aot_compile_of_the_real_preset_layers_for_v5p_2x2x2():
-  """t6-small's own widths and vocabulary (one layer, 128 tokens), FSDP over 8 chips: the
+  """t6-small's own widths and vocabulary (one layer, 64 tokens), FSDP over 8 chips: the
   compile that fails inside XLA with a libtpu not paired with jax (0.0.52 with jax 0.10.2;
   it takes the full vocabulary to fail), though the tiny step above compiles with it."""
   from t6_jax.train import aot
-  cfg = config_lib.load("t6-small", ["model.num_layers=1", "train.seq_len=128",
-                                     "train.batch_size=16", "mesh.data=1", "mesh.fsdp=8",
+  cfg = config_lib.load("t6-small", ["model.num_layers=1", "train.seq_len=64",
+                                     "train.batch_size=8", "mesh.data=1", "mesh.fsdp=8",
                                      "mesh.tensor=1"])
   report = aot.compile_train_step(cfg, "v5p:2x2x2")
   assert report.chips == 8 and report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
