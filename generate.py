@@ -11,6 +11,7 @@ The checkpoint's config and tokenizer are used; `section.key=value` settings, an
 flags, change decode and mesh settings (e.g. decode.cache_dtype=float32 mesh.tensor=2).
 Prompts come from --prompt (repeatable) or --prompts_file (one per line, or JSONL with a
 "prompt" field); completions are printed, or written as JSONL with --out. Reports tokens/s.
+--stop TEXT (repeatable) ends each completion before that text.
 Each batch of --batch_size prompts samples with its own key (the seed with the batch index
 folded in). Prompts of lengths in one bucket (powers of two, then multiples of
 decode.prefill_chunk) share one compiled prefill and token loop; the speeds it reports leave XLA
@@ -53,6 +54,9 @@ def parse_args(argv=None):
   parser.add_argument("--batch_size", type=int, default=0, help="prompts per batch (0: all)")
   parser.add_argument("--no_stop", action="store_true",
                       help="do not stop at the tokenizer's end-of-text token")
+  parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                      help="end each completion before this text (repeatable; \\n, \\t "
+                           "typed as such are a newline, a tab)")
   parser.add_argument("--warmup", action="store_true",
                       help="decode the first batch once, untimed, before the timed run: the "
                            "reported speed is then the steady state (no tracing or compiling)")
@@ -100,6 +104,14 @@ def run(args) -> int:
     storage.check(args.out, "--out")  # before the model loads: a bad path fails in seconds
   if not prompts:
     raise ValueError("no prompts; use --prompt TEXT or --prompts_file FILE")
+  from t6_jax.decode import stops
+  stop_texts = [stops.unescape(t) for t in args.stop]
+  if args.ids and stop_texts:
+    raise ValueError("--stop cuts text, but --ids prompts and outputs are token ids; drop --ids "
+                     "to use --stop")
+  if "" in stop_texts:
+    raise ValueError("--stop was given an empty text, which would cut every completion to "
+                     "nothing; give the text to stop before")
 
   import jax
   from t6_jax.distributed import initialize
@@ -152,8 +164,13 @@ def run(args) -> int:
       raise ValueError(f"--ids prompts must be space-separated integers: {e}") from e
   else:
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    # Stop strings of one token end their rows on the device too; the token is returned so
+    # that the text shows which stop string ended it.
+    sampling["keep_stops"] = stop_tokens = stops.single_token_ids(tokenizer, stop_texts)
     if not args.no_stop:
-      sampling["stop_tokens"] = (tokenizer.eot_id,)
+      stop_tokens = (tokenizer.eot_id, *stop_tokens)
+    if stop_tokens:
+      sampling["stop_tokens"] = stop_tokens
     sampling["valid_vocab"] = min(tokenizer.vocab_size, cfg.model.vocab_size)
   max_len = args.max_len or cache_length(cfg, max(map(len, ids)), sampling["max_new_tokens"])
 
@@ -181,10 +198,16 @@ def run(args) -> int:
 
   texts = ([" ".join(map(str, o)) for o in outputs] if args.ids
            else [tokenizer.decode(o) for o in outputs])
+  found = [None] * len(texts)
+  if stop_texts:
+    texts, found = map(list, zip(*(stops.cut(t, stop_texts) for t in texts)))
   if args.out:
     with storage.open(args.out, "w") as f:
-      for p, t, o in zip(prompts, texts, outputs):
-        f.write(json.dumps({"prompt": p, "completion": t, "tokens": len(o)}) + "\n")
+      for p, t, o, s in zip(prompts, texts, outputs, found):
+        record = {"prompt": p, "completion": t, "tokens": len(o)}
+        if stop_texts:
+          record["stop"] = s  # the stop string that ended it, or null
+        f.write(json.dumps(record) + "\n")
     print(f"wrote {len(texts)} completions to {args.out}", file=sys.stderr)
   else:
     for p, t in zip(prompts, texts):

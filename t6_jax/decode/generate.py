@@ -388,9 +388,10 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
 
 def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
              temperature=0., top_k=0, top_p=1., seed=0, stop_tokens=(), max_len=None,
-             mesh=None, valid_vocab: int | None = None,
+             mesh=None, valid_vocab: int | None = None, keep_stops=(),
              stats: dict | None = None) -> list[list[int]]:
-  """New tokens for each prompt (a stop token ends a row and is not returned).
+  """New tokens for each prompt (a stop token ends a row and is not returned, unless it is
+  one of `keep_stops`: the tokens of stop strings, which the caller cuts from the text).
 
   model_or_pair: a Transformer, (graphdef, params) or a params dict. temperature 0 is greedy;
   top_k 0 and top_p 1 switch those filters off. max_len is the cache length (default
@@ -419,12 +420,14 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
                                  stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
   tokens_BxN = np.asarray(tokens_BxN)
   c2, t2 = compile_seconds(), time.perf_counter()
-  stops = set(int(t) for t in stop_tokens)
+  stops, kept = set(int(t) for t in stop_tokens), set(int(t) for t in keep_stops)
   out = []
   for row in tokens_BxN.tolist():
     new = []
     for t in row:
       if t < 0 or t in stops:
+        if t in kept:
+          new.append(t)
         break
       new.append(t)
     out.append(new)
