@@ -248,6 +248,10 @@ class TrainConfig:
   # written to RUN/tb/plugins/profile/. 0: no trace.
   profile_steps: int = 0
   profile_skip: int = 3
+  # Weights & Biases as well as TensorBoard: the project ("" off), optionally the entity (team).
+  # pip install wandb; WANDB_MODE=offline logs without a network (wandb sync uploads later).
+  wandb_project: str = ""
+  wandb_entity: str = ""
 
   def validate(self) -> None:
     _choice("train.schedule", self.schedule, SCHEDULES)

@@ -1,10 +1,13 @@
-"""Console progress, TensorBoard and JSONL metric writers. Only the primary process writes.
+"""Console progress, TensorBoard, JSONL and (optionally) W&B metric writers. Only the primary
+process writes.
 
 `Metrics(workdir, ...)` owns a tqdm bar (loss, tokens/s, ETA), a tensorboardX SummaryWriter
 under `workdir/tb` and `workdir/metrics.jsonl` (one JSON object per logged step, appended, so
 a resumed run continues the same file). With a bucket workdir (gs://...), both are written to a
 local folder and uploaded every `sync_s` seconds and at close(): objects in a bucket cannot be
-appended to, and tensorboardX's own gs:// writer needs google-cloud-storage.
+appended to, and tensorboardX's own gs:// writer needs google-cloud-storage. With
+`wandb=dict(project=..., entity=..., name=..., run_id=..., config=...)` the same scalars also go
+to a Weights & Biases run, resumed under the same id when the training run resumes.
 """
 
 from __future__ import annotations
@@ -47,14 +50,26 @@ def _plain(value: Any):
   return value
 
 
+def import_wandb():
+  """The wandb module, or a ValueError saying how to get it (train.wandb_project is set)."""
+  try:
+    import wandb
+  except ImportError as e:
+    raise ValueError("train.wandb_project is set but wandb is not installed; pip install wandb "
+                     "(WANDB_MODE=offline logs without a network), or leave "
+                     "train.wandb_project empty") from e
+  return wandb
+
+
 class Metrics:
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                primary: bool = True, tensorboard: bool = True, progress: bool = True,
-               sync_s: float = 60.0):
+               sync_s: float = 60.0, wandb: dict | None = None):
     self.primary = primary
     self.jsonl = None
     self.tb = None
+    self.wb = None
     self.bar = None
     self.workdir = os.fspath(workdir)
     self.sync_s = sync_s
@@ -77,6 +92,12 @@ class Metrics:
       # event file name, or the second upload would replace the first one's file.
       self.tb = SummaryWriter(os.path.join(local, "tb"),
                               filename_suffix=f".{uuid.uuid4().hex[:8]}")
+    if wandb is not None:
+      # Its own files stay out of a bucket workdir's mirror (which is uploaded as it is).
+      folder = local if self._mirror is None else tempfile.mkdtemp(prefix="t6-wandb-")
+      self.wb = import_wandb().init(
+          project=wandb["project"], entity=wandb.get("entity") or None, name=wandb["name"],
+          id=wandb["run_id"], resume="allow", config=wandb.get("config"), dir=folder)
     if progress:
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                            dynamic_ncols=True, file=sys.stdout, smoothing=0.1,
@@ -104,10 +125,12 @@ class Metrics:
     values = {prefix + k: _plain(v) for k, v in values.items() if v is not None}
     self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
     self.jsonl.flush()
+    scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
     if self.tb is not None:
-      for key, value in values.items():
-        if isinstance(value, (int, float)):
-          self.tb.add_scalar(key, value, step)
+      for key, value in scalars.items():
+        self.tb.add_scalar(key, value, step)
+    if self.wb is not None:
+      self.wb.log(scalars, step=step)
     if self._mirror is not None and time.time() - self._synced >= self.sync_s:
       self.sync()
 
@@ -142,7 +165,9 @@ class Metrics:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
-    self.bar = self.tb = self.jsonl = None
+    if self.wb is not None:
+      self.wb.finish()
+    self.bar = self.tb = self.jsonl = self.wb = None
     try:
       self.sync()
     finally:

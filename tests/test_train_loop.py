@@ -3,6 +3,7 @@ a preemption that saves and exits cleanly, and a rerun that resumes from that ch
 
 import json
 import os
+import sys
 
 import jax
 import pytest
@@ -86,3 +87,58 @@ def test_device_peak_bytes():
                             Device(None), Device(NotImplementedError())]) == 9.0
   assert device_peak_bytes([Device(None), Device({"bytes_in_use": 3})]) is None
   assert device_peak_bytes(jax.devices()[:1]) is None  # host CPUs report none
+
+
+class FakeWandb:
+  """What the loop asks of the wandb module: init (returning a run), log and finish."""
+
+  def __init__(self):
+    self.inits, self.logs, self.finished = [], [], 0
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, values, step):
+    self.logs.append((step, dict(values)))
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_wandb_gets_the_scalars_and_a_resume_keeps_its_run(tmp_path, monkeypatch):
+  fake = FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}",
+                                         "train.steps=3", "train.wandb_project=t6",
+                                         "train.wandb_entity=lab"])
+  real = Checkpointer.reached_preemption
+  monkeypatch.setattr(Checkpointer, "reached_preemption",
+                      lambda self, step: step == 2 or real(self, step))
+  assert loop.train(cfg)["preempted"]
+  (init,) = fake.inits
+  run_id = (tmp_path / "run" / "wandb_id").read_text().strip()
+  assert init["project"] == "t6" and init["entity"] == "lab" and init["name"] == "run"
+  assert init["id"] == run_id and init["resume"] == "allow"
+  assert init["config"]["train"]["wandb_project"] == "t6" and fake.finished == 1
+  # The same scalars as metrics.jsonl, at the same steps.
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [(s, v) for s, v in fake.logs] == [
+      (r["step"], {k: v for k, v in r.items() if k not in ("step", "time")}) for r in records]
+  assert any("loss" in v for _, v in fake.logs) and any("val_loss" in v for _, v in fake.logs)
+
+  monkeypatch.setattr(Checkpointer, "reached_preemption", real)
+  assert loop.train(cfg)["resumed"]
+  assert [i["id"] for i in fake.inits] == [run_id, run_id] and fake.finished == 2
+  assert fake.logs[-1][0] == 3
+
+
+def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         "train.wandb_project=t6"])
+  with pytest.raises(ValueError, match="train.wandb_project is set but wandb is not installed; "
+                     "pip install wandb"):
+    loop.train(cfg)
+  assert not os.path.exists(tmp_path / "run" / "config.yaml")

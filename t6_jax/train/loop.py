@@ -9,9 +9,11 @@ and the end of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -22,7 +24,7 @@ from t6_jax.distributed import initialize as init_distributed  # noqa: F401 (tra
 from t6_jax import sharding as sharding_lib
 from t6_jax import config as config_lib
 from t6_jax.config import Config
-from t6_jax.metrics import Metrics, device_peak_bytes
+from t6_jax.metrics import Metrics, device_peak_bytes, import_wandb
 from t6_jax.train import flops as flops_lib
 from t6_jax.train import init_from as init_from_lib
 from t6_jax.train.profile import StepProfiler
@@ -119,6 +121,8 @@ class Run:
     storage.check(cfg.train.workdir, "train.workdir")  # a bucket offline: one line, in seconds
     init_distributed(distributed)
     step_lib.validate(cfg)
+    if cfg.train.wandb_project and jax.process_index() == 0:
+      import_wandb()  # missing: one line now, not after the data and the state are ready
     self.cfg, t = cfg, cfg.train
     self.primary = jax.process_index() == 0
     self.workdir = cfg.train.workdir
@@ -140,7 +144,7 @@ class Run:
              f"{self.flops_per_token / 1e9:.3f} GFLOP per training token (reference formula "
              f"6N+12LhdT: {flops_lib.reference_flops_per_token(cfg.model, t.seq_len) / 1e9:.3f})")
     self.metrics = Metrics(self.workdir, total_steps=t.steps, start_step=self.start,
-                           primary=self.primary)
+                           primary=self.primary, wandb=self._wandb_settings())
     self.say = self.metrics.print
     # The first step compiles: the trace starts profile_skip steps after it.
     self.profiler = StepProfiler(self.metrics.local_dir("tb"), self.start + 2 + t.profile_skip,
@@ -153,6 +157,22 @@ class Run:
 
   # ------------------------------------------------------------------------------------------
   # Setting up
+
+  def _wandb_settings(self) -> dict | None:
+    """Metrics' W&B run: named after the run directory, with an id kept in RUN/wandb_id so
+    that a resumed run logs to the same W&B run."""
+    t = self.cfg.train
+    if not (t.wandb_project and self.primary):
+      return None
+    path = storage.join(self.workdir, "wandb_id")
+    if storage.exists(path):
+      run_id = storage.read_text(path).strip()
+    else:
+      run_id = uuid.uuid4().hex[:12]
+      storage.write_text(path, run_id + "\n")
+    name = self.workdir.rstrip("/").rsplit("/", 1)[-1]
+    return dict(project=t.wandb_project, entity=t.wandb_entity, name=name, run_id=run_id,
+                config=dataclasses.asdict(self.cfg))
 
   def _prepare_run_dir(self, restart: bool) -> None:
     if restart and self.primary:
