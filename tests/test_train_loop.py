@@ -60,7 +60,7 @@ def test_profile_steps_write_a_trace(tmp_path):
   folder as TensorBoard's profile plugin reads it, with a Perfetto file beside it."""
   cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
                                          f"data.cache_dir={tmp_path / 'cache'}",
-                                         "train.steps=4", "train.profile_steps=2",
+                                         "train.steps=3", "train.profile_steps=1",
                                          "train.profile_skip=0"])
   loop.train(cfg)
   runs = os.listdir(tmp_path / "run" / "tb" / "plugins" / "profile")
