@@ -237,6 +237,9 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 500
   eval_batches: int = 20
+  # Multiple-choice tasks scored at every validation as well (a list as eval.tasks, e.g.
+  # fixture or paper; read with the eval.* settings: task_dir, num_fewshot, limit). "": none
+  eval_tasks: str = ""
   sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
   sample_prompt: str = ""  # prompt of that sample ("" starts from the end-of-text token)
   gpu_gemm: str = "auto"  # auto | cublas | triton: who runs the GPU train step's products

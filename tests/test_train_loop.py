@@ -142,3 +142,31 @@ def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
                      "pip install wandb"):
     loop.train(cfg)
   assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_eval_tasks_are_scored_at_every_validation(tmp_path, capsys):
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}",
+                                         "train.steps=2", "train.eval_tasks=fixture",
+                                         "eval.limit=6"])
+  loop.train(cfg)
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  scored = [r for r in records if "fixture/acc" in r]
+  assert [r["step"] for r in scored] == [0, 2]
+  assert "step 2: fixture/acc " in capsys.readouterr().out
+  # What eval.py's scoring gives for the saved step-2 params, on one device.
+  from t6_jax.checkpoint import load_params
+  from t6_jax.data import load_tokenizer
+  _, params, _ = load_params(str(tmp_path / "run"))
+  want = loop.score_tasks(cfg, params, None, load_tokenizer(cfg), loop.load_tasks(cfg))
+  assert want == {k: scored[-1][k] for k in want} and set(want) == {"fixture/acc",
+                                                                     "fixture/acc_norm"}
+  assert all(v in {i / 6 for i in range(7)} for v in want.values())
+
+
+def test_a_missing_task_file_stops_the_run_before_it_starts(tmp_path):
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"train.eval_tasks=mc={tmp_path / 'none.jsonl'}"])
+  with pytest.raises(Exception, match="task file '.*none.jsonl' for mc does not exist"):
+    loop.train(cfg)
+  assert not os.path.exists(tmp_path / "run" / "config.yaml")

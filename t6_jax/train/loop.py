@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import uuid
 
@@ -101,6 +102,32 @@ def logged(workdir: str, key: str) -> list[float]:
   return values
 
 
+def load_tasks(cfg: Config) -> list:
+  """The documents of train.eval_tasks (read with the eval.* settings); [] when none."""
+  if not cfg.train.eval_tasks:
+    return []
+  from t6_jax.eval import tasks
+  e = cfg.eval
+  return [tasks.load_task(name, path, source=e.task_source, task_dir=os.path.expanduser(
+              e.task_dir), tfds_data_dir=e.tfds_data_dir, num_fewshot=e.num_fewshot)
+          for name, path in tasks.parse_task_list(cfg.train.eval_tasks)]
+
+
+def score_tasks(cfg: Config, params, mesh, tokenizer, task_data: list) -> dict[str, float]:
+  """{TASK/acc, TASK/acc_norm (where the task has it): accuracy in [0, 1]} of the params, as
+  eval.py scores them (the scoring programs compile once and are reused at every call)."""
+  from t6_jax.eval import scoring, tasks
+  scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh), tokenizer)
+  out = {}
+  for data in task_data:
+    result = tasks.evaluate_task(data, scorer.loglikelihood, num_fewshot=cfg.eval.num_fewshot,
+                                 seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit)
+    for metric in ("acc", "acc_norm"):
+      if metric in result:
+        out[f"{result['task']}/{metric}"] = float(result[metric])
+  return out
+
+
 def evaluate(step_fn: step_lib.TrainStep, params, batches) -> float:
   sums = [step_fn.eval(params, b) for b in batches]  # all dispatched before any read
   loss_sum, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
@@ -123,6 +150,7 @@ class Run:
     step_lib.validate(cfg)
     if cfg.train.wandb_project and jax.process_index() == 0:
       import_wandb()  # missing: one line now, not after the data and the state are ready
+    self.tasks = load_tasks(cfg)  # a missing task file fails here, in seconds
     self.cfg, t = cfg, cfg.train
     self.primary = jax.process_index() == 0
     self.workdir = cfg.train.workdir
@@ -306,6 +334,10 @@ class Run:
     loss = evaluate(self.step_fn, self.state["params"], self.val_batches)
     self.metrics.write(n, {"val_loss": loss})
     self.say(f"step {n}: validation loss {loss:.4f}")
+    if self.tasks:
+      scores = score_tasks(self.cfg, self.state["params"], self.mesh, self.tokenizer, self.tasks)
+      self.metrics.write(n, scores)
+      self.say(f"step {n}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()))
     if self.first_val_loss is None:
       self.first_val_loss = loss
     self.last_val_loss = loss

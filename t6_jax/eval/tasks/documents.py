@@ -155,9 +155,10 @@ def parse_task_list(spec: str) -> list[tuple[str, str]]:
     else:
       import difflib
       near = difflib.get_close_matches(name, list(TASKS) + ["fixture", "paper"], n=3)
-      hint = f"; did you mean {' or '.join(near)}?" if near else ""
-      raise TaskError(f"unknown task {name!r}{hint} Known tasks: fixture, paper, "
-                      f"{', '.join(TASKS)}; NAME=FILE.jsonl reads a task from one file")
+      hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+      raise TaskError(f"unknown task {name!r}{hint}; known tasks: fixture, paper, "
+                      f"{', '.join(TASKS)}; TASK=FILE.jsonl reads one of them from a file "
+                      f"(mc=FILE.jsonl: any multiple-choice file in the generic format)")
   if not out:
     raise TaskError(f"eval.tasks={spec!r} names no task")
   return out
