@@ -185,6 +185,9 @@ class DataConfig:
   text_key: str = "text"  # field holding the text (tfds features, JSONL objects)
   text_docs: str = "file"  # .txt files: one document per file | paragraphs | lines
   val_fraction: float = 0.05  # shakespeare/text: share of documents held out for validation
+  # Several sources at once: "WEIGHT:SOURCE:PATH;..." (t6_jax/data/mixture.py); source and
+  # path above are then unused. "": the one source above
+  mixture: str = ""
   # bpe (byte-level BPE trained on the corpus) | bytes (UTF-8 bytes, 256 ids) | gpt2 |
   # gpt2:FILE.tiktoken | tiktoken:FILE | hf:FILE.json | spm:FILE.model
   tokenizer: str = "bpe"
@@ -212,6 +215,13 @@ class DataConfig:
     for key in ("num_workers", "prefetch", "shuffle_buffer", "bpe_vocab_size"):
       if getattr(self, key) < 0:
         raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+    if self.mixture:
+      from t6_jax.data import mixture
+      mixture.parse(self.mixture)
+      if self.tokenizer == "bpe":
+        raise ConfigError("data.mixture needs a tokenizer that is not trained from one "
+                          "source (data.tokenizer=bpe is); set data.tokenizer to gpt2, bytes, "
+                          "hf:FILE.json, spm:FILE.model or tiktoken:FILE")
 
 
 @dataclasses.dataclass(frozen=True)

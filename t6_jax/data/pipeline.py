@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from t6_jax.data import corpus
+from t6_jax.data import mixture
 from t6_jax.data import sources as src
 from t6_jax.data.tokenizers import Tokenizer, build_tokenizer
 
@@ -237,12 +238,12 @@ def window_batches(tokens: src.FlatTokens, *, batch_size: int, seq_len: int, see
   return ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_batch)
 
 
-def document_batches(docs: grain.MapDataset, *, packing: str, batch_size: int, seq_len: int,
-                     seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 0,
-                     num_epochs: int | None = None, process_index: int = 0,
-                     process_count: int = 1, to_tokens: Callable | None = None,
-                     read_threads: int = 2) -> grain.IterDataset:
-  """Batches from documents; `to_tokens` turns a document into int32 [eot, tokens...] (it runs
+def document_rows(docs: grain.MapDataset, *, packing: str, seq_len: int, seed: int = 0,
+                  shuffle: bool = True, shuffle_buffer: int = 0, num_epochs: int | None = None,
+                  process_index: int = 0, process_count: int = 1,
+                  to_tokens: Callable | None = None, read_threads: int = 2) -> grain.IterDataset:
+  """Rows from documents, before batching: windows of T + 1 tokens (concat) or pieces of at
+  most T + 1 (segments). `to_tokens` turns a document into int32 [eot, tokens...] (it runs
   after sharding, so each process tokenizes only its own documents)."""
   ds = _order(docs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
               process_index=process_index, process_count=process_count)
@@ -255,12 +256,33 @@ def document_batches(docs: grain.MapDataset, *, packing: str, batch_size: int, s
     it = grain.experimental.FlatMapIterDataset(it, _Pieces(seq_len))
   if shuffle and shuffle_buffer > 1:
     it = ShuffleWindows(it, shuffle_buffer, seed + 1)
+  return it
+
+
+def batch_rows(it: grain.IterDataset, *, packing: str, batch_size: int, seq_len: int,
+               seed: int = 0, shuffle: bool = True) -> grain.IterDataset:
+  """Batches of rows: windows stacked (concat), or pieces first-fit packed into rows with
+  segment ids and positions (segments)."""
   if packing == "concat":
     return it.batch(batch_size, drop_remainder=True, batch_fn=_concat_batch)
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=batch_size,
       seed=seed + 2, shuffle_bins=shuffle, padding_struct={"inputs": 0, "targets": -1})
   return it.map(_segments_row).batch(batch_size, drop_remainder=True, batch_fn=_stack)
+
+
+def document_batches(docs: grain.MapDataset, *, packing: str, batch_size: int, seq_len: int,
+                     seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 0,
+                     num_epochs: int | None = None, process_index: int = 0,
+                     process_count: int = 1, to_tokens: Callable | None = None,
+                     read_threads: int = 2) -> grain.IterDataset:
+  """Batches from documents: document_rows, then batch_rows."""
+  it = document_rows(docs, packing=packing, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                     shuffle_buffer=shuffle_buffer, num_epochs=num_epochs,
+                     process_index=process_index, process_count=process_count,
+                     to_tokens=to_tokens, read_threads=read_threads)
+  return batch_rows(it, packing=packing, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                    shuffle=shuffle)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,12 +329,11 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
   order = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=pi,
                process_count=pc)
 
+  if d.mixture:
+    return _with_workers(d, _mixture_batches(cfg, split, batch_size, seq_len, order))
   flat = None
   if d.source == "reference_bin":
-    flat = src.reference_tokens(d.path, split, d.cache_dir)
-    if max(int(a.max(initial=0)) for a in flat.arrays[:1]) >= cfg.model.vocab_size:
-      raise src.DataError(f"{flat.entries[0][1]} holds token ids >= model.vocab_size="
-                          f"{cfg.model.vocab_size}; GPT-2 shards need model.vocab_size >= 50257")
+    flat = _reference_tokens(cfg, split)
   elif d.source == "shakespeare":
     flat = corpus.shakespeare_tokens(d, split, load_tokenizer(cfg))
 
@@ -333,6 +354,11 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
       to_tokens = _Tokenize(tokenizer)
     ds = document_batches(docs, packing=d.packing, batch_size=batch_size, seq_len=seq_len,
                           shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
+  return _with_workers(d, ds)
+
+
+def _with_workers(d, ds: grain.IterDataset) -> grain.IterDataset:
+  """data.num_workers > 0: the pipeline runs in that many Grain worker processes."""
   if d.num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app
@@ -340,6 +366,59 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
                                                      per_worker_buffer_size=d.prefetch))
   return ds
+
+
+def _reference_tokens(cfg, split: str) -> src.FlatTokens:
+  d = cfg.data
+  flat = src.reference_tokens(d.path, split, d.cache_dir)
+  if max(int(a.max(initial=0)) for a in flat.arrays[:1]) >= cfg.model.vocab_size:
+    raise src.DataError(f"{flat.entries[0][1]} holds token ids >= model.vocab_size="
+                        f"{cfg.model.vocab_size}; GPT-2 shards need model.vocab_size >= 50257")
+  return flat
+
+
+def _source_rows(cfg, split: str, seq_len: int, order: dict) -> grain.IterDataset:
+  """One source's rows before batching (windows or pieces), for a mixture."""
+  d = cfg.data
+  flat = None
+  if d.source == "reference_bin":
+    flat = _reference_tokens(cfg, split)
+  elif d.source == "shakespeare":
+    flat = corpus.shakespeare_tokens(d, split, load_tokenizer(cfg))
+  if flat is not None and d.packing == "concat":
+    windows = _Windows(flat, seq_len)
+    if len(windows) == 0:
+      raise src.DataError(f"{flat.name or 'the token source'} has {sum(flat.lengths())} "
+                          f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+    ds = _order(grain.MapDataset.source(windows), **order)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  to_tokens = None
+  if flat is not None:
+    docs = grain.MapDataset.source(_FlatDocuments(flat))
+  elif d.source == "arrayrecord":
+    docs = grain.MapDataset.source(src.prepared_documents(d.path, split, d.cache_dir))
+    to_tokens = _PrependEot(load_tokenizer(cfg).eot_id)
+  else:
+    docs = grain.MapDataset.source(corpus.documents(d, split))  # text or tfds
+    to_tokens = _Tokenize(load_tokenizer(cfg))
+  return document_rows(docs, packing=d.packing, seq_len=seq_len,
+                       shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
+
+
+def _mixture_batches(cfg, split: str, batch_size: int, seq_len: int,
+                     order: dict) -> grain.IterDataset:
+  """data.mixture: each source's rows (its own slice per process, its own seed), interleaved
+  by weight (Grain's mix: deterministic, and its state holds each source's position by name),
+  then batched or packed as one stream. A finite read (validation) ends when any source ends."""
+  import dataclasses
+  rows, weights = {}, {}
+  for i, (key, weight, data_cfg) in enumerate(mixture.components(cfg.data)):
+    part = dataclasses.replace(cfg, data=data_cfg)
+    rows[key] = _source_rows(part, split, seq_len, dict(order, seed=order["seed"] + 101 * i))
+    weights[key] = weight
+  return batch_rows(grain.IterDataset.mix(rows, weights), packing=cfg.data.packing,
+                    batch_size=batch_size, seq_len=seq_len, seed=order["seed"],
+                    shuffle=order["shuffle"])
 
 
 class _FlatDocuments:

@@ -31,6 +31,10 @@ from t6_jax.data.tokenizers import PROBE, TokenizerError, gpt2_tokenizer, write_
 
 
 def _documents(d, split: str):
+  if d.mixture:
+    raise src.DataError("prepare tokenizes one corpus, and data.mixture names several; prepare "
+                        "each text source on its own (data.source, data.path), then mix the "
+                        "outputs as arrayrecord sources")
   if d.source not in corpus.TEXT_SOURCES:
     raise src.DataError(f"prepare tokenizes text corpora (data.source="
                         f"{', '.join(corpus.TEXT_SOURCES)}); data.source={d.source!r} is "
