@@ -225,15 +225,19 @@ def _order(ds: grain.MapDataset, *, seed: int, shuffle: bool, num_epochs: int | 
   return ds[process_index::process_count]
 
 
-def window_batches(tokens: src.FlatTokens, *, batch_size: int, seq_len: int, seed: int = 0,
-                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                   process_count: int = 1) -> grain.MapDataset:
-  """`concat` batches from flat token streams, windows shuffled globally."""
+def _windows(tokens: src.FlatTokens, seq_len: int) -> _Windows:
   windows = _Windows(tokens, seq_len)
   if len(windows) == 0:
     raise src.DataError(f"{tokens.name or 'the token source'} has {sum(tokens.lengths())} "
                         f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-  ds = _order(grain.MapDataset.source(windows), seed=seed, shuffle=shuffle,
+  return windows
+
+
+def window_batches(tokens: src.FlatTokens, *, batch_size: int, seq_len: int, seed: int = 0,
+                   shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
+                   process_count: int = 1) -> grain.MapDataset:
+  """`concat` batches from flat token streams, windows shuffled globally."""
+  ds = _order(grain.MapDataset.source(_windows(tokens, seq_len)), seed=seed, shuffle=shuffle,
               num_epochs=num_epochs, process_index=process_index, process_count=process_count)
   return ds.batch(batch_size, drop_remainder=True, batch_fn=_concat_batch)
 
@@ -331,27 +335,11 @@ def make_dataset(cfg, split: str, *, batch_size: int, seq_len: int, seed: int | 
 
   if d.mixture:
     return _with_workers(d, _mixture_batches(cfg, split, batch_size, seq_len, order))
-  flat = None
-  if d.source == "reference_bin":
-    flat = _reference_tokens(cfg, split)
-  elif d.source == "shakespeare":
-    flat = corpus.shakespeare_tokens(d, split, load_tokenizer(cfg))
-
-  if flat is not None and d.packing == "concat":
+  flat, docs, to_tokens = _source(cfg, split)
+  if docs is None:  # flat tokens, concat: windows read at random
     ds: Any = window_batches(flat, batch_size=batch_size, seq_len=seq_len, **order)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   else:
-    to_tokens = None
-    if flat is not None:
-      docs = grain.MapDataset.source(_FlatDocuments(flat))
-    elif d.source == "arrayrecord":
-      tokenizer = load_tokenizer(cfg)
-      docs = grain.MapDataset.source(src.prepared_documents(d.path, split, d.cache_dir))
-      to_tokens = _PrependEot(tokenizer.eot_id)
-    else:
-      tokenizer = load_tokenizer(cfg)
-      docs = grain.MapDataset.source(corpus.documents(d, split))  # text or tfds
-      to_tokens = _Tokenize(tokenizer)
     ds = document_batches(docs, packing=d.packing, batch_size=batch_size, seq_len=seq_len,
                           shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
   return _with_workers(d, ds)
@@ -377,32 +365,34 @@ def _reference_tokens(cfg, split: str) -> src.FlatTokens:
   return flat
 
 
-def _source_rows(cfg, split: str, seq_len: int, order: dict) -> grain.IterDataset:
-  """One source's rows before batching (windows or pieces), for a mixture."""
+def _source(cfg, split: str):
+  """(flat tokens, documents, to_tokens) of cfg.data's one source: flat token streams with
+  concat packing give no documents (their windows are read at random); everything else gives
+  documents, with `to_tokens` where they still need tokenizing or an end-of-text."""
   d = cfg.data
   flat = None
   if d.source == "reference_bin":
     flat = _reference_tokens(cfg, split)
   elif d.source == "shakespeare":
     flat = corpus.shakespeare_tokens(d, split, load_tokenizer(cfg))
-  if flat is not None and d.packing == "concat":
-    windows = _Windows(flat, seq_len)
-    if len(windows) == 0:
-      raise src.DataError(f"{flat.name or 'the token source'} has {sum(flat.lengths())} "
-                          f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-    ds = _order(grain.MapDataset.source(windows), **order)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-  to_tokens = None
   if flat is not None:
-    docs = grain.MapDataset.source(_FlatDocuments(flat))
-  elif d.source == "arrayrecord":
+    docs = None if d.packing == "concat" else grain.MapDataset.source(_FlatDocuments(flat))
+    return flat, docs, None
+  if d.source == "arrayrecord":
     docs = grain.MapDataset.source(src.prepared_documents(d.path, split, d.cache_dir))
-    to_tokens = _PrependEot(load_tokenizer(cfg).eot_id)
-  else:
-    docs = grain.MapDataset.source(corpus.documents(d, split))  # text or tfds
-    to_tokens = _Tokenize(load_tokenizer(cfg))
-  return document_rows(docs, packing=d.packing, seq_len=seq_len,
-                       shuffle_buffer=d.shuffle_buffer, to_tokens=to_tokens, **order)
+    return None, docs, _PrependEot(load_tokenizer(cfg).eot_id)
+  docs = grain.MapDataset.source(corpus.documents(d, split))  # text or tfds
+  return None, docs, _Tokenize(load_tokenizer(cfg))
+
+
+def _source_rows(cfg, split: str, seq_len: int, order: dict) -> grain.IterDataset:
+  """One source's rows before batching (windows or pieces), for a mixture."""
+  flat, docs, to_tokens = _source(cfg, split)
+  if docs is None:
+    ds = _order(grain.MapDataset.source(_windows(flat, seq_len)), **order)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  return document_rows(docs, packing=cfg.data.packing, seq_len=seq_len,
+                       shuffle_buffer=cfg.data.shuffle_buffer, to_tokens=to_tokens, **order)
 
 
 def _mixture_batches(cfg, split: str, batch_size: int, seq_len: int,
