@@ -8,6 +8,7 @@ Cases (batch 32 x 1024 tokens, the trained 4096-token BPE of the bundled corpus)
   reference's .bin shards): `concat` reads windows at random; `segments` packs documents.
 - `streamed`: the same plays as local text through our tfds builder, tokenized inside the
   pipeline (what a tfds / text corpus costs): the CPU-bound case that worker processes help.
+- `mixed`: a data.mixture of the two, half the rows from each (what interleaving costs).
 Tokens/s counts real (non-padding) target tokens. One H200 trains T6-small at about 300k
 tokens/s (docs/model.md section 10: 315k), which is the bar the pipeline must clear per GPU.
 """
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", default="0,1,2")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--seq-len", type=int, default=1024)
-  parser.add_argument("--cases", default="cached,streamed")
+  parser.add_argument("--cases", default="cached,streamed,mixed")
   parser.add_argument("--cache-dir", default="data_cache")
   parser.add_argument("--out", default="docs/data_benchmark.md",
                       help="markdown report ('' prints only)")
@@ -71,9 +72,13 @@ def main(argv=None) -> int:
     for packing in ("concat", "segments"):
       for workers in [int(w) for w in args.workers.split(",")]:
         data = {"packing": packing, "num_workers": workers}
+        plays = os.path.join(texts, "*_gut.txt")
         if case == "streamed":
           # the streamed text source trains its own BPE on the same plays; reuse the cached one
-          data.update(source="text", path=os.path.join(texts, "*_gut.txt"),
+          data.update(source="text", path=plays,
+                      tokenizer=f"tiktoken:{_export(tok, args.cache_dir)}")
+        elif case == "mixed":  # a mixture takes a tokenizer of its own: the same BPE, exported
+          data.update(mixture=f"1:shakespeare:;1:text:{plays}",
                       tokenizer=f"tiktoken:{_export(tok, args.cache_dir)}")
         run_cfg = config_lib.from_dict({"data": data}, cfg)
         r = measure(run_cfg, args.batch, args.seq_len, args.seconds)
@@ -121,7 +126,8 @@ def _write(args, rows) -> None:
                  f"{r['first_batch_s']:.1f} s | {100 * r['padding']:.1f}% |")
   lines += ["", "`cached`: tokens read from the tokenized cache (.npy; the reference's .bin "
             "shards read the same way). `streamed`: local text through the tfds builder, "
-            "tokenized in the pipeline (tfds / text sources). Worker processes each run the "
+            "tokenized in the pipeline (tfds / text sources). `mixed`: `data.mixture` of the "
+            "two, half the rows from each. Worker processes each run the "
             "whole pipeline on a slice of the documents; their first batch includes starting "
             "the process (importing JAX)."]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
