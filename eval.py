@@ -108,13 +108,8 @@ def run(args) -> int:
   saved_cfg, spec = read_config(path, step=found.step if found.kind != "export" else None,
                                 report=False)
   cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
-  task_list = [] if args.no_tasks else tasks.parse_task_list(cfg.eval.tasks)
   # Task documents are read before the model, so a missing file fails in seconds.
-  task_data = [tasks.load_task(name, task_path, source=cfg.eval.task_source,
-                               task_dir=os.path.expanduser(cfg.eval.task_dir),
-                               tfds_data_dir=cfg.eval.tfds_data_dir,
-                               num_fewshot=cfg.eval.num_fewshot)
-               for name, task_path in task_list]
+  task_data = [] if args.no_tasks else tasks.load_tasks(cfg.eval.tasks, cfg.eval)
 
   import jax
   from t6_jax import sharding as sharding_lib
@@ -190,12 +185,8 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
       print(loss_table(loss))
 
   if not args.no_tasks:
-    scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh, progress=progress),
-                                tokenizer)
-    results = [tasks.evaluate_task(data, scorer.loglikelihood,
-                                   num_fewshot=cfg.eval.num_fewshot,
-                                   seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit)
-               for data in task_data]
+    results = scoring.evaluate_tasks(cfg, params, tokenizer, task_data, mesh=mesh,
+                                     progress=progress)
     report["tasks"] = results
     if primary:
       print(tasks.format_table(results, cfg.model))

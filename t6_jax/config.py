@@ -327,7 +327,7 @@ class CheckpointConfig:
     _need(self.keep_every >= 0,
           f"checkpoint.keep_every must be 0 (off) or positive, got {self.keep_every}")
     _need(self.resume_step >= -1,
-          f"checkpoint.resume_step must be a step, or -1 for the newest good one")
+          "checkpoint.resume_step must be a step, or -1 for the newest good one")
     _need(not (self.init_from and self.resume_from),
           "checkpoint.init_from and checkpoint.resume_from are both set; keep resume_from to "
           "continue that run (optimizer state, step, data position), or init_from to take only "

@@ -19,6 +19,7 @@ get_state/set_state, which makes the whole iterator checkpointable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -400,7 +401,6 @@ def _mixture_batches(cfg, split: str, batch_size: int, seq_len: int,
   """data.mixture: each source's rows (its own slice per process, its own seed), interleaved
   by weight (Grain's mix: deterministic, and its state holds each source's position by name),
   then batched or packed as one stream. A finite read (validation) ends when any source ends."""
-  import dataclasses
   rows, weights = {}, {}
   for i, (key, weight, data_cfg) in enumerate(mixture.components(cfg.data)):
     part = dataclasses.replace(cfg, data=data_cfg)

@@ -200,3 +200,15 @@ class TextScorer:
     for i, (lp, _) in zip(owner, self.scorer.loglikelihood(pairs)):
       totals[i] += lp
     return totals
+
+
+def evaluate_tasks(cfg: Config, params, tokenizer, task_data, *, mesh=None,
+                   progress: bool = False) -> list[dict]:
+  """Each task's results (tasks.evaluate_task) for these params, with the eval.* settings
+  (num_fewshot, fewshot_seed, limit); the scoring programs are compiled once per config and
+  mesh, so repeated calls (each validation of a training run) reuse them."""
+  from t6_jax.eval import tasks
+  scorer = TextScorer(Scorer(cfg, params, mesh=mesh, progress=progress), tokenizer)
+  e = cfg.eval
+  return [tasks.evaluate_task(data, scorer.loglikelihood, num_fewshot=e.num_fewshot,
+                              seed=e.fewshot_seed, limit=e.limit) for data in task_data]

@@ -75,8 +75,7 @@ def initial_state(cfg: Config, mesh, tokenizer, log=print) -> tuple[dict, dict]:
   problem = tokenizer_problem(loaded.config, loaded.tokenizer_spec, tokenizer, cfg, source)
   if problem:
     raise ValueError(problem)
-  params = jax.tree.map(lambda x, s: x if x.sharding == s else jax.device_put(x, s),
-                        loaded.params, shardings["params"])
+  params = loaded.params  # restored in shardings["params"]: the same param_shardings
   tx = step_lib.make_optimizer(cfg.train)
   with jax.set_mesh(mesh):
     step, opt_state = jax.jit(lambda p: (jnp.zeros((), jnp.int32), tx.init(p)),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import uuid
 
@@ -107,25 +106,16 @@ def load_tasks(cfg: Config) -> list:
   if not cfg.train.eval_tasks:
     return []
   from t6_jax.eval import tasks
-  e = cfg.eval
-  return [tasks.load_task(name, path, source=e.task_source, task_dir=os.path.expanduser(
-              e.task_dir), tfds_data_dir=e.tfds_data_dir, num_fewshot=e.num_fewshot)
-          for name, path in tasks.parse_task_list(cfg.train.eval_tasks)]
+  return tasks.load_tasks(cfg.train.eval_tasks, cfg.eval)
 
 
 def score_tasks(cfg: Config, params, mesh, tokenizer, task_data: list) -> dict[str, float]:
   """{TASK/acc, TASK/acc_norm (where the task has it): accuracy in [0, 1]} of the params, as
-  eval.py scores them (the scoring programs compile once and are reused at every call)."""
-  from t6_jax.eval import scoring, tasks
-  scorer = scoring.TextScorer(scoring.Scorer(cfg, params, mesh=mesh), tokenizer)
-  out = {}
-  for data in task_data:
-    result = tasks.evaluate_task(data, scorer.loglikelihood, num_fewshot=cfg.eval.num_fewshot,
-                                 seed=cfg.eval.fewshot_seed, limit=cfg.eval.limit)
-    for metric in ("acc", "acc_norm"):
-      if metric in result:
-        out[f"{result['task']}/{metric}"] = float(result[metric])
-  return out
+  eval.py scores them."""
+  from t6_jax.eval import scoring
+  results = scoring.evaluate_tasks(cfg, params, tokenizer, task_data, mesh=mesh)
+  return {f"{r['task']}/{metric}": float(r[metric])
+          for r in results for metric in ("acc", "acc_norm") if metric in r}
 
 
 def evaluate(step_fn: step_lib.TrainStep, params, batches) -> float:

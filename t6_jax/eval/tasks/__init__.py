@@ -19,7 +19,8 @@ Modules: `formats` (the tasks), `documents` (reading them; the `eval.tasks` list
 """
 
 from t6_jax.eval.tasks.documents import (DATA_DIR, TaskData, check_doc,  # noqa: F401
-                                         load_task, load_tfds, parse_task_list, read_jsonl,
+                                         load_task, load_tasks, load_tfds, parse_task_list,
+                                         read_jsonl,
                                          task_file)
 from t6_jax.eval.tasks.formats import TASKS, Task, TaskError  # noqa: F401
 from t6_jax.eval.tasks.metrics import LogLikelihood, choice_metrics, evaluate_task  # noqa: F401

@@ -164,6 +164,15 @@ def parse_task_list(spec: str) -> list[tuple[str, str]]:
   return out
 
 
+def load_tasks(spec: str, eval_cfg) -> list[TaskData]:
+  """The documents of every task a list in eval.tasks syntax names, read with the eval.*
+  settings `eval_cfg` (source, task_dir, tfds_data_dir, num_fewshot)."""
+  return [load_task(name, path, source=eval_cfg.task_source,
+                    task_dir=os.path.expanduser(eval_cfg.task_dir),
+                    tfds_data_dir=eval_cfg.tfds_data_dir, num_fewshot=eval_cfg.num_fewshot)
+          for name, path in parse_task_list(spec)]
+
+
 def load_task(name: str, path: str = "", *, source: str = "local", task_dir: str = "",
               tfds_data_dir: str = "", num_fewshot: int = 0) -> TaskData:
   """A task's evaluation documents and its pool of k-shot examples."""
