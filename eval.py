@@ -125,9 +125,7 @@ def run(args) -> int:
   if not every:
     report = evaluate(args, path, args.step, found.step, cfg, mesh, tokenizer, task_data)
     if primary:
-      out = args.output or default_output(path, report["step"])
-      storage.write_text(out, json.dumps(report, indent=2), atomic=False)
-      print(f"results: {out}")
+      write_json(args.output or default_output(path, report["step"]), report, "results")
     return 0
 
   from t6_jax.checkpoint import CheckpointError, CheckpointMismatchError
@@ -144,15 +142,17 @@ def run(args) -> int:
       continue
     reports.append(report)
     if primary:
-      out = default_output(path, step)
-      storage.write_text(out, json.dumps(report, indent=2), atomic=False)
-      print(f"results: {out}")
+      write_json(default_output(path, step), report, "results")
   if primary:
     print(steps_table(reports))
     if args.output:
-      storage.write_text(args.output, json.dumps(reports, indent=2), atomic=False)
-      print(f"results of all steps: {args.output}")
+      write_json(args.output, reports, "results of all steps")
   return 0
+
+
+def write_json(path: str, value, what: str) -> None:
+  storage.write_text(path, json.dumps(value, indent=2), atomic=False)
+  print(f"{what}: {path}")
 
 
 def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_data) -> dict:
