@@ -65,10 +65,12 @@ def test_gemv_prologues_match_numpy(layout):
   w = rng.standard_normal((k_len, n_len) if layout == "kn" else (n_len, k_len))
   product = (lambda x: x @ w) if layout == "kn" else (lambda x: w @ x)
   r = rng.standard_normal(k_len)
-  got = gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout, splits=3,
-             block_k=16, prologue=("rms_norm", eps), interpret=True)
   want = product(r / np.sqrt(np.mean(r * r) + eps))
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  for norm_once in (0, 1):  # the norm in a loop of block_k loads, or in one load
+    got = gemv(jnp.asarray(r, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
+               splits=3, block_k=16, prologue=("rms_norm", eps), norm_once=norm_once,
+               interpret=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   parts = rng.standard_normal((3, 2 * k_len))
   got = gemv(jnp.asarray(parts, jnp.float32), jnp.asarray(w, jnp.float32), layout=layout,
              splits=2, block_k=16, prologue=("swiglu",), interpret=True)

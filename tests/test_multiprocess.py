@@ -369,8 +369,8 @@ def test_data_slices_eval_and_generate_in_two_processes_as_in_one(shared, tmp_pa
       assert not mine[0] & mine[1], (split, b)
       assert mine[0] | mine[1] == {r.tobytes() for r in whole[b]}, (split, b)
 
-  # The same loss and the same tokens as eval.py and generate.py in 1 process of 8 devices
-  # (this one: tests/conftest.py gives it 8 CPU devices and the same XLA flags).
+  # The same loss and the same tokens as eval.py and generate.py in this process (8 CPU
+  # devices from tests/conftest.py, the same XLA flags).
   assert load_cli("eval").main(eval_args + ["--output", str(tmp_path / "eval.json")]) == 0
   assert load_cli("generate").main(generate_args + ["--out", str(tmp_path / "gen.jsonl")]) == 0
   report_one = json.loads((tmp_path / "eval.json").read_text())

@@ -35,12 +35,14 @@ from t6_jax.kernels.tpa_decode_gpu import NEG, _pow2, num_sms
 # (K, N) with two warps rather than four: whole t6-xl batch-1 steps 2.163-2.197 ms against
 # 2.203-2.236 (bench/decode.py --gemv kn.num_warps=2, alternated in one call); 1 warp, or 8
 # programs per SM, was slower (2.49-2.79).
-TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 2, "num_stages": 3, "per_sm": 4},
-          "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4}}
+TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 2, "num_stages": 3, "per_sm": 4,
+                 "norm_once": 0},
+          "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4,
+                 "norm_once": 0}}
 
 
 def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
-            x_splits, splits, residual, zeros, interpret):
+            x_splits, splits, residual, zeros, norm_once, interpret):
   kind = None if prologue is None else prologue[0]
   # inputs: x (or acc, m, l), w [, r, tickets]; outputs: partials [, new r, tickets
   # (aliased)] [, zeros]
@@ -69,7 +71,11 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
       total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0).astype(f32)
     return total
 
-  if kind == "rms_norm":  # the norm of all of x, per program
+  if kind == "rms_norm" and norm_once:  # the norm of all of x in one load
+    k_X = jnp.arange(_pow2(k_len), dtype=jnp.int32)
+    x_X = plgpu.load(x_ref.at[k_X], mask=k_X < k_len, other=0.0).astype(f32)
+    inv = jax.lax.rsqrt(jnp.sum(x_X * x_X) / k_len + prologue[1])
+  elif kind == "rms_norm":  # the norm of all of x, per program
     def square_sum(t, acc_K):
       k_K = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
       x_K = plgpu.load(x_ref.at[k_K], mask=k_K < k_len, other=0.0).astype(f32)
@@ -143,7 +149,8 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
 
 def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
          block_k: int | None = None, num_warps: int | None = None,
-         num_stages: int | None = None, per_sm: int | None = None, splits: int | None = None,
+         num_stages: int | None = None, per_sm: int | None = None, norm_once: int | None = None,
+         splits: int | None = None,
          reduce: bool = True, prologue: tuple | None = None, residual: jax.Array | None = None,
          tickets: jax.Array | None = None, zeros: int = 0, interpret: bool = False):
   """fp32 (N,) = x_K (K,) times w: (K, N) with layout "kn", (N, K) with "nk"; 16-bit or fp32
@@ -194,7 +201,7 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
     raise ValueError(f"residual {residual.shape} does not match the product's ({n_len},)")
   tune = dict(TUNING[layout], **{k: v for k, v in dict(
       block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-      per_sm=per_sm).items() if v is not None})
+      per_sm=per_sm, norm_once=norm_once).items() if v is not None})
   block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
   block_k = min(_pow2(tune["block_k"]), max(16, _pow2(k_len)))
   n_tiles, k_steps = pl.cdiv(n_len, block_n), pl.cdiv(k_len, block_k)
@@ -223,7 +230,8 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
       functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
                         block_k=block_k, steps_per_split=steps_per_split,
                         prologue=prologue, x_splits=x_splits, splits=splits,
-                        residual=residual is not None, zeros=zeros, interpret=interpret),
+                        residual=residual is not None, zeros=zeros,
+                        norm_once=bool(tune["norm_once"]), interpret=interpret),
       grid=(n_tiles, splits),
       in_specs=[whole(x.shape) for x in operands],
       out_specs=[whole(o.shape) for o in out_shape],
