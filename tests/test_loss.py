@@ -67,6 +67,56 @@ def test_chunked_loss_and_grads_match_numpy(chunks, impl):
   np.testing.assert_allclose(np.asarray(dw3), 3 * want_dw, rtol=1e-5, atol=1e-6)
 
 
+def numpy_z_objective_and_grads(x, w, targets, z):
+  """float64 sum over kept tokens of nll + z lse^2 (lse = logsumexp of x w^T), its gradients
+  (d/dlogits = softmax (1 + 2 z lse) - onehot) and the plain nll sum."""
+  x, w = x.astype(np.float64), w.astype(np.float64)
+  logits = x @ w.T
+  m = logits.max(-1, keepdims=True)
+  lse = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+  keep = targets != -1
+  safe = np.where(keep, targets, 0)
+  nll = lse - np.take_along_axis(logits, safe[..., None], -1)[..., 0]
+  dlogits = np.exp(logits - lse[..., None]) * (1.0 + 2.0 * z * lse)[..., None]
+  np.put_along_axis(dlogits, safe[..., None], np.take_along_axis(dlogits, safe[..., None], -1)
+                    - 1.0, -1)
+  dlogits *= keep[..., None]
+  objective = ((nll + z * lse * lse) * keep).sum()
+  return objective, dlogits @ w, np.einsum("btv,btd->vd", dlogits, x), (nll * keep).sum()
+
+
+@pytest.mark.parametrize("chunks,impl", [(2, "xla"), (2, "pallas")])
+def test_z_loss_objective_and_grads_match_numpy(chunks, impl):
+  """train.z_loss: the objective nll + z lse^2 and its gradients against float64 NumPy; the
+  cross-entropy beside it is the plain sum and carries no gradient. The logits are offset so
+  that lse is far from 0 (the term matters)."""
+  rng = np.random.default_rng(1)
+  b, t, d, v, z = 3, 8, 16, 37, 0.05
+  x = rng.standard_normal((b, t, d)).astype(np.float32)
+  x[..., 0] = 4.0  # with w[:, 0] = 1: every logit + 4, lse ~ 8
+  w = (0.5 * rng.standard_normal((v, d))).astype(np.float32)
+  w[:, 0] = 1.0
+  targets = rng.integers(0, v, (b, t)).astype(np.int32)
+  targets[rng.random((b, t)) < 0.3] = -1
+
+  def f(x, w):
+    return loss_lib.lm_head_objective(x, w, targets, dtype="float32", rules=RULES,
+                                      chunks=chunks, impl=impl, z_loss=z)
+
+  (objective, nll), (dx, dw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(x, w)
+  want, want_dx, want_dw, want_nll = numpy_z_objective_and_grads(x, w, targets, z)
+  assert want - want_nll > 0.1 * want  # the z term is a large part of the objective
+  np.testing.assert_allclose(float(objective), want, rtol=1e-5)
+  np.testing.assert_allclose(float(nll), want_nll, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-5)
+  # The cross-entropy output is a metric: no gradient flows through it.
+  dx_nll = jax.grad(lambda x: f(x, w)[1])(x)
+  assert not np.any(np.asarray(dx_nll))
+  with pytest.raises(ValueError, match="z_loss"):
+    loss_lib.lm_head_objective(x, w, targets, dtype="float32", rules=RULES, z_loss=-1.0)
+
+
 def numpy_lse_and_target(x, t):
   """float64 logsumexp, the logit at max(t, 0), and softmax - onehot (zero where t < 0)."""
   x, t = np.asarray(x, np.float64), np.asarray(t)

@@ -170,6 +170,27 @@ def test_loss_ignores_targets(one):
   np.testing.assert_allclose(float(got_sum), want_sum, rtol=1e-5)
 
 
+def test_z_loss_step(start, one):
+  """train.z_loss (here with 2 micro-batches): the logged loss stays the cross-entropy, z_loss
+  is z * mean(logsumexp^2) of the model's logits (float64 NumPy), and the gradient has the
+  term (the gradient itself is checked in tests/test_loss.py)."""
+  z = 0.01
+  zs = Setup(start, ONE_DEVICE, jax.devices()[:1], f"train.z_loss={z}", "train.grad_accum=2")
+  batch = make_batch(5)
+  _, m = zs.step(zs.fresh(), zs.put(batch))
+  _, m0 = one.step(one.fresh(), one.put(batch))
+  logits = np.asarray(jax.jit(lambda p, x: model_from_params(one.cfg.model, p)(x))(
+      start["params"], batch["inputs"]), np.float64)
+  top = logits.max(-1)
+  lse = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+  keep = batch["targets"] != -1
+  assert "z_loss" not in m0
+  np.testing.assert_allclose(float(m["loss"]), float(m0["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m["z_loss"]), z * (lse * lse * keep).sum() / keep.sum(),
+                             rtol=1e-4)
+  assert abs(float(m["grad_norm"]) - float(m0["grad_norm"])) > 1e-3 * float(m0["grad_norm"])
+
+
 def test_optimizer_is_numpy_adamw():
   """Three updates of make_optimizer against NumPy: clipping at the global norm, bias-corrected
   Adam with betas (0.9, 0.95), eps 1e-8, decoupled weight decay lr * wd * p on every

@@ -293,9 +293,11 @@ class Run:
           f"{'none' if last is None else f'step {last}'} in {self.workdir}; lower train.lr or "
           f"raise train.warmup_steps and resume")
     self.train_loss = loss
-    self._log_speed(n, loss, grad_norm, float(m["lr"]))
+    extra = {"z_loss": float(m["z_loss"])} if "z_loss" in m else {}
+    self._log_speed(n, loss, grad_norm, float(m["lr"]), extra)
 
-  def _log_speed(self, n: int, loss: float, grad_norm: float, lr: float) -> None:
+  def _log_speed(self, n: int, loss: float, grad_norm: float, lr: float,
+                 extra: dict[str, float]) -> None:
     t, now = self.cfg.train, time.time()
     if self.clock_t is None:  # the first step includes compilation: time from its end
       self.clock_t, self.clock_step = now, n
@@ -305,7 +307,7 @@ class Run:
       self.clock_t, self.clock_step, self.tokens_per_s = now, n, tps
       tflops = self.flops_per_token * tps / jax.device_count() / 1e12
       self.metrics.write(n, {
-          "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
+          "loss": loss, **extra, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
           "tflops_per_device": tflops,
           "mfu": flops_lib.mfu(self.flops_per_token, tps, jax.device_count(), self.device_kind),
           "step_s": dt / steps_done, "peak_memory_gib": self._peak_gib()})

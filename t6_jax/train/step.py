@@ -95,18 +95,26 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 # Loss
 
 
-def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
-  """(sum of token cross-entropies, number of counted tokens); targets == -1 count nothing.
+def objective_sums(params, cfg: Config, batch: dict[str, jax.Array], z_loss: float = 0.0):
+  """(summed objective, (sum of token cross-entropies, number of counted tokens)); targets
+  == -1 count nothing. The objective is the cross-entropy plus z_loss * logsumexp^2 of each
+  counted token (train.z_loss; the cross-entropy itself when 0), and only it has a gradient.
 
   The tied LM head and the loss run fused over chunks of the sequence (train/loss.py), so the
   full (B, T, V) logits are never held: same fp32 loss as the model's logits would give."""
   model = model_from_params(cfg.model, params, cfg.mesh.rules)
   hidden_BxTxD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets_BxT = batch["targets"]
-  loss_sum = loss_lib.lm_head_cross_entropy(hidden_BxTxD, model.embed.wte[...], targets_BxT,
-                                            dtype=cfg.model.dtype, rules=model.rules,
-                                            impl=cfg.train.loss_impl)
-  return loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32)
+  objective, loss_sum = loss_lib.lm_head_objective(
+      hidden_BxTxD, model.embed.wte[...], targets_BxT, dtype=cfg.model.dtype, rules=model.rules,
+      impl=cfg.train.loss_impl, z_loss=z_loss)
+  return objective, (loss_sum, jnp.sum(targets_BxT != IGNORE).astype(jnp.float32))
+
+
+def loss_sums(params, cfg: Config, batch: dict[str, jax.Array]):
+  """(sum of token cross-entropies, number of counted tokens), differentiable in the first."""
+  loss_sum, (_, count) = objective_sums(params, cfg, batch)
+  return loss_sum, count
 
 
 def split_micro(batch: dict[str, jax.Array], k: int, cfg: Config) -> dict[str, jax.Array]:
@@ -125,24 +133,27 @@ def split_micro(batch: dict[str, jax.Array], k: int, cfg: Config) -> dict[str, j
 
 
 def grads_and_sums(params, cfg: Config, batch):
-  """Gradient of the summed loss, the summed loss and the token count, accumulated over
-  `train.grad_accum` micro-batches with lax.scan. Summing (not averaging) per micro-batch makes
-  k micro-batches give exactly the big batch's mean after the final division."""
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  """Gradient of the summed objective, the summed objective, the summed loss and the token
+  count, accumulated over `train.grad_accum` micro-batches with lax.scan. Summing (not
+  averaging) per micro-batch makes k micro-batches give exactly the big batch's mean after
+  the final division."""
+  grad_fn = jax.value_and_grad(functools.partial(objective_sums, z_loss=cfg.train.z_loss),
+                               has_aux=True)
   k = cfg.train.grad_accum
   if k == 1:
-    (loss_sum, count), grads = grad_fn(params, cfg, batch)
-    return grads, loss_sum, count
+    (objective, (loss_sum, count)), grads = grad_fn(params, cfg, batch)
+    return grads, objective, loss_sum, count
 
   def body(carry, micro):
-    g_acc, l_acc, n_acc = carry
-    (loss_sum, count), grads = grad_fn(params, cfg, micro)
+    g_acc, o_acc, l_acc, n_acc = carry
+    (objective, (loss_sum, count)), grads = grad_fn(params, cfg, micro)
     g_acc = jax.tree.map(jnp.add, g_acc, grads)
-    return (g_acc, l_acc + loss_sum, n_acc + count), None
+    return (g_acc, o_acc + objective, l_acc + loss_sum, n_acc + count), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split_micro(batch, k, cfg))
-  return grads, loss_sum, count
+  (grads, objective, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, 0.0),
+                                                        split_micro(batch, k, cfg))
+  return grads, objective, loss_sum, count
 
 
 def train_step(state: dict, batch: dict[str, jax.Array], *, cfg: Config):
@@ -151,7 +162,7 @@ def train_step(state: dict, batch: dict[str, jax.Array], *, cfg: Config):
   A non-finite loss or gradient leaves params and optimizer state unchanged (metrics still
   report it), so the state in memory and in any checkpoint stays the last good one.
   """
-  grads, loss_sum, count = grads_and_sums(state["params"], cfg, batch)
+  grads, objective, loss_sum, count = grads_and_sums(state["params"], cfg, batch)
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   loss = loss_sum / count
@@ -168,6 +179,8 @@ def train_step(state: dict, batch: dict[str, jax.Array], *, cfg: Config):
   }
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
              "lr": make_schedule(cfg.train)(state["step"])}
+  if cfg.train.z_loss:  # the z-loss term's mean per token, beside the cross-entropy
+    metrics["z_loss"] = (objective - loss_sum) / count
   return new_state, metrics
 
 
