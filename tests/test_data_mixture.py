@@ -132,3 +132,34 @@ def test_token_shards_and_prepared_corpora_mix_too(corpora, tmp_path):
   assert origins.count("a") == origins.count("b") == 16
   with pytest.raises(DataError, match="prepare each text source on its own"):
     prepare_lib.prepare(text, str(tmp_path / "mixed"), progress=False)
+
+
+def test_training_logs_each_sources_validation_loss(corpora, tmp_path):
+  """A mixture run logs val_loss/SOURCE:PATH for each source beside the mixture's val_loss;
+  each is the loss on that source's own validation batches (as a run on it alone reads them)."""
+  import json
+
+  from t6_jax import sharding as sharding_lib
+  from t6_jax.train import loop
+  from t6_jax.train import step as step_lib
+  micro = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
+           "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=8", "train.steps=2",
+           "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=2",
+           "checkpoint.async_save=false", f"train.workdir={tmp_path / 'run'}"]
+  cfg = cfg_of(corpora, "0.75:text:{a};0.25:text:{b}", *micro)
+  out = loop.train(cfg)
+  names = [f"val_loss/text:{corpora / 'a'}", f"val_loss/text:{corpora / 'b'}"]
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  validations = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in validations] == [0, 2]
+  assert all(set(names) <= set(r) for r in validations)
+  last = validations[-1]
+  assert last[names[0]] != last[names[1]]
+  # Source a alone, its validation batches evaluated with the final params.
+  alone = config_lib.apply_overrides(cfg, ["data.mixture=", "data.source=text",
+                                          f"data.path={corpora / 'a'}"])
+  mesh = sharding_lib.mesh_from_config(alone.mesh)
+  step = step_lib.TrainStep(alone, mesh)
+  batches = loop.validation_batches(alone, mesh)
+  np.testing.assert_allclose(loop.evaluate(step, out["state"]["params"], batches), last[names[0]],
+                             rtol=1e-6)

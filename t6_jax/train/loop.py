@@ -84,6 +84,21 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
   return batches
 
 
+def source_validation_batches(cfg: Config, mesh) -> dict[str, list[dict]]:
+  """data.mixture: each source's own validation batches ({"SOURCE:PATH": batches}, logged as
+  val_loss/SOURCE:PATH beside the mixture's val_loss); {} for one source."""
+  if not cfg.data.mixture:
+    return {}
+  from t6_jax.data import mixture
+  out = {}
+  for name, _, data_cfg in mixture.components(cfg.data):
+    try:
+      out[name] = validation_batches(dataclasses.replace(cfg, data=data_cfg), mesh)
+    except ValueError as e:
+      raise ValueError(f"data.mixture source {name}: {e}") from e
+  return out
+
+
 def logged(workdir: str, key: str) -> list[float]:
   """Every value of `key` in the run's metrics.jsonl, in order (e.g. the validation losses of
   the runs before a resume)."""
@@ -215,6 +230,7 @@ class Run:
         process_index=jax.process_index(), process_count=jax.process_count())
     self.train_iter = iter(train_ds)
     self.val_batches = validation_batches(cfg, self.mesh)
+    self.source_val_batches = source_validation_batches(cfg, self.mesh)
     self.data_s = time.time() - t0
 
   def _restore_or_init(self) -> None:
@@ -324,8 +340,11 @@ class Run:
 
   def validate(self, n: int) -> None:
     loss = evaluate(self.step_fn, self.state["params"], self.val_batches)
-    self.metrics.write(n, {"val_loss": loss})
-    self.say(f"step {n}: validation loss {loss:.4f}")
+    per_source = {f"val_loss/{name}": evaluate(self.step_fn, self.state["params"], batches)
+                  for name, batches in self.source_val_batches.items()}
+    self.metrics.write(n, {"val_loss": loss, **per_source})
+    self.say(f"step {n}: validation loss {loss:.4f}" + "".join(
+        f", {name.split('/', 1)[1]} {value:.4f}" for name, value in per_source.items()))
     if self.tasks:
       scores = score_tasks(self.cfg, self.state["params"], self.mesh, self.tokenizer, self.tasks)
       self.metrics.write(n, scores)
