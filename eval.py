@@ -78,12 +78,15 @@ def default_output(path: str, step: int | None) -> str:
   return os.path.join(run, f"eval_step{step}.json")
 
 
-def loss_table(r: dict) -> str:
+def loss_table(r: dict, sources: dict[str, dict] | None = None) -> str:
+  """The split's row, then (a data.mixture) one row per source, named at its end."""
+  row = lambda x: (f"{x['split']:<12}{x['loss']:>9.4f}{x['perplexity']:>12.3f}"  # noqa: E731
+                   f"{x['bits_per_byte']:>11.4f}{x['tokens']:>12,}{x['bytes_per_token']:>13.3f}")
   return "\n".join([
       f"{'split':<12}{'loss':>9}{'perplexity':>12}{'bits/byte':>11}{'tokens':>12}"
-      f"{'bytes/token':>13}",
-      f"{r['split']:<12}{r['loss']:>9.4f}{r['perplexity']:>12.3f}{r['bits_per_byte']:>11.4f}"
-      f"{r['tokens']:>12,}{r['bytes_per_token']:>13.3f}"])
+      f"{'bytes/token':>13}{'  source' if sources else ''}",
+      row(r) + ("  (the mixture)" if sources else "")]
+      + [f"{row(x)}  {name}" for name, x in (sources or {}).items()])
 
 
 def run(args) -> int:
@@ -181,8 +184,15 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   if not args.no_loss:
     loss = evaluate_perplexity(cfg, params, tokenizer, mesh=mesh, progress=progress)
     report["validation"] = loss
+    sources = {}
+    if cfg.data.mixture:  # each source's split alone as well
+      from t6_jax.data import mixture
+      for name, _, data_cfg in mixture.components(cfg.data):
+        sources[name] = evaluate_perplexity(dataclasses.replace(cfg, data=data_cfg), params,
+                                            tokenizer, mesh=mesh, progress=progress)
+      report["validation_sources"] = sources
     if primary:
-      print(loss_table(loss))
+      print(loss_table(loss, sources))
 
   if not args.no_tasks:
     results = scoring.evaluate_tasks(cfg, params, tokenizer, task_data, mesh=mesh,

@@ -163,3 +163,18 @@ def test_training_logs_each_sources_validation_loss(corpora, tmp_path):
   batches = loop.validation_batches(alone, mesh)
   np.testing.assert_allclose(loop.evaluate(step, out["state"]["params"], batches), last[names[0]],
                              rtol=1e-6)
+
+  # eval.py on the run: the mixture's split and each source's alone, in the report.
+  import importlib.util
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(root, "eval.py"))
+  eval_cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(eval_cli)
+  assert eval_cli.main(["--workdir", str(tmp_path / "run"), "--no_tasks", "--no_progress",
+                        "--output", str(tmp_path / "eval.json"), "eval.batch_size=8"]) == 0
+  report = json.loads((tmp_path / "eval.json").read_text())
+  sources = report["validation_sources"]
+  assert sorted(sources) == sorted(name.split("/", 1)[1] for name in names)
+  assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in sources.values())
+  assert sources[names[0].split("/", 1)[1]]["loss"] != sources[names[1].split("/", 1)[1]]["loss"]
