@@ -145,7 +145,8 @@ def test_training_logs_each_sources_validation_loss(corpora, tmp_path):
   micro = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
            "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=8", "train.steps=2",
            "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=2",
-           "checkpoint.async_save=false", f"train.workdir={tmp_path / 'run'}"]
+           "checkpoint.async_save=false", f"train.workdir={tmp_path / 'run'}",
+           "data.val_fraction=0.25"]  # 6 documents of each source held out: 2+ batches each
   cfg = cfg_of(corpora, "0.75:text:{a};0.25:text:{b}", *micro)
   out = loop.train(cfg)
   names = [f"val_loss/text:{corpora / 'a'}", f"val_loss/text:{corpora / 'b'}"]
@@ -178,3 +179,21 @@ def test_training_logs_each_sources_validation_loss(corpora, tmp_path):
   assert sorted(sources) == sorted(name.split("/", 1)[1] for name in names)
   assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in sources.values())
   assert sources[names[0].split("/", 1)[1]]["loss"] != sources[names[1].split("/", 1)[1]]["loss"]
+
+
+def test_a_source_too_small_for_its_own_validation_is_left_out(corpora, tmp_path):
+  """A source whose validation split alone fills no batch gets a notice, not an error: the
+  others' per-source batches are still built (the mixture's val_loss counts every source)."""
+  from t6_jax import sharding as sharding_lib
+  from t6_jax.train import loop
+  small = tmp_path / "small"
+  small.mkdir()
+  for i in range(3):
+    (small / f"doc{i}.txt").write_text("c" * 20)
+  spec = "1:text:{a};1:text:" + str(small)
+  cfg = cfg_of(corpora, spec, "data.val_fraction=0.25", "train.batch_size=8", "train.seq_len=16",
+               "model.max_seq_len=16")
+  notices = []
+  got = loop.source_validation_batches(cfg, sharding_lib.mesh_from_config(cfg.mesh), notices.append)
+  assert list(got) == [f"text:{corpora / 'a'}"] and got[f"text:{corpora / 'a'}"]
+  assert len(notices) == 1 and f"text:{small}" in notices[0] and "fills no batch" in notices[0]

@@ -84,9 +84,10 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
   return batches
 
 
-def source_validation_batches(cfg: Config, mesh) -> dict[str, list[dict]]:
+def source_validation_batches(cfg: Config, mesh, say=print) -> dict[str, list[dict]]:
   """data.mixture: each source's own validation batches ({"SOURCE:PATH": batches}, logged as
-  val_loss/SOURCE:PATH beside the mixture's val_loss); {} for one source."""
+  val_loss/SOURCE:PATH beside the mixture's val_loss); {} for one source. A source whose split
+  alone fills no batch is left out with a notice (the mixture's val_loss still counts it)."""
   if not cfg.data.mixture:
     return {}
   from t6_jax.data import mixture
@@ -95,7 +96,11 @@ def source_validation_batches(cfg: Config, mesh) -> dict[str, list[dict]]:
     try:
       out[name] = validation_batches(dataclasses.replace(cfg, data=data_cfg), mesh)
     except ValueError as e:
-      raise ValueError(f"data.mixture source {name}: {e}") from e
+      if "gave no batch" not in str(e):
+        raise
+      say(f"[data] data.mixture source {name}: its validation split alone fills no batch "
+          f"of {cfg.train.batch_size // cfg.train.grad_accum} x {cfg.train.seq_len} tokens; "
+          f"its own val_loss is not logged")
   return out
 
 
@@ -230,7 +235,7 @@ class Run:
         process_index=jax.process_index(), process_count=jax.process_count())
     self.train_iter = iter(train_ds)
     self.val_batches = validation_batches(cfg, self.mesh)
-    self.source_val_batches = source_validation_batches(cfg, self.mesh)
+    self.source_val_batches = source_validation_batches(cfg, self.mesh, self.log)
     self.data_s = time.time() - t0
 
   def _restore_or_init(self) -> None:
