@@ -201,6 +201,28 @@ def test_tfds_builder_on_local_corpus(tmp_path, text_corpus):
                              "train")
 
 
+def test_processes_sharing_a_cache_prepare_a_local_corpus_once(tmp_path, text_corpus):
+  """Several processes of one host (a multi-process job) open the same local corpus at once:
+  one prepares it under the cache's lock, the others wait and read it (without the lock each
+  prepared a copy and all but one failed to rename it into place)."""
+  import subprocess
+  # Each process imports, then waits for a common start time, so that all prepare at once.
+  code = ("import sys, time; from t6_jax.data import tfds_text; "
+          "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); "
+          "b = tfds_text.prepared_builder(sys.argv[3:], sys.argv[2], text_docs='file', "
+          "text_key='text', val_fraction=0.2); print(len(b.as_data_source('train')))")
+  files = sorted(str(p) for p in text_corpus.iterdir())
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path))
+  start = str(time.time() + 6.0)
+  procs = [subprocess.Popen([sys.executable, "-c", code, start, str(tmp_path / "tfds"), *files],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == [str(24 - round(24 * 0.2))] * 3
+
+
 def test_prepare_writes_arrayrecord_and_pipeline_reads_it(tmp_path, text_corpus, capsys):
   cfg = _cfg(tmp_path, source="text", path=str(text_corpus), val_fraction=0.2)
   out = tmp_path / "prepared"

@@ -130,7 +130,21 @@ class T6LocalText(tfds.core.GeneratorBasedBuilder):
 
 
 def prepared_builder(files: Sequence[str], data_dir: str, **config) -> T6LocalText:
-  """The builder for these files, prepared to ArrayRecord under `data_dir` if not yet."""
+  """The builder for these files, prepared to ArrayRecord under `data_dir` if not yet.
+
+  Processes that share `data_dir` (several per host, each reading its slice) take turns under
+  a file lock: the first prepares the corpus, the others find it prepared. Without the lock
+  they would all prepare it and all but one fail to rename their copy into place."""
+  if storage.is_remote(data_dir):
+    return _prepared_builder(files, data_dir, config)
+  import fcntl
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".t6_local_text.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    return _prepared_builder(files, data_dir, config)
+
+
+def _prepared_builder(files: Sequence[str], data_dir: str, config: dict) -> T6LocalText:
   from absl import logging as absl_logging
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # not "Using custom data configuration" each time

@@ -98,9 +98,19 @@ def source_validation_batches(cfg: Config, mesh, say=print) -> dict[str, list[di
     except ValueError as e:
       if "gave no batch" not in str(e):
         raise
+      out[name] = []
+  counts = np.array([len(b) for b in out.values()], np.int64)
+  if jax.process_count() > 1:  # every process evaluates the same number of batches
+    from jax.experimental import multihost_utils
+    counts = np.min(multihost_utils.process_allgather(counts), axis=0)
+  for (name, batches), count in zip(list(out.items()), counts):
+    if count == 0:
+      del out[name]
       say(f"[data] data.mixture source {name}: its validation split alone fills no batch "
           f"of {cfg.train.batch_size // cfg.train.grad_accum} x {cfg.train.seq_len} tokens; "
           f"its own val_loss is not logged")
+    else:
+      out[name] = batches[:count]
   return out
 
 
