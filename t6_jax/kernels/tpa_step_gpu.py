@@ -18,8 +18,8 @@ for a few KB of data, about 10 us per layer at batch 1.
 
 Grid (rows, Q + 4 parts): per row Q programs (STEP_TUNING's query_programs) build the query
 rows, each for its share of the heads, and one writes each of A_k, B_k, A_v, B_v. The parts
-share nothing, and one program doing them in turn is a chain of
-dependent global loads (each a partial-sum gather) that took ~9 us at batch 1 on an H200.
+share nothing, and one program doing them in turn is a chain of dependent global loads (each
+a partial-sum gather) that took ~9 us at batch 1 on an H200.
 """
 
 from __future__ import annotations
