@@ -187,9 +187,9 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
     sources = {}
     if cfg.data.mixture:  # each source's split alone as well
       from t6_jax.data import mixture
-      for name, _, data_cfg in mixture.components(cfg.data):
-        sources[name] = evaluate_perplexity(dataclasses.replace(cfg, data=data_cfg), params,
-                                            tokenizer, mesh=mesh, progress=progress)
+      for name, part in mixture.source_configs(cfg):
+        sources[name] = evaluate_perplexity(part, params, tokenizer, mesh=mesh,
+                                            progress=progress)
       report["validation_sources"] = sources
     if primary:
       print(loss_table(loss, sources))

@@ -65,3 +65,10 @@ def components(data_cfg) -> list[tuple[str, float, object]]:
       fields["path"] = path
     out.append((f"{source}:{path}", weight, dataclasses.replace(data_cfg, **fields)))
   return out
+
+
+def source_configs(cfg) -> list[tuple[str, object]]:
+  """[(name, the whole Config with that source alone as its data)] of cfg.data.mixture: what
+  each source's own validation (training's val_loss/NAME, eval.py's rows) reads."""
+  return [(name, dataclasses.replace(cfg, data=data_cfg))
+          for name, _, data_cfg in components(cfg.data)]

@@ -65,6 +65,17 @@ def _per_process(global_rows: int, what: str) -> int:
 
 def validation_batches(cfg: Config, mesh) -> list[dict]:
   """The same `train.eval_batches` validation batches every time (no shuffling), on device."""
+  batches = _read_validation(cfg, mesh)
+  if not batches:
+    raise ValueError(f"the validation split ({cfg.data.eval_split!r}) gave no batch of "
+                     f"{cfg.train.batch_size // cfg.train.grad_accum} x {cfg.train.seq_len} "
+                     f"tokens; lower train.batch_size or train.seq_len, or give the data "
+                     f"source a validation split")
+  return batches
+
+
+def _read_validation(cfg: Config, mesh) -> list[dict]:
+  """Up to `train.eval_batches` validation batches, on device (none if the split is short)."""
   from t6_jax import data as data_lib
   rows = cfg.train.batch_size // cfg.train.grad_accum
   ds = data_lib.make_dataset(cfg, "validation", batch_size=_per_process(rows, "eval rows"),
@@ -77,10 +88,6 @@ def validation_batches(cfg: Config, mesh) -> list[dict]:
     batches.append(sharding_lib.put_batch({k: batch[k] for k in keys}, mesh, cfg.mesh.rules))
     if len(batches) == cfg.train.eval_batches:
       break
-  if not batches:
-    raise ValueError(f"the validation split ({cfg.data.eval_split!r}) gave no batch of "
-                     f"{rows} x {cfg.train.seq_len} tokens; lower train.batch_size or "
-                     f"train.seq_len, or give the data source a validation split")
   return batches
 
 
@@ -91,14 +98,7 @@ def source_validation_batches(cfg: Config, mesh, say=print) -> dict[str, list[di
   if not cfg.data.mixture:
     return {}
   from t6_jax.data import mixture
-  out = {}
-  for name, _, data_cfg in mixture.components(cfg.data):
-    try:
-      out[name] = validation_batches(dataclasses.replace(cfg, data=data_cfg), mesh)
-    except ValueError as e:
-      if "gave no batch" not in str(e):
-        raise
-      out[name] = []
+  out = {name: _read_validation(part, mesh) for name, part in mixture.source_configs(cfg)}
   counts = np.array([len(b) for b in out.values()], np.int64)
   if jax.process_count() > 1:  # every process evaluates the same number of batches
     from jax.experimental import multihost_utils
