@@ -130,6 +130,12 @@ def run(args) -> int:
     # Settings are checked, and the mesh built, before any array is read.
     saved, _ = read_config(path, step=args.step)
     cfg = config_lib.apply_overrides(saved, args.overrides).validate()
+  random_seed = {"train.seed"} if args.random_init else set()
+  cli.note_unused(args.overrides,
+                  lambda key: key.split(".")[0] in ("model", "data", "decode", "mesh")
+                  or key in random_seed,
+                  "generate.py", "model.*, data.*, decode.* and mesh.* settings"
+                  + (" and train.seed" if random_seed else ""))
   m = cfg.mesh
   try:
     mesh = make_mesh(m.data, m.fsdp, m.tensor, rules=m.rules)

@@ -40,6 +40,17 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
   return args
 
 
+def note_unused(overrides: Sequence[str], reads: Callable[[str], bool], program: str,
+                what: str) -> list[str]:
+  """Prints a note for each `section.key=value` setting that `program` does not read (say
+  train.lr=3 given to generate.py), so that a setting with no effect is not taken for one
+  that worked; returns them. reads(key) says whether `program` reads that dotted key."""
+  unused = [o for o in overrides if not reads(o.split("=", 1)[0])]
+  for o in unused:
+    print(f"note: {o} has no effect on {program}, which reads {what}", file=sys.stderr)
+  return unused
+
+
 def _tpu_present() -> bool:
   if any(os.environ.get(k) for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "JAX_FORCE_TPU_INIT")):
     return True

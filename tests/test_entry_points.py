@@ -226,10 +226,15 @@ def test_eval_errors_are_one_line(trained, tmp_path, capsys):
   for argv, words in [
       (["--workdir", str(tmp_path / "missing")], "does not exist"),
       (["--workdir", trained[0], "--step", "3"], "complete steps are 2, 4"),
-      (["--workdir", trained[0], "--no_tasks", "mesh.tensor=3"], "set mesh"),
+      (["--workdir", trained[0], "--no_tasks", "mesh.tensor=3", "checkpoint.keep=1",
+        "train.seq_len=8"], "set mesh"),
   ]:
     rc = evaluate(argv)
-    assert_one_line_error(rc, capsys.readouterr().err, words)
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, words)
+  # a setting eval.py does not read gets a note; train.seq_len (its default window) none
+  assert "note: checkpoint.keep=1 has no effect on eval.py" in err
+  assert "train.seq_len=8 has" not in err
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -262,8 +267,12 @@ def test_each_batch_samples_with_its_own_key(capsys):
   assert generate(argv) == 0
   first = capsys.readouterr().out.splitlines()
   assert len(first) == 2 and first[0] != first[1]  # same prompt, two batches, other noise
-  assert generate(argv) == 0
-  assert capsys.readouterr().out.splitlines() == first  # and reproducible
+  # and reproducible; a setting generate.py does not read gets a note, train.seed (read with
+  # --random_init, here its default) none
+  assert generate([*argv, "train.lr=3", "train.seed=0"]) == 0
+  out, err = capsys.readouterr()
+  assert out.splitlines() == first
+  assert "note: train.lr=3 has no effect on generate.py" in err and "train.seed=0 has" not in err
 
 
 def test_lm_eval_adapter_samples_each_batch_with_its_own_key():
