@@ -77,16 +77,32 @@ def read_prompts(args) -> list[str]:
   prompts = list(args.prompt)
   if args.prompts_file:
     storage.check(args.prompts_file, "--prompts_file")
+    if not storage.exists(args.prompts_file):
+      raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist; give a text "
+                              f"file (one prompt per line) or a JSONL file of {{\"prompt\": ...}}")
     with storage.open(args.prompts_file) as f:
-      for line in f:
+      for number, line in enumerate(f, 1):
         line = line.rstrip("\n")
         if not line.strip():
           continue
         if args.prompts_file.endswith(".jsonl"):
-          prompts.append(json.loads(line)["prompt"])
+          prompts.append(_jsonl_prompt(line, f"{args.prompts_file}:{number}"))
         else:
           prompts.append(line.replace("\\n", "\n"))
   return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where} is not JSON ({e.msg}); a .jsonl prompts file holds one object "
+                     f"with a \"prompt\" field per line (or rename it .txt: a prompt per line)")
+  if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+    raise ValueError(f"{where} has no \"prompt\" text field (keys: "
+                     f"{sorted(record) if isinstance(record, dict) else type(record).__name__}); "
+                     f"write each line as {{\"prompt\": \"...\"}}")
+  return record["prompt"]
 
 
 def run(args) -> int:
@@ -104,6 +120,8 @@ def run(args) -> int:
     storage.check(args.out, "--out")  # before the model loads: a bad path fails in seconds
   if not prompts:
     raise ValueError("no prompts; use --prompt TEXT or --prompts_file FILE")
+  if args.batch_size < 0:
+    raise ValueError(f"--batch_size {args.batch_size}: give the prompts per batch, or 0 for all")
   from t6_jax.decode import stops
   stop_texts = [stops.unescape(t) for t in args.stop]
   if args.ids and stop_texts:
@@ -162,6 +180,9 @@ def run(args) -> int:
       temperature=d.temperature if args.temperature is None else args.temperature,
       top_k=d.top_k if args.top_k is None else args.top_k,
       top_p=d.top_p if args.top_p is None else args.top_p)
+  if sampling["max_new_tokens"] < 1:
+    raise ValueError(f"max_new_tokens={sampling['max_new_tokens']}: give --max_new_tokens (or "
+                     f"decode.max_new_tokens) of at least 1")
   seed = d.seed if args.seed is None else args.seed
   if args.ids:
     try:

@@ -214,7 +214,17 @@ def test_generate_errors_are_one_line(trained, tmp_path, capsys):
       (["--workdir", workdir, "--prompt", "x", "decode.cache_dtype=flaot32"],
        "did you mean float32"),
       (["--prompt", "x"], "give --workdir RUN"),
+      (["--workdir", workdir, "--prompt", "x", "--batch_size", "-1"], "--batch_size -1"),
+      (["--workdir", workdir, "--ids", "--prompt", "1", "--max_new_tokens", "0"],
+       "of at least 1"),
+      (["--workdir", workdir, "--prompts_file", str(tmp_path / "no.txt")], "does not exist"),
   ]
+  (tmp_path / "keys.jsonl").write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+  (tmp_path / "text.jsonl").write_text("a prompt\n")
+  cases += [(["--workdir", workdir, "--prompts_file", str(tmp_path / "keys.jsonl")],
+             'keys.jsonl:3 has no "prompt"'),
+            (["--workdir", workdir, "--prompts_file", str(tmp_path / "text.jsonl")],
+             "text.jsonl:1 is not JSON")]
   for argv, words in cases:
     rc = generate(argv)
     err = capsys.readouterr().err
