@@ -90,7 +90,8 @@ def verify(ckpt: str, tokens_path: str, *, logits_path: str | None = None,
   if dump_path is not None:
     storage.check(dump_path, "--dump")
   if not storage.exists(ckpt):
-    raise ConvertError(f"checkpoint {ckpt} does not exist")
+    raise ConvertError(f"checkpoint {ckpt} does not exist; give an export (from-torch) or a run "
+                         f"directory")
   tokens = load_array(tokens_path, "tokens")
   golden = load_array(logits_path, "golden logits") if logits_path else None
   cfg, _ = read_config(ckpt, step=step)  # check the inputs before reading any weights

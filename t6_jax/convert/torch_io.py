@@ -212,7 +212,8 @@ def _read_remote_checkpoint(src: str, config_json: str | None
   folder first (the readers need local files), then read as a local checkpoint."""
   storage.check(src, "checkpoint")
   if not storage.exists(src):
-    raise ConvertError(f"{src} does not exist")
+    raise ConvertError(f"reference checkpoint {src} does not exist; give the folder that holds "
+                       f"its {SAFETENSORS} or {TORCH_BIN} (and config.json), or that file")
   folder = src.rstrip("/") if storage.isdir(src) else src.rstrip("/").rpartition("/")[0]
   with tempfile.TemporaryDirectory(prefix="t6_convert_") as tmp:
     for name in storage.listdir(folder):
@@ -240,7 +241,8 @@ def read_checkpoint(src: str, config_json: str | None = None
     sd, _, weights = read_checkpoint(src)
     return sd, hf, weights
   if not os.path.exists(src):
-    raise ConvertError(f"{src} does not exist")
+    raise ConvertError(f"reference checkpoint {src} does not exist; give the folder that holds "
+                       f"its {SAFETENSORS} or {TORCH_BIN} (and config.json), or that file")
   hf = None
   if os.path.isdir(src):
     candidates = [SAFETENSORS, SAFETENSORS + ".index.json", TORCH_BIN, TORCH_BIN + ".index.json"]

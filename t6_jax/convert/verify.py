@@ -70,7 +70,7 @@ def compare(ours: np.ndarray, golden: np.ndarray, atol: float, rtol: float) -> R
 def load_array(path: str, what: str) -> np.ndarray:
   storage.check(path, what)
   if not storage.exists(path):
-    raise ConvertError(f"{what} file {path} does not exist")
+    raise ConvertError(f"{what} file {path} does not exist; give a .npy file (numpy.save)")
   try:
     if storage.is_remote(path):
       return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
@@ -119,7 +119,8 @@ def load_fp32_model(ckpt: str, step: int | None = None):
   from t6_jax.model import model_from_params
   storage.check(ckpt, "checkpoint")
   if not storage.exists(ckpt):
-    raise ConvertError(f"checkpoint {ckpt} does not exist")
+    raise ConvertError(f"checkpoint {ckpt} does not exist; give an export (from-torch) or a run "
+                         f"directory")
   cfg, params, _ = load_params(ckpt, step=step)
   model_cfg = dataclasses.replace(cfg.model, dtype="float32", param_dtype="float32")
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
