@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -549,6 +549,15 @@ def load(path: str | None = None, overrides: list[str] = ()) -> Config:
 def load_dict(values: dict[str, Any]) -> Config:
   """Rebuilds a saved config (e.g. a run directory's config.yaml)."""
   return from_dict(values).validate()
+
+
+def differences(old: Config, new: Config, ignore: Sequence[str] = ()) -> list[str]:
+  """`section.key: old -> new` for each setting that differs between two configs, except the
+  dotted keys in `ignore`."""
+  a, b = old.to_dict(), new.to_dict()
+  return [f"{section}.{key}: {a[section][key]!r} -> {value!r}"
+          for section, values in b.items() for key, value in values.items()
+          if a.get(section, {}).get(key) != value and f"{section}.{key}" not in ignore]
 
 
 def dump(config: Config, path: str) -> None:

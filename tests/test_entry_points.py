@@ -183,9 +183,13 @@ def test_train_replaces_a_damaged_step_and_keeps_the_user_s_files(trained, tmp_p
     assert f.read() == config_before
   assert sorted(os.listdir(checkpoints)) == ["2", "4"]
 
-  rc, out, err = run("train.py", "--config", "tiny", "--workdir", workdir, *settings)
+  rc, out, err = run("train.py", "--config", "tiny", "--workdir", workdir, *settings,
+                     "checkpoint.keep=7")
   assert rc == 0, err
   assert "falling back to step 2" in err and "moved the damaged step 4 aside" in err
+  # the resumed run names the one setting that differs from its last start
+  assert "settings changed since the run last started: checkpoint.keep: " in out, out
+  assert "-> 7\n" in out and "model.num_layers" not in out
   assert_clean(err)
   names = sorted(os.listdir(checkpoints))
   assert names[:2] == ["2", "4"] and names[2].startswith("4.damaged-"), names

@@ -259,6 +259,7 @@ class Run:
                                               self.train_iter)
         shardings = step_lib.state_shardings(cfg, self.mesh)
         self.log(f"resuming from the checkpoint of step {start} in {self.workdir}")
+        self._log_changed_settings()
         if cfg.checkpoint.init_from:
           self.log("(checkpoint.init_from is not read: the run resumes its own checkpoints)")
       elif cfg.checkpoint.init_from:
@@ -276,6 +277,21 @@ class Run:
     except BaseException:
       self.ckpt.close()
       raise
+
+  def _log_changed_settings(self) -> None:
+    """A resumed run says which settings differ from its last start (RUN/config.yaml, not yet
+    rewritten), so that a changed batch size or learning rate is a choice, not a surprise."""
+    path = storage.join(self.workdir, "config.yaml")
+    if not (self.primary and storage.exists(path)):
+      return
+    try:
+      before = config_lib.load_file(path)
+    except ValueError as e:  # written by another version, or edited by hand
+      self.log(f"(the settings of the run's last start are unreadable, not compared: {e})")
+      return
+    changed = config_lib.differences(before, self.cfg, ignore=("train.workdir",))  # moved
+    if changed:
+      self.log("settings changed since the run last started: " + "; ".join(changed))
 
   # ------------------------------------------------------------------------------------------
   # The steps of the loop
