@@ -254,6 +254,10 @@ def test_bad_task_files_give_clear_errors(tmp_path):
     tasks.load_task("arc_easy", task_dir=str(tmp_path))
   with pytest.raises(tasks.TaskError, match=r"no dataset in the TFDS catalog"):
     tasks.load_tfds(tasks.TASKS["sciq"], "test")
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(tasks.TaskError, match=r"ai2_arc/ARC-Easy split test is not prepared under "
+                     r"\S+; prepare it once"):  # no files: no tfds internals in the message
+    tasks.load_tfds(tasks.TASKS["arc_easy"], "test", data_dir=str(tmp_path / "tfds"))
 
 
 def test_task_list_and_local_layout(tmp_path):

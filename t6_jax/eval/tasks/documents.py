@@ -111,17 +111,23 @@ def load_tfds(task: Task, split: str, data_dir: str = "") -> list[dict]:
                     f"eval.task_source=local with JSONL files of the Hugging Face dataset "
                     f"(docs/eval.md)")
   import tensorflow_datasets as tfds
+  from t6_jax.data.sources import tfds_prepared_dir
   tfds_split = dict(task.tfds_splits).get(split, split)
   try:
     source = tfds.data_source(task.tfds_name, split=tfds_split, data_dir=data_dir or None,
                               download=False)
     examples = [source[i] for i in range(len(source))]
   except Exception as e:  # tfds raises assorted types for a dataset that is not prepared
-    raise TaskError(f"tfds dataset {task.tfds_name} split {tfds_split} is not prepared"
-                    f"{' under ' + data_dir if data_dir else ''} ({type(e).__name__}: "
-                    f"{str(e)[:300]}); prepare it once where it can be downloaded: `tfds build "
-                    f"{task.tfds_name} --file_format array_record` (then set "
-                    f"eval.tfds_data_dir), or use local JSONL files") from e
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+        "~/tensorflow_datasets")
+    # Not there at all: say so plainly; else (another file format, a damaged copy) show why.
+    why = ("" if tfds_prepared_dir(task.tfds_name, where) is None
+           else f" ({type(e).__name__}: {str(e)[:300]})")
+    raise TaskError(f"tfds dataset {task.tfds_name} split {tfds_split} is not prepared under "
+                    f"{where}{why}; prepare it once where it can be downloaded: `tfds build "
+                    f"{task.tfds_name} --data_dir DIR --file_format array_record` (then set "
+                    f"eval.tfds_data_dir=DIR), or use local JSONL files "
+                    f"(eval.task_source=local)") from e
   docs = [task.from_tfds(_to_python(ex)) for ex in examples]
   for i, doc in enumerate(docs):
     check_doc(task, doc, f"tfds {task.tfds_name}[{tfds_split}][{i}]")
