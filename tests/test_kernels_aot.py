@@ -121,6 +121,15 @@ def test_decode_step_compiles_with_the_mosaic_kernel(attention):
   assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows},{slots}]" in l]
 
 
+def test_decode_aot_refuses_empty_shapes(capsys):
+  from t6_jax.decode.aot import main
+  for flags, words in [(["--batch", "0"], "--batch 0: give at least 1"),
+                       (["--context", "-5"], "--context -5: give at least 1")]:
+    with pytest.raises(SystemExit):
+      main(["--config", "tiny", "--topology", "v5e:2x2", *flags])
+    assert words in capsys.readouterr().err
+
+
 def test_prefill_compiles_one_pass_with_splash():
   """A prompt longer than a prefill chunk compiles for a TPU topology as one causal pass with
   the splash kernel, without (T, T) scores in memory."""

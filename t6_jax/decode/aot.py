@@ -115,6 +115,11 @@ def main(argv=None) -> int:
                       help="also compile the prefill of prompts this long into that cache")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
   args = parser.parse_intermixed_args(argv)
+  for flag in ("batch", "context"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} {getattr(args, flag)}: give at least 1")
+  if args.prompt_len < 0:
+    parser.error(f"--prompt_len {args.prompt_len}: give 0 (no prefill) or a prompt length")
   from t6_jax import cli
   cli.quiet_aot_startup()  # compile on the CPU backend, without libtpu start-up noise
   from t6_jax import config as config_lib
