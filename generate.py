@@ -154,6 +154,10 @@ def run(args) -> int:
                   or key in random_seed,
                   "generate.py", "model.*, data.*, decode.* and mesh.* settings"
                   + (" and train.seed" if random_seed else ""))
+  max_new = cfg.decode.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+  if max_new < 1:  # before any array is read
+    raise ValueError(f"max_new_tokens={max_new}: give --max_new_tokens (or "
+                     f"decode.max_new_tokens) of at least 1")
   m = cfg.mesh
   try:
     mesh = make_mesh(m.data, m.fsdp, m.tensor, rules=m.rules)
@@ -180,9 +184,6 @@ def run(args) -> int:
       temperature=d.temperature if args.temperature is None else args.temperature,
       top_k=d.top_k if args.top_k is None else args.top_k,
       top_p=d.top_p if args.top_p is None else args.top_p)
-  if sampling["max_new_tokens"] < 1:
-    raise ValueError(f"max_new_tokens={sampling['max_new_tokens']}: give --max_new_tokens (or "
-                     f"decode.max_new_tokens) of at least 1")
   seed = d.seed if args.seed is None else args.seed
   if args.ids:
     try:
