@@ -291,23 +291,45 @@ def test_stop_tokens_end_each_row(tpa_run):
     assert g == want
 
 
-def test_sample_logits_filters_against_numpy():
-  logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
-  keys = jax.random.split(jax.random.key(0), 2000)
+@pytest.mark.parametrize("cap", [0, 4])  # the whole-vocabulary sort; the top-4 candidates
+def test_sample_logits_filters_against_numpy(cap):
+  p_V = np.asarray([0.05, 0.4, 0.1, 0.3, 0.15, 0.0, 0.0])  # two rows of padding (valid 5)
+  logits = jnp.log(jnp.asarray(p_V[None], jnp.float32))
+  keys = jax.random.split(jax.random.key(0), 4000)
   draw = jax.jit(jax.vmap(
       lambda key, k, p: sample_logits(logits, key, jnp.float32(1.0), k, p, greedy=False,
-                                      use_filters=True)[0], in_axes=(0, None, None)))
+                                      use_filters=True, valid_vocab=5, top_k_cap=cap)[0],
+      in_axes=(0, None, None)))
 
-  def support(top_k=0, top_p=1.0):
+  def frequencies(top_k=0, top_p=1.0):
     ids = np.asarray(draw(keys, jnp.int32(top_k), jnp.float32(top_p)))
-    return np.bincount(ids, minlength=5)
+    return np.bincount(ids, minlength=7) / len(ids)
 
-  assert set(np.nonzero(support(top_k=2))[0]) == {1, 3}
-  assert set(np.nonzero(support(top_p=0.75))[0]) == {1, 3, 4}  # 0.4 + 0.3 < 0.75 <= 0.85
-  assert set(np.nonzero(support(top_p=0.4))[0]) == {1}
-  assert set(np.nonzero(support(top_k=2, top_p=0.75))[0]) == {1, 3}
-  counts = support()
-  np.testing.assert_allclose(counts / counts.sum(), np.exp(np.asarray(logits[0])), atol=0.04)
+  def expected(top_k=0, top_p=1.0):  # float64: the smallest prefix reaching top_p, at most k
+    order = np.argsort(-p_V, kind="stable")
+    before = np.concatenate([[0.0], np.cumsum(p_V[order])[:-1]])  # mass ranked above each
+    n_keep = min(int(np.sum(before < top_p)), top_k or 7)
+    want = np.zeros(7)
+    want[order[:n_keep]] = p_V[order[:n_keep]]
+    return want / want.sum()
+
+  # top_p away from the cumulative masses 0.4, 0.7, 0.85 (float32 rounding decides ties)
+  cases = [dict(top_k=2), dict(top_p=0.75), dict(top_p=0.35), dict(top_p=0.45),
+           dict(top_k=2, top_p=0.75), dict(top_k=3, top_p=0.9)]
+  if not cap:
+    cases.append({})
+  for case in cases:
+    got, want = frequencies(**case), expected(**case)
+    assert set(np.nonzero(got)[0]) == set(np.nonzero(want)[0]), case
+    np.testing.assert_allclose(got, want, atol=0.03, err_msg=str(case))
+
+
+def test_filter_candidates_bucket_top_k():
+  from t6_jax.decode.generate import filter_candidates
+  assert filter_candidates(0, 50304) == 0  # top-p alone: the whole vocabulary
+  assert filter_candidates(40, 50304) == filter_candidates(64, 50304) == 64
+  assert filter_candidates(65, 50304) == 128
+  assert filter_candidates(40, 200) == 0  # not much smaller than the vocabulary
 
 
 # --------------------------------------------------------------------------------------------

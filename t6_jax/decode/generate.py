@@ -61,11 +61,14 @@ def compile_seconds() -> float:
 
 
 def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
-                  use_filters: bool, valid_vocab: int | None = None):
+                  use_filters: bool, valid_vocab: int | None = None, top_k_cap: int = 0):
   """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus.
 
   temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
-  recompile; `use_filters` (static) adds the one sort both filters need.
+  recompile; `use_filters` (static) adds the one sort both filters need. top_k_cap (static,
+  >= top_k > 0): the filters look only at the top_k_cap largest logits (`jax.lax.top_k`, no
+  sort of the whole vocabulary) and the token is drawn among those kept; top-p's
+  probabilities are still those of the whole vocabulary, so the kept set is the same.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   vocab = logits_BxV.shape[-1]
@@ -75,6 +78,16 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
   if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / temperature
+  if use_filters and top_k_cap:
+    vals_BxK, ids_BxK = jax.lax.top_k(logits_BxV, top_k_cap)  # largest first
+    log_z_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    probs_BxK = jnp.exp(vals_BxK - log_z_Bx1)
+    before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
+    n_keep_Bx1 = jnp.minimum(jnp.sum(before_BxK < top_p, axis=-1, keepdims=True),
+                             jnp.where(top_k > 0, jnp.minimum(top_k, top_k_cap), top_k_cap))
+    kept_BxK = jnp.where(jnp.arange(top_k_cap) < n_keep_Bx1, vals_BxK, -jnp.inf)
+    pick_B = jax.random.categorical(key, kept_BxK, axis=-1)
+    return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
     # top-k: keep logits >= the k-th largest (k = 0 keeps all).
@@ -86,6 +99,16 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     cut_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_Bx1 - 1, 0), axis=-1)
     logits_BxV = jnp.where(logits_BxV < cut_Bx1, -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def filter_candidates(top_k: int, vocab: int) -> int:
+  """The static candidate count for top_k > 0: the power of two at or above it (at least 64,
+  so nearby top_k share one compiled loop); 0 (sort the whole vocabulary) when that is not
+  much smaller than the vocabulary or top_k is off."""
+  if top_k <= 0:
+    return 0
+  cap = max(64, 1 << (int(top_k) - 1).bit_length())
+  return cap if 4 * cap <= vocab else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,11 +144,12 @@ def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtyp
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
-                                   "stop_tokens", "valid_vocab", "factor", "kernel"),
+                                   "stop_tokens", "valid_vocab", "factor", "kernel",
+                                   "top_k_cap"),
          donate_argnames=("cache",))
 def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *,
                 model_cfg, rules, steps, greedy, use_filters, stop_tokens, valid_vocab,
-                factor, kernel="auto"):
+                factor, kernel="auto", top_k_cap=0):
   """The jitted token loop (the cache is donated): `steps` tokens after `logits_BxV`.
 
   params: `DecodeWeights` (prepared once, `prepare_decode`), or parameters, which the loop
@@ -134,12 +158,13 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   Returns (tokens (B, steps) int32, -1 after a row's first stop token; the new Cache).
   Static: model_cfg, rules (a table name), steps, greedy, use_filters (top-k / top-p),
   stop_tokens (a tuple), valid_vocab, factor (decode.factor_attention), kernel
-  (decode.attention_kernel). `decode` is the checked entry point; this is the program it
+  (decode.attention_kernel), top_k_cap (`sample_logits`). `decode` is the checked entry point; this is the program it
   runs (benchmarks lower it directly).
   """
   model = weights_lib.for_loop(model_cfg, params, rules, one_row=logits_BxV.shape[0] == 1)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                   greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab)
+                   greedy=greedy, use_filters=use_filters, valid_vocab=valid_vocab,
+                   top_k_cap=top_k_cap)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
   batch = logits_BxV.shape[0]
 
@@ -383,7 +408,8 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
         use_filters=not greedy and (top_k > 0 or top_p < 1),
         stop_tokens=tuple(int(t) for t in stop_tokens),
         valid_vocab=valid_vocab, factor=cfg.decode.factor_attention,
-        kernel=cfg.decode.attention_kernel)
+        kernel=cfg.decode.attention_kernel,
+        top_k_cap=filter_candidates(top_k, valid_vocab or logits_BxV.shape[-1]))
 
 
 def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
