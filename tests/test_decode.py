@@ -324,6 +324,25 @@ def test_sample_logits_filters_against_numpy(cap):
     np.testing.assert_allclose(got, want, atol=0.03, err_msg=str(case))
 
 
+def test_cut_by_search_equals_numpy_ranking():
+  from t6_jax.decode.generate import cut_by_search, cut_by_sort
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 300)).astype(np.float32) * 3
+  x[1, ::7] = x[1, 0]  # ties
+  x[2, 250:] = -np.inf  # padding past the tokenizer's vocabulary
+  x[3] = np.round(x[3])  # many ties
+  for k, p in [(300, 0.9), (300, 0.5), (5, 0.99), (1, 0.9), (40, 0.2), (300, 0.999)]:
+    want = []
+    for row in x.astype(np.float64):  # float64: the n-th largest logit, as documented
+      ranked = np.sort(row)[::-1]
+      prob = np.exp(ranked - ranked[0]) / np.exp(ranked - ranked[0]).sum()
+      before = np.concatenate([[0.0], np.cumsum(prob)[:-1]])
+      want.append(ranked[min(int(np.sum(before < p)), k) - 1])
+    for cut in (cut_by_search, cut_by_sort):
+      got = np.asarray(jax.jit(cut)(jnp.asarray(x), jnp.int32(k), jnp.float32(p)))[:, 0]
+      np.testing.assert_array_equal(got, np.float32(want), err_msg=f"{cut.__name__} {k} {p}")
+
+
 def test_filter_candidates_bucket_top_k():
   from t6_jax.decode.generate import filter_candidates
   assert filter_candidates(0, 50304) == 0  # top-p alone: the whole vocabulary

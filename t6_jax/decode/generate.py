@@ -89,16 +89,58 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     pick_B = jax.random.categorical(key, kept_BxK, axis=-1)
     return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
-    # top-k: keep logits >= the k-th largest (k = 0 keeps all).
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    # top-p: the smallest prefix of the sorted tokens whose probability reaches p (>= 1).
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    n_keep_Bx1 = jnp.minimum(jnp.sum(before_BxV < top_p, axis=-1, keepdims=True), k)
-    cut_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_Bx1 - 1, 0), axis=-1)
-    logits_BxV = jnp.where(logits_BxV < cut_Bx1, -jnp.inf, logits_BxV)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # top-k off: keep all
+    cut = cut_by_sort if jax.default_backend() == "gpu" else cut_by_search
+    logits_BxV = jnp.where(logits_BxV < cut(logits_BxV, k, top_p), -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def cut_by_sort(logits_BxV, k, top_p):
+  """(B, 1): the smallest logit kept by top-k and top-p, from a sort of the whole row: the
+  n-th largest, n the length of the smallest ranked prefix whose probability reaches top_p,
+  at most k. Every logit >= it is kept (ties too)."""
+  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  n_keep_Bx1 = jnp.minimum(jnp.sum(before_BxV < top_p, axis=-1, keepdims=True), k)
+  return jnp.take_along_axis(sorted_BxV, jnp.maximum(n_keep_Bx1 - 1, 0), axis=-1)
+
+
+def _ordered(x):  # float32 -> uint32 in the same order (-inf lowest)
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(1 << 31))
+
+
+def _unordered(key):
+  b = jnp.where(key >> 31 == 1, key & jnp.uint32((1 << 31) - 1), ~key)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def cut_by_search(logits_BxV, k, top_p):
+  """`cut_by_sort`'s value without a sort: the smallest logit v with fewer than k logits above
+  it and less than top_p of the probability above it (both fall as v rises, and the n-th
+  largest logit is the first to pass both), found by bisection over float32 values in their
+  bit order: 32 passes of a masked sum over the row instead of a sort (CPU, 50,304 logits:
+  0.8 against 13 ms at batch 1)."""
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+  finite_BxV = jnp.where(jnp.isfinite(logits_BxV), logits_BxV, jnp.inf)
+  # lo: below every logit (everything above: fails); hi: the largest (nothing above: passes).
+  lo_B = _ordered(jnp.min(finite_BxV, axis=-1)) - 1
+  hi_B = _ordered(jnp.max(logits_BxV, axis=-1))
+
+  def halve(_, bounds):
+    lo_B, hi_B = bounds
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    above_BxV = logits_BxV > _unordered(mid_B)[:, None]
+    passes_B = ((jnp.sum(jnp.where(above_BxV, probs_BxV, 0.0), axis=-1) < top_p)
+                & (jnp.sum(above_BxV, axis=-1) < k))
+    return jnp.where(passes_B, lo_B, mid_B), jnp.where(passes_B, mid_B, hi_B)
+
+  _, hi_B = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
+  # The logit at or above the value found (a float the search passes through may be a
+  # subnormal that the CPU flushes to zero, so the value itself need not be a logit).
+  v_Bx1 = _unordered(hi_B)[:, None]
+  return jnp.min(jnp.where(logits_BxV >= v_Bx1, logits_BxV, jnp.inf), axis=-1, keepdims=True)
 
 
 def filter_candidates(top_k: int, vocab: int) -> int:
