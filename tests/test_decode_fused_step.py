@@ -20,15 +20,14 @@ from t6_jax.kernels.tpa_step_gpu import tpa_step
 from t6_jax.model import init_params, model_from_params
 
 
-@pytest.mark.parametrize("q_rank,heads,head_dim,splits,pos,query_programs", [
-    (6, 5, 16, 3, 9, 1),    # TPA, R_q not a power of two, three partial sums
-    (0, 3, 24, 1, 39, 2),   # TPA-KVonly (a full query), d_h 24, the product itself, last slot
-    (2, 20, 16, 2, 40, 4),  # 20 heads (two row chunks); pos past the cache: nothing written
-    (6, 20, 16, 2, 7, 2),   # the query's head rows over two programs
+@pytest.mark.parametrize("q_rank,heads,head_dim,splits,pos", [
+    (6, 5, 16, 3, 9),    # TPA, R_q not a power of two, three partial sums
+    (0, 3, 24, 1, 39),   # TPA-KVonly (a full query), d_h 24, the product itself, last slot
+    (2, 20, 16, 2, 40),  # 20 heads (two row chunks); pos past the cache: nothing written
 ])
-def test_tpa_step_matches_numpy(q_rank, heads, head_dim, splits, pos, query_programs):
+def test_tpa_step_matches_numpy(q_rank, heads, head_dim, splits, pos):
   """float32 throughout (no rounding): the kernel's cache entries and query rows equal the
-  equations computed in float64, with the query rows built by 1, 2 or 4 programs a row."""
+  equations computed in float64."""
   layers, batch, slots, k_rank, v_rank, layer = 2, 2, 40, 2, 3, 1
   rng = np.random.default_rng(q_rank + heads)
   rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
@@ -47,7 +46,7 @@ def test_tpa_step_matches_numpy(q_rank, heads, head_dim, splits, pos, query_prog
   q_hi, q_lo, *new = tpa_step(jnp.asarray(y), jnp.asarray(cos), jnp.asarray(sin),
                               *(cache[n] for n in names), layer, pos, heads=heads,
                               head_dim=head_dim, q_rank=q_rank, compute_dtype=jnp.float32,
-                              split_q=False, query_programs=query_programs, interpret=True)
+                              split_q=False, interpret=True)
   assert q_lo is None
 
   # float64: sum the partials, split the packed columns, rotate, contract.
@@ -76,10 +75,6 @@ def test_tpa_step_matches_numpy(q_rank, heads, head_dim, splits, pos, query_prog
       else:
         want[layer, :, pos, :] = value
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6, err_msg=name)
-  with pytest.raises(ValueError, match="query_programs=3"):
-    tpa_step(jnp.asarray(y), jnp.asarray(cos), jnp.asarray(sin), *(cache[n] for n in names),
-             layer, pos, heads=heads, head_dim=head_dim, q_rank=q_rank,
-             compute_dtype=jnp.float32, query_programs=3, interpret=True)
 
 
 @pytest.mark.parametrize("heads,splits", [(20, 5), (3, 1), (34, 17)])

@@ -16,10 +16,9 @@ XLA runs the same work as about nine small kernels (the split sum, two RoPE fusi
 cache updates, the query contraction, its padding); each is a launch of ~1.2 us on an H200
 for a few KB of data, about 10 us per layer at batch 1.
 
-Grid (rows, Q + 4 parts): per row Q programs (STEP_TUNING's query_programs) build the query
-rows, each for its share of the heads, and one writes each of A_k, B_k, A_v, B_v. The parts
-share nothing, and one program doing them in turn is a chain of dependent global loads (each
-a partial-sum gather) that took ~9 us at batch 1 on an H200.
+Grid (rows, 5 parts): per row one program builds the query rows and one writes each of A_k,
+B_k, A_v, B_v. The parts share nothing, and one program doing them in turn is a chain of
+dependent global loads (each a partial-sum gather) that took ~9 us at batch 1 on an H200.
 """
 
 from __future__ import annotations
@@ -34,17 +33,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from t6_jax.kernels.tpa_decode_gpu import LOG2E, TUNING, _pow2, query_shape
 
-# Launch settings (bench/decode.py --step_tuning KEY=V sweeps them). query_programs: the
-# programs per row that build the query rows, each for an equal share of the (power-of-two)
-# head rows. projection_per_sm: the programs per SM of the factor projection's GEMV kernel
-# before this one at batch 1, which set how many K-split partials each value here sums (0:
-# gemv_gpu.TUNING's).
-STEP_TUNING = {"num_warps": 4, "query_programs": 1, "projection_per_sm": 0}
+# Launch settings (bench/decode.py --step_tuning KEY=V sweeps them). projection_per_sm: the
+# programs per SM of the factor projection's GEMV kernel before this one at batch 1, which
+# set how many K-split partials each value here sums (0: gemv_gpu.TUNING's).
+STEP_TUNING = {"num_warps": 4, "projection_per_sm": 0}
 
 
 def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv_in,
             qhi_ref, qlo_ref, ak_ref, bk_ref, av_ref, bv_ref, *, splits, heads, head_dim,
-            q_rank, k_rank, v_rank, rows, kp, scale, compute_dtype, slots, query_programs):
+            q_rank, k_rank, v_rank, rows, kp, scale, compute_dtype, slots):
   del ak_in, bk_in, av_in, bv_in  # aliased to ak_ref .. bv_ref
   b, role = pl.program_id(0), pl.program_id(1)
   layer, pos = layer_ref[0], pos_ref[0]
@@ -84,10 +81,10 @@ def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv
   av_off = bk_off + k_rank * head_dim
   bv_off = av_off + heads * v_rank
 
-  @pl.when(role < query_programs)
+  @pl.when(role == 0)
   def _query():
-    hp = _pow2(rows) // query_programs  # this program's head rows
-    h_H = role * hp + jnp.arange(hp, dtype=jnp.int32)
+    hp = _pow2(rows)
+    h_H = jnp.arange(hp, dtype=jnp.int32)
     if q_rank:  # TPA: Q = A_q B_q, B_q rotated; all q ranks in one 2-D load each
       qp = _pow2(q_rank)
       q_Q = jnp.arange(qp, dtype=jnp.int32)
@@ -134,19 +131,18 @@ def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv
     plgpu.store(ref.at[layer, b, pos, cols], x1.astype(ref.dtype), mask=ok & in_cache)
     plgpu.store(ref.at[layer, b, pos, cols + half], x2.astype(ref.dtype), mask=ok & in_cache)
 
-  first = query_programs
-  pl.when(role == first)(lambda: write_a(ak_ref, ak_off, k_rank))
-  pl.when(role == first + 1)(lambda: write_b(bk_ref, bk_off, k_rank, rope=True))
-  pl.when(role == first + 2)(lambda: write_a(av_ref, av_off, v_rank))
-  pl.when(role == first + 3)(lambda: write_b(bv_ref, bv_off, v_rank, rope=False))
+  pl.when(role == 1)(lambda: write_a(ak_ref, ak_off, k_rank))
+  pl.when(role == 2)(lambda: write_b(bk_ref, bk_off, k_rank, rope=True))
+  pl.when(role == 3)(lambda: write_a(av_ref, av_off, v_rank))
+  pl.when(role == 4)(lambda: write_b(bv_ref, bv_off, v_rank, rope=False))
 
 
-WRITE_ROLES = 4  # programs per row after the query's: A_k, B_k, A_v, B_v
+ROLES = 5  # programs per row: the query rows, then A_k, B_k, A_v, B_v
 
 
 def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, heads: int,
              head_dim: int, q_rank: int, compute_dtype, split_q: bool | None = None,
-             query_programs: int | None = None, interpret: bool = False):
+             interpret: bool = False):
   """The new token's entries written into layer `layer`, slot `pos` of the stacked cache (in
   place) and the decode kernel's query rows.
 
@@ -154,17 +150,11 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
     over its leading axis (K-split partial sums, or one slice holding the product).
   cos/sin: RoPE tables (B, 1, d_h/2). a_k, a_v: (layers, B, a_rows, S); b_k, b_v: (layers, B,
     S, R d_h) (`FactorCacheLayout` with one shard). q_rank 0: TPA-KVonly (a full query).
-  query_programs: programs per row building the query rows (a power of two; default
-  STEP_TUNING's).
   Returns (q_hi, q_lo or None (split_q, default the decode kernel's TUNING), a_k, b_k, a_v,
   b_v), the query rows (B, rows, kp) shaped as `tpa_decode_gpu.query_shape` says.
   """
   split_q = TUNING["split_q"] if split_q is None else split_q
   rows, kp = query_shape(heads, head_dim)
-  query_programs = query_programs or STEP_TUNING["query_programs"]
-  if query_programs & (query_programs - 1) or query_programs > _pow2(rows):
-    raise ValueError(f"query_programs={query_programs}: use a power of two up to "
-                     f"{_pow2(rows)} (the query's head rows)")
   splits, batch, width = y_SxBxN.shape
   k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
   expect = (heads * q_rank + q_rank * head_dim if q_rank else heads * head_dim) + (
@@ -178,7 +168,7 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
   kernel = functools.partial(_kernel, splits=splits, heads=heads, head_dim=head_dim,
                              q_rank=q_rank, k_rank=k_rank, v_rank=v_rank, rows=rows, kp=kp,
                              scale=scale, compute_dtype=jnp.dtype(compute_dtype),
-                             slots=a_k.shape[3], query_programs=query_programs)
+                             slots=a_k.shape[3])
   if not split_q:
     kernel = functools.partial(
         lambda k, lr, pr, y, c, s, a1, b1, a2, b2, qh, *outs: k(lr, pr, y, c, s, a1, b1, a2,
@@ -194,7 +184,7 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
       num_warps=STEP_TUNING["num_warps"], num_stages=1)}
   outs = pl.pallas_call(
       kernel,
-      grid=(batch, query_programs + WRITE_ROLES),
+      grid=(batch, ROLES),
       in_specs=[whole(x.shape) for x in operands],
       out_specs=[whole(s.shape) for s in out_shape],
       out_shape=out_shape,
