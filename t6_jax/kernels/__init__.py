@@ -327,16 +327,15 @@ _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
 def gemv_partials(x, w, *, layout: str = "kn", prologue: tuple | None = None,
-                  tickets_for: int = 0, per_sm: int | None = None):
+                  tickets_for: int = 0):
   """`gemv` without the final sum over its K splits: fp32 (splits, N) partial sums (not
   differentiable), for a consumer that sums them itself (`tpa_step`, an XLA fusion), with
   an optional `prologue` computing x inside the kernel (`gemv_gpu.gemv`: the block's
   pre-norm, the MLP's silu(gate) * up). tickets_for=N: also return the tickets of a later
-  `gemv_residual` with N outputs, written by this kernel (no memset before that one).
-  per_sm: programs per SM (sets the split count), default gemv_gpu.TUNING's."""
+  `gemv_residual` with N outputs, written by this kernel (no memset before that one)."""
   zeros = gemv_gpu.ticket_slots(tickets_for) if tickets_for else 0
   return gemv_gpu.gemv(x, w, layout=layout, reduce=False, prologue=prologue, zeros=zeros,
-                       per_sm=per_sm, interpret=_interpret())
+                       interpret=_interpret())
 
 
 def gemv_residual(x, w, r, *, layout: str = "kn", prologue: tuple | None = None,

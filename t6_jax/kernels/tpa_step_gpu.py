@@ -33,10 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from t6_jax.kernels.tpa_decode_gpu import LOG2E, TUNING, _pow2, query_shape
 
-# Launch settings (bench/decode.py --step_tuning KEY=V sweeps them). projection_per_sm: the
-# programs per SM of the factor projection's GEMV kernel before this one at batch 1, which
-# set how many K-split partials each value here sums (0: gemv_gpu.TUNING's).
-STEP_TUNING = {"num_warps": 4, "projection_per_sm": 0}
+# Launch settings (bench/decode.py --step_tuning KEY=V sweeps them).
+STEP_TUNING = {"num_warps": 4}
 
 
 def _kernel(layer_ref, pos_ref, y_ref, cos_ref, sin_ref, ak_in, bk_in, av_in, bv_in,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t6_jax import kernels
-from t6_jax.kernels import tpa_decode_gpu, tpa_step_gpu
+from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
 from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param,
@@ -297,9 +297,7 @@ class TPA(Attention):
     y_SxBxN, tickets = packed_partials(x_BxTxD if prenorm else x_BxTxD.astype(self.dtype),
                                        *self.packed_weights(), prenorm,
                                        splits=PROJECTION_SPLITS,
-                                       tickets_for=x_BxTxD.shape[-1] if residual else 0,
-                                       per_sm=tpa_step_gpu.STEP_TUNING["projection_per_sm"]
-                                       or None)
+                                       tickets_for=x_BxTxD.shape[-1] if residual else 0)
     names = ("a_k", "b_k", "a_v", "b_v")
     q_hi, q_lo, *new = kernels.tpa_step(
         y_SxBxN, *rope, *(cache.entries[n] for n in names), cache.layer, cache.start,

@@ -119,7 +119,7 @@ def one_row_gemv(x_BxTxD) -> bool:
 
 
 def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, splits: int = 1,
-                    tickets_for: int = 0, per_sm: int | None = None):
+                    tickets_for: int = 0):
   """`packed_product` of one token per row as partial sums to be added up by the consumer,
   and the tickets asked for: ((S, B*T, N), tickets or None). On one GPU a one-row product
   gives the GEMV kernel's fp32 K-split partials unsummed; several rows give `splits` fp32
@@ -127,8 +127,7 @@ def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, split
   prenorm: x is a block's residual stream, its `rms_norm` taken first (inside the GEMV
   kernel on the kernel path), then cast to w's dtype. tickets_for (one row on one GPU; None
   elsewhere): the tickets of the sublayer's last GEMV kernel (`gemv_sublayer_out` with that
-  many outputs), written by this one. per_sm: the GEMV kernel's programs per SM (its
-  default when None)."""
+  many outputs), written by this one."""
   batch, t_len, d = x_BxTxD.shape
   if one_row_gemv(x_BxTxD):
     prologue = ("rms_norm", RMS_EPS) if prenorm else None
@@ -136,7 +135,7 @@ def packed_partials(x_BxTxD, w, output_major: bool, prenorm: bool = False, split
     out = kernels.gemv_partials(x_BxTxD.reshape(d) if prenorm else
                                 x_BxTxD.reshape(d).astype(w.dtype),
                                 w, layout="nk" if output_major else "kn", prologue=prologue,
-                                tickets_for=tickets_for, per_sm=per_sm)
+                                tickets_for=tickets_for)
     partials, tickets = out if tickets_for else (out, None)
     return partials[:, None, :], tickets
   if prenorm:
