@@ -34,12 +34,14 @@ from t6_jax.kernels.tpa_decode_gpu import NEG, _pow2, num_sms
 # reads K-contiguous rows and wants longer K steps than (K, N), whose tiles are N-contiguous.
 # (K, N) with two warps rather than four: whole t6-xl batch-1 steps 2.163-2.197 ms against
 # 2.203-2.236 (bench/decode.py --gemv kn.num_warps=2, alternated in one call); 1 warp, or 8
-# programs per SM, was slower (2.49-2.79). norm_once=1: the pre-norm's sum of squares from one
-# load of all of x instead of a loop of block_k loads (a sweep setting; not yet timed).
+# programs per SM, was slower (2.49-2.79). norm_once: the pre-norm's sum of squares from one
+# load of all of x instead of a loop of block_k loads (x is d_model long, 1,600 at T6-XL):
+# batch-1 2k steps on an H100 (2026-12-05, one call) t6-small 0.339 / 0.347 ms against 0.347
+# / 0.352, t6-xl 2.318 against 2.337; 0 keeps the loop.
 TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 2, "num_stages": 3, "per_sm": 4,
-                 "norm_once": 0},
+                 "norm_once": 1},
           "nk": {"block_n": 64, "block_k": 128, "num_warps": 8, "num_stages": 3, "per_sm": 4,
-                 "norm_once": 0}}
+                 "norm_once": 1}}
 
 
 def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
