@@ -29,6 +29,8 @@ SCRIPTS = {
                    "--modes", "plain,late"], "late, 2 stages: lowered for CUDA"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
+    "sampling": (["bench/sampling.py", "--batches", "2", "--vocab", "300", "--steps", "2",
+                  "--repeats", "1"], "| top-p cut alone: bisection |"),
     "tpa_contract": (["bench/tpa_contract.py", "--config", "tiny", "--batch", "1", "--seq_len",
                       "8", "--reps", "1", "--calls", "1", "--sweep", "rows=64", "cols=4",
                       "num_warps=1"], "fastest: forward"),
