@@ -65,7 +65,8 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
   """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus.
 
   temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
-  recompile; `use_filters` (static) adds the one sort both filters need. top_k_cap (static,
+  recompile; `use_filters` (static) adds the one cut both filters need (`cut_by_sort` on GPU,
+  `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
   >= top_k > 0): the filters look only at the top_k_cap largest logits (`jax.lax.top_k`, no
   sort of the whole vocabulary) and the token is drawn among those kept; top-p's
   probabilities are still those of the whole vocabulary, so the kept set is the same.
@@ -203,8 +204,8 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   Returns (tokens (B, steps) int32, -1 after a row's first stop token; the new Cache).
   Static: model_cfg, rules (a table name), steps, greedy, use_filters (top-k / top-p),
   stop_tokens (a tuple), valid_vocab, factor (decode.factor_attention), kernel
-  (decode.attention_kernel), top_k_cap (`sample_logits`). `decode` is the checked entry point; this is the program it
-  runs (benchmarks lower it directly).
+  (decode.attention_kernel), top_k_cap (`sample_logits`). `decode` is the checked entry
+  point; this is the program it runs (benchmarks lower it directly).
   """
   model = weights_lib.for_loop(model_cfg, params, rules, one_row=logits_BxV.shape[0] == 1)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
