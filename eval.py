@@ -111,11 +111,8 @@ def run(args) -> int:
   saved_cfg, spec = read_config(path, step=found.step if found.kind != "export" else None,
                                 report=False)
   cfg = config_lib.apply_overrides(saved_cfg, args.overrides).validate()
-  cli.note_unused(args.overrides,
-                  lambda key: key.split(".")[0] in ("model", "data", "eval", "decode", "mesh")
-                  or key == "train.seq_len",
-                  "eval.py", "model.*, data.*, eval.*, decode.* and mesh.* settings and "
-                  "train.seq_len")
+  cli.note_unused(args.overrides, "eval.py", ("model", "data", "eval", "decode", "mesh"),
+                  ("train.seq_len",))
   # Task documents are read before the model, so a missing file fails in seconds.
   task_data = [] if args.no_tasks else tasks.load_tasks(cfg.eval.tasks, cfg.eval)
 

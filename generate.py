@@ -148,12 +148,8 @@ def run(args) -> int:
     # Settings are checked, and the mesh built, before any array is read.
     saved, _ = read_config(path, step=args.step)
     cfg = config_lib.apply_overrides(saved, args.overrides).validate()
-  random_seed = {"train.seed"} if args.random_init else set()
-  cli.note_unused(args.overrides,
-                  lambda key: key.split(".")[0] in ("model", "data", "decode", "mesh")
-                  or key in random_seed,
-                  "generate.py", "model.*, data.*, decode.* and mesh.* settings"
-                  + (" and train.seed" if random_seed else ""))
+  cli.note_unused(args.overrides, "generate.py", ("model", "data", "decode", "mesh"),
+                  ("train.seed",) if args.random_init else ())
   max_new = cfg.decode.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
   if max_new < 1:  # before any array is read
     raise ValueError(f"max_new_tokens={max_new}: give --max_new_tokens (or "
@@ -180,7 +176,7 @@ def run(args) -> int:
 
   d = cfg.decode
   sampling = dict(
-      max_new_tokens=d.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+      max_new_tokens=max_new,
       temperature=d.temperature if args.temperature is None else args.temperature,
       top_k=d.top_k if args.top_k is None else args.top_k,
       top_p=d.top_p if args.top_p is None else args.top_p)

@@ -26,7 +26,8 @@ cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host wit
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from t6_jax.decode.generate import cut_by_search, cut_by_sort, sample_logits  # noqa: E402
+from t6_jax.decode.generate import (candidate_count, cut_by_search, cut_by_sort,  # noqa: E402
+                                    sample_logits)
 
 TEMPERATURE, TOP_P, TOP_K = 0.8, 0.95, 50
 
@@ -40,7 +41,7 @@ def forms(vocab: int) -> dict:
   def cut_only(cut):
     return lambda x, key: jnp.argmax(x >= cut(x, jnp.int32(vocab), jnp.float32(TOP_P)), axis=-1)
 
-  cap = max(64, 1 << (TOP_K - 1).bit_length())
+  cap = candidate_count(TOP_K)  # the candidates path, timed on every backend
   return {"greedy": sampler(True, False, 0, 0),
           "temperature": sampler(False, False, 0, 0),
           f"top-p {TOP_P} (the backend's cut)": sampler(False, True, 0, 0),

@@ -40,12 +40,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
   return args
 
 
-def note_unused(overrides: Sequence[str], reads: Callable[[str], bool], program: str,
-                what: str) -> list[str]:
+def note_unused(overrides: Sequence[str], program: str, sections: Sequence[str],
+                keys: Sequence[str] = ()) -> list[str]:
   """Prints a note for each `section.key=value` setting that `program` does not read (say
   train.lr=3 given to generate.py), so that a setting with no effect is not taken for one
-  that worked; returns them. reads(key) says whether `program` reads that dotted key."""
-  unused = [o for o in overrides if not reads(o.split("=", 1)[0])]
+  that worked; returns them. `program` reads every key of `sections` and the dotted `keys`."""
+  unused = [o for o in overrides
+            if o.split(".", 1)[0] not in sections and o.split("=", 1)[0] not in keys]
+  what = ", ".join(f"{s}.*" for s in sections) + " settings" + "".join(
+      f" and {k}" for k in keys)
   for o in unused:
     print(f"note: {o} has no effect on {program}, which reads {what}", file=sys.stderr)
   return unused

@@ -213,6 +213,12 @@ def local_text_documents(d, split: str) -> TextDocuments:
   return TextDocuments(("local", (files, data_dir, config, split)), "text", name=f"text:{split}")
 
 
+def tfds_data_dir(data_dir: str = "") -> str:
+  """Where tfds datasets live: data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      "~/tensorflow_datasets")
+
+
 def tfds_prepared_dir(name: str, data_dir: str) -> str | None:
   """The directory of a prepared tfds dataset (`name[/config][:version]`), or None."""
   base, _, version = name.partition(":")
@@ -229,8 +235,7 @@ def tfds_documents(d, split_name: str) -> TextDocuments:
   (checked first, so an offline machine gets this error instead of download retries)."""
   if not d.tfds_name:
     raise DataError("data.source=tfds needs data.tfds_name, e.g. data.tfds_name=fineweb_edu")
-  data_dir = d.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-      "~/tensorflow_datasets")
+  data_dir = tfds_data_dir(d.tfds_data_dir)
   if tfds_prepared_dir(d.tfds_name, data_dir) is None:
     raise DataError(
         f"tfds dataset {d.tfds_name!r} is not prepared under {data_dir!r}; prepare it in "

@@ -91,7 +91,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # top-k off: keep all
-    cut = cut_by_sort if jax.default_backend() == "gpu" else cut_by_search
+    cut = cut_by_sort if _sort_is_faster() else cut_by_search
     logits_BxV = jnp.where(logits_BxV < cut(logits_BxV, k, top_p), -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -123,7 +123,7 @@ def cut_by_search(logits_BxV, k, top_p):
   largest logit is the first to pass both), found by bisection over float32 values in their
   bit order: 32 passes of a masked sum over the row instead of a sort (CPU, 50,304 logits:
   0.8 against 13 ms at batch 1; on an H100 290 against 88 us at batch 1, 350 against 459 at
-  batch 64: each of the 32 passes is a loop step of its own there, so GPU keeps the sort)."""
+  batch 64: each of the 32 passes is a loop step of its own there)."""
   probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
   finite_BxV = jnp.where(jnp.isfinite(logits_BxV), logits_BxV, jnp.inf)
   # lo: below every logit (everything above: fails); hi: the largest (nothing above: passes).
@@ -145,15 +145,25 @@ def cut_by_search(logits_BxV, k, top_p):
   return jnp.min(jnp.where(logits_BxV >= v_Bx1, logits_BxV, jnp.inf), axis=-1, keepdims=True)
 
 
+def _sort_is_faster() -> bool:
+  """On GPU a sort of the whole row is the fastest cut at batch 1 (H100, a sampling step:
+  91 us, against 103 for 64 `lax.top_k` candidates and 290 for `cut_by_search`)."""
+  return jax.default_backend() == "gpu"
+
+
+def candidate_count(top_k: int) -> int:
+  """The static number of `lax.top_k` candidates for top_k > 0: the power of two at or above
+  it, at least 64, so that nearby top_k share one compiled loop."""
+  return max(64, 1 << (int(top_k) - 1).bit_length())
+
+
 def filter_candidates(top_k: int, vocab: int) -> int:
-  """The static candidate count for top_k > 0: the power of two at or above it (at least 64,
-  so nearby top_k share one compiled loop); 0 (sort the whole vocabulary) when that is not
-  much smaller than the vocabulary, when top_k is off, and on GPU, where `lax.top_k` of 64 of
-  50,304 logits was no faster than the sort (H100: a sampling step 103 against 91 us at
-  batch 1, 220 against 256 at batch 16)."""
-  if top_k <= 0 or jax.default_backend() == "gpu":
+  """`sample_logits`' top_k_cap: `candidate_count(top_k)`, or 0 (the whole row) when top_k
+  is off, when the count is not much smaller than the vocabulary, or where the sort is
+  faster."""
+  if top_k <= 0 or _sort_is_faster():
     return 0
-  cap = max(64, 1 << (int(top_k) - 1).bit_length())
+  cap = candidate_count(top_k)
   return cap if 4 * cap <= vocab else 0
 
 

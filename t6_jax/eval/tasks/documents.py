@@ -111,15 +111,14 @@ def load_tfds(task: Task, split: str, data_dir: str = "") -> list[dict]:
                     f"eval.task_source=local with JSONL files of the Hugging Face dataset "
                     f"(docs/eval.md)")
   import tensorflow_datasets as tfds
-  from t6_jax.data.sources import tfds_prepared_dir
+  from t6_jax.data.sources import tfds_data_dir, tfds_prepared_dir
   tfds_split = dict(task.tfds_splits).get(split, split)
   try:
     source = tfds.data_source(task.tfds_name, split=tfds_split, data_dir=data_dir or None,
                               download=False)
     examples = [source[i] for i in range(len(source))]
   except Exception as e:  # tfds raises assorted types for a dataset that is not prepared
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-        "~/tensorflow_datasets")
+    where = tfds_data_dir(data_dir)
     # Not there at all: say so plainly; else (another file format, a damaged copy) show why.
     why = ("" if tfds_prepared_dir(task.tfds_name, where) is None
            else f" ({type(e).__name__}: {str(e)[:300]})")
