@@ -182,7 +182,7 @@ class DataConfig:
   tfds_data_dir: str = ""  # "" : $TFDS_DATA_DIR or ~/tensorflow_datasets
   train_split: str = "train"  # tfds split names
   eval_split: str = "validation"
-  text_key: str = "text"  # field holding the text (tfds features, JSONL objects)
+  text_key: str = "text"  # field holding the text (tfds features, JSONL objects, Parquet columns)
   text_docs: str = "file"  # .txt files: one document per file | paragraphs | lines
   val_fraction: float = 0.05  # shakespeare/text: share of documents held out for validation
   # Several sources at once: "WEIGHT:SOURCE:PATH;..." (t6_jax/data/mixture.py); source and

@@ -201,6 +201,38 @@ def test_tfds_builder_on_local_corpus(tmp_path, text_corpus):
                              "train")
 
 
+def test_parquet_and_compressed_files_are_read_like_plain_ones(tmp_path):
+  """A Hugging Face style corpus: Parquet shards (one document per row, other columns
+  beside, a null and a blank row skipped) and compressed JSONL and text, in one directory."""
+  import gzip
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  root = tmp_path / "hub"
+  root.mkdir()
+  pq.write_table(pa.table({"id": list(range(9)),
+                           "text": CORPUS[:6] + [None, "  ", CORPUS[6]]}),
+                 root / "train-00000-of-00001.parquet", row_group_size=4)  # 3 row groups
+  with pa.output_stream(str(root / "more.jsonl.zst")) as f:  # zstd, from the suffix
+    for doc in CORPUS[7:12]:
+      f.write((json.dumps({"text": doc, "url": "x"}) + "\n").encode())
+  with gzip.open(root / "notes.txt.gz", "wt", encoding="utf-8") as f:
+    f.write("\n\n".join(CORPUS[12:15]))
+  cfg = _cfg(tmp_path, source="text", path=str(root), text_docs="paragraphs", val_fraction=0.2)
+  train = src.local_text_documents(cfg.data, "train")
+  val = src.local_text_documents(cfg.data, "validation")
+  assert len(train) + len(val) == 15
+  assert sorted([train[i] for i in range(len(train))] +
+                [val[i] for i in range(len(val))]) == sorted(CORPUS[:15])
+
+  with pytest.raises(ValueError, match=r"no 'body' column \(it has: id, text\).*data.text_key"):
+    src.local_text_documents(_cfg(tmp_path, source="text", text_key="body",
+                                  path=str(root / "*.parquet")).data, "train")
+  (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+  with pytest.raises(ValueError, match="bad.parquet is not a readable Parquet file"):
+    src.local_text_documents(_cfg(tmp_path, source="text", path=str(tmp_path / "bad.parquet")
+                                  ).data, "train")
+
+
 def test_processes_sharing_a_cache_prepare_a_local_corpus_once(tmp_path, text_corpus):
   """Several processes of one host (a multi-process job) open the same local corpus at once:
   one prepares it under the cache's lock, the others wait and read it (without the lock each

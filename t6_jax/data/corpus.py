@@ -75,7 +75,7 @@ def corpus_id(d) -> str:
     ident: Any = [(os.path.basename(f), os.path.getsize(f)) for f in shakespeare_files()]
     ident.append(d.val_fraction)
   elif d.source == "text":
-    files = src.expand_paths(d.path, src.TEXT_SUFFIXES, "text or JSONL files")
+    files = src.expand_paths(d.path, src.TEXT_SUFFIXES, "text, JSONL or Parquet files")
     from t6_jax.data.tfds_text import file_ident  # imports tensorflow_datasets: only here
     ident = [[list(file_ident(f)) for f in files],
              d.text_docs, d.text_key, d.val_fraction]

@@ -24,7 +24,10 @@ from t6_jax import storage
 
 REF_MAGIC, REF_VERSION, REF_HEADER_BYTES = 20240520, 1, 1024
 GPT2_EOT_ID = 50256  # the reference's shards hold GPT-2 tokens; this one starts every document
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")  # the files data.source=text reads
+# The files data.source=text reads in a directory (tfds_text.iter_documents reads each kind);
+# text and JSONL may be compressed.
+TEXT_SUFFIXES = tuple([".parquet"] + [base + z for base in (".txt", ".jsonl", ".json")
+                                      for z in ("", ".gz", ".zst", ".bz2", ".lz4")])
 PREPARED_META = "meta.json"
 
 
@@ -206,8 +209,9 @@ class TokenDocuments(_OpenedOnUnpickle):
 
 
 def local_text_documents(d, split: str) -> TextDocuments:
-  """data.path's text / JSONL files through our tfds builder (prepared once under cache_dir)."""
-  files = expand_paths(d.path, TEXT_SUFFIXES, "text or JSONL files")
+  """data.path's text / JSONL / Parquet files through our tfds builder (prepared once under
+  cache_dir)."""
+  files = expand_paths(d.path, TEXT_SUFFIXES, "text, JSONL or Parquet files")
   config = {"text_docs": d.text_docs, "text_key": d.text_key, "val_fraction": d.val_fraction}
   data_dir = os.path.join(d.cache_dir, "tfds")
   return TextDocuments(("local", (files, data_dir, config, split)), "text", name=f"text:{split}")

@@ -1,4 +1,4 @@
-"""A tensorflow-datasets builder for local text / JSONL corpora, prepared to ArrayRecord.
+"""A tensorflow-datasets builder for local text, JSONL and Parquet corpora, prepared to ArrayRecord.
 
 Local corpora thus take the same path as tfds datasets by name: `tfds.core` prepares them once
 into `<data_dir>/t6_local_text/<config>/1.0.0/` and `as_data_source` reads documents at random
@@ -7,8 +7,11 @@ an edited corpus is prepared anew), how files split into documents and the valid
 
 Documents: a `.txt` file is one document (`text_docs=file`), or one per blank-line-separated
 paragraph (`paragraphs`) or per line (`lines`); a `.jsonl` file holds one JSON object per line
-whose `text_key` field is a document. Validation gets the `val_fraction` of documents with the
-smallest CRC32 of their key (at least one), so the split is the same on every machine.
+whose `text_key` field is a document; a `.parquet` file (how Hugging Face hubs ship corpora)
+holds one document per row, in its `text_key` column. Text and JSONL files may be compressed
+(`.gz`, `.zst`, `.bz2`, `.lz4`: pyarrow's codecs, decompressed as they stream). Validation
+gets the `val_fraction` of documents with the smallest CRC32 of their key (at least one), so
+the split is the same on every machine.
 """
 
 from __future__ import annotations
@@ -34,11 +37,49 @@ def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
   return set(sorted(keys, key=lambda k: (zlib.crc32(k.encode()), k))[:n_val])
 
 
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
+
+
+def _split_compression(path: str) -> tuple[str, str | None]:
+  """(the path without a compression suffix, pyarrow's codec name or None)."""
+  for suffix, codec in COMPRESSIONS.items():
+    if path.endswith(suffix):
+      return path[:-len(suffix)], codec
+  return path, None
+
+
 def _open_text(path: str):
-  """A text file, local or in a bucket, read as UTF-8 with bad bytes replaced."""
-  if not storage.is_remote(path):
+  """A text file, local or in a bucket, maybe compressed, read as UTF-8 with bad bytes
+  replaced."""
+  _, codec = _split_compression(path)
+  if codec is None and not storage.is_remote(path):
     return open(path, encoding="utf-8", errors="replace")
-  return io.TextIOWrapper(storage.open(path, "rb"), encoding="utf-8", errors="replace")
+  raw = open(path, "rb") if not storage.is_remote(path) else storage.open(path, "rb")
+  if codec is not None:
+    import pyarrow as pa
+    raw = pa.input_stream(raw, compression=codec)
+  return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+
+
+def _parquet_documents(path: str, text_key: str) -> Iterator[tuple[str, str]]:
+  import pyarrow.parquet as pq
+  with (open(path, "rb") if not storage.is_remote(path) else storage.open(path, "rb")) as f:
+    try:
+      table = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow's ArrowInvalid and friends
+      raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
+    columns = table.schema_arrow.names
+    if text_key not in columns:
+      raise ValueError(f"{path} has no {text_key!r} column (it has: {', '.join(columns)}); "
+                       f"set data.text_key to the column that holds the text")
+    n = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_key]):
+      for text in batch.column(0).to_pylist():
+        if text is not None:
+          text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+          if text.strip():
+            yield f"{path}:{n}", text
+        n += 1
 
 
 def file_ident(path: str) -> tuple:
@@ -50,7 +91,10 @@ def file_ident(path: str) -> tuple:
 
 def iter_documents(path: str, text_docs: str, text_key: str) -> Iterator[tuple[str, str]]:
   """(key, text) for every non-empty document of one file."""
-  if path.endswith((".jsonl", ".json")):
+  if path.endswith(".parquet"):
+    yield from _parquet_documents(path, text_key)
+    return
+  if _split_compression(path)[0].endswith((".jsonl", ".json")):
     with _open_text(path) as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
@@ -93,7 +137,7 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 
 
 class T6LocalText(tfds.core.GeneratorBasedBuilder):
-  """Local text / JSONL documents -> ArrayRecord splits `train` and `validation`."""
+  """Local text / JSONL / Parquet documents -> ArrayRecord splits `train` and `validation`."""
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIG_CLASS = LocalTextConfig
