@@ -112,6 +112,23 @@ def test_tokenizer_files_on_a_bucket(fake_gcs):
     tokenizers.read_tiktoken_file("gs://bucket/tok/missing.tiktoken")
 
 
+def test_parquet_and_compressed_text_on_a_bucket(fake_gcs):
+  import io
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from t6_jax.data import tfds_text
+  table = io.BytesIO()
+  pq.write_table(pa.table({"text": ["one", "two"]}), table)
+  storage.write_bytes("gs://bucket/hub/a.parquet", table.getvalue())
+  zst = pa.BufferOutputStream()
+  with pa.CompressedOutputStream(zst, "zstd") as f:
+    f.write(b'{"text": "three"}\n{"text": "four"}\n')
+  storage.write_bytes("gs://bucket/hub/b.jsonl.zst", zst.getvalue().to_pybytes())
+  docs = [t for f in ("gs://bucket/hub/a.parquet", "gs://bucket/hub/b.jsonl.zst")
+          for _, t in tfds_text.iter_documents(f, "file", "text")]
+  assert docs == ["one", "two", "three", "four"]
+
+
 def test_missing_package_is_one_line(monkeypatch):
   import importlib.util
   real = importlib.util.find_spec
