@@ -8,7 +8,7 @@ sort and by bisection.
 Each form runs --steps sampling steps inside one jitted `fori_loop` over fixed fp32 logits
 (each step's token perturbs the next step's logits, so no step can be skipped), best of
 --repeats; reports us per step. `t6_jax.decode.generate.sample_logits` picks its forms by
-backend (docs/decoding.md), and this shows why. Prints only.
+backend and rows a step (docs/decoding.md), and this shows why. Prints only.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def forms(vocab: int) -> dict:
   cap = candidate_count(TOP_K)  # the candidates path, timed on every backend
   return {"greedy": sampler(True, False, 0, 0),
           "temperature": sampler(False, False, 0, 0),
-          f"top-p {TOP_P} (the backend's cut)": sampler(False, True, 0, 0),
+          f"top-p {TOP_P} (the cut sample_logits picks)": sampler(False, True, 0, 0),
           f"top-k {TOP_K} + top-p, {cap} candidates": sampler(False, True, TOP_K, cap),
           "top-p cut alone: sort": cut_only(cut_by_sort),
           "top-p cut alone: bisection": cut_only(cut_by_search)}

@@ -351,6 +351,15 @@ def test_filter_candidates_bucket_top_k():
   assert filter_candidates(40, 200) == 0  # not much smaller than the vocabulary
 
 
+def test_gpu_sorts_few_rows_and_filters_many(monkeypatch):
+  import importlib
+  g = importlib.import_module("t6_jax.decode.generate")
+  monkeypatch.setattr(g.jax, "default_backend", lambda: "gpu")
+  few, many = g.GPU_SORT_BELOW_BATCH - 1, g.GPU_SORT_BELOW_BATCH
+  assert g.filter_candidates(50, 50304, few) == 0 and g._sort_is_faster(few)
+  assert g.filter_candidates(50, 50304, many) == 64 and not g._sort_is_faster(many)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 

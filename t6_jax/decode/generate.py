@@ -65,8 +65,8 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
   """Next token ids (B,) from fp32 logits: greedy, or temperature with top-k / nucleus.
 
   temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
-  recompile; `use_filters` (static) adds the one cut both filters need (`cut_by_sort` on GPU,
-  `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
+  recompile; `use_filters` (static) adds the one cut both filters need (`cut_by_sort` on GPU
+  below GPU_SORT_BELOW_BATCH rows, `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
   >= top_k > 0): the filters look only at the top_k_cap largest logits (`jax.lax.top_k`, no
   sort of the whole vocabulary) and the token is drawn among those kept; top-p's
   probabilities are still those of the whole vocabulary, so the kept set is the same.
@@ -91,7 +91,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # top-k off: keep all
-    cut = cut_by_sort if _sort_is_faster() else cut_by_search
+    cut = cut_by_sort if _sort_is_faster(logits_BxV.shape[0]) else cut_by_search
     logits_BxV = jnp.where(logits_BxV < cut(logits_BxV, k, top_p), -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -145,10 +145,16 @@ def cut_by_search(logits_BxV, k, top_p):
   return jnp.min(jnp.where(logits_BxV >= v_Bx1, logits_BxV, jnp.inf), axis=-1, keepdims=True)
 
 
-def _sort_is_faster() -> bool:
-  """On GPU a sort of the whole row is the fastest cut at batch 1 (H100, a sampling step:
-  91 us, against 103 for 64 `lax.top_k` candidates and 290 for `cut_by_search`)."""
-  return jax.default_backend() == "gpu"
+# From this many rows a step on, the GPU too takes the candidates and the bisection: a sort of
+# every row costs more than they do (H100, a sampling step at batch 16: 256 us against 220 for
+# 64 candidates, the top-p cut alone 247 against 236; at batch 64: 477 against 451, 459
+# against 350). Below it, the sort is faster (batch 1: 91 against 103 and 290 us).
+GPU_SORT_BELOW_BATCH = 16
+
+
+def _sort_is_faster(batch: int) -> bool:
+  """Whether `cut_by_sort` of whole rows is the faster cut for `batch` rows: on GPU, few rows."""
+  return jax.default_backend() == "gpu" and batch < GPU_SORT_BELOW_BATCH
 
 
 def candidate_count(top_k: int) -> int:
@@ -157,11 +163,11 @@ def candidate_count(top_k: int) -> int:
   return max(64, 1 << (int(top_k) - 1).bit_length())
 
 
-def filter_candidates(top_k: int, vocab: int) -> int:
-  """`sample_logits`' top_k_cap: `candidate_count(top_k)`, or 0 (the whole row) when top_k
-  is off, when the count is not much smaller than the vocabulary, or where the sort is
-  faster."""
-  if top_k <= 0 or _sort_is_faster():
+def filter_candidates(top_k: int, vocab: int, batch: int = 1) -> int:
+  """`sample_logits`' top_k_cap for `batch` rows of `vocab` logits: `candidate_count(top_k)`,
+  or 0 (the whole row) when top_k is off, when the count is not much smaller than the
+  vocabulary, or where the sort is faster."""
+  if top_k <= 0 or _sort_is_faster(batch):
     return 0
   cap = candidate_count(top_k)
   return cap if 4 * cap <= vocab else 0
@@ -465,7 +471,8 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
         stop_tokens=tuple(int(t) for t in stop_tokens),
         valid_vocab=valid_vocab, factor=cfg.decode.factor_attention,
         kernel=cfg.decode.attention_kernel,
-        top_k_cap=filter_candidates(top_k, valid_vocab or logits_BxV.shape[-1]))
+        top_k_cap=filter_candidates(top_k, valid_vocab or logits_BxV.shape[-1],
+                                    logits_BxV.shape[0]))
 
 
 def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
