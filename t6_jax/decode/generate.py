@@ -66,7 +66,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
 
   temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
   recompile; `use_filters` (static) adds the one cut both filters need (`cut_by_sort` on GPU
-  below GPU_SORT_BELOW_BATCH rows, `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
+  below GPU_BISECTION_FROM_BATCH rows, `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
   >= top_k > 0): the filters look only at the top_k_cap largest logits (`jax.lax.top_k`, no
   sort of the whole vocabulary) and the token is drawn among those kept; top-p's
   probabilities are still those of the whole vocabulary, so the kept set is the same.
@@ -91,7 +91,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # top-k off: keep all
-    cut = cut_by_sort if _sort_is_faster(logits_BxV.shape[0]) else cut_by_search
+    cut = cut_by_sort if _sort_is_faster(logits_BxV.shape[0], False) else cut_by_search
     logits_BxV = jnp.where(logits_BxV < cut(logits_BxV, k, top_p), -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -145,16 +145,19 @@ def cut_by_search(logits_BxV, k, top_p):
   return jnp.min(jnp.where(logits_BxV >= v_Bx1, logits_BxV, jnp.inf), axis=-1, keepdims=True)
 
 
-# From this many rows a step on, the GPU too takes the candidates and the bisection: a sort of
-# every row costs more than they do (H100, a sampling step at batch 16: 256 us against 220 for
-# 64 candidates, the top-p cut alone 247 against 236; at batch 64: 477 against 451, 459
-# against 350). Below it, the sort is faster (batch 1: 91 against 103 and 290 us).
-GPU_SORT_BELOW_BATCH = 16
+# From these many rows a step on, the GPU too ranks `lax.top_k` candidates (top-k on) and
+# finds the top-p cut by bisection (top-k off): below them a sort of every row is faster
+# (H100, us a sampling step: batch 1 sort 84, candidates 89, bisection 300; batch 8: 159,
+# 140, 212; batch 16: 248 for the cut alone by sort, 230 by bisection; batch 64: 459, 340).
+GPU_CANDIDATES_FROM_BATCH = 8
+GPU_BISECTION_FROM_BATCH = 16
 
 
-def _sort_is_faster(batch: int) -> bool:
-  """Whether `cut_by_sort` of whole rows is the faster cut for `batch` rows: on GPU, few rows."""
-  return jax.default_backend() == "gpu" and batch < GPU_SORT_BELOW_BATCH
+def _sort_is_faster(batch: int, candidates: bool) -> bool:
+  """Whether the GPU's sort of whole rows beats the other form for `batch` rows: the
+  candidates (`candidates`) or the bisection. Elsewhere it never does."""
+  start = GPU_CANDIDATES_FROM_BATCH if candidates else GPU_BISECTION_FROM_BATCH
+  return jax.default_backend() == "gpu" and batch < start
 
 
 def candidate_count(top_k: int) -> int:
@@ -167,7 +170,7 @@ def filter_candidates(top_k: int, vocab: int, batch: int = 1) -> int:
   """`sample_logits`' top_k_cap for `batch` rows of `vocab` logits: `candidate_count(top_k)`,
   or 0 (the whole row) when top_k is off, when the count is not much smaller than the
   vocabulary, or where the sort is faster."""
-  if top_k <= 0 or _sort_is_faster(batch):
+  if top_k <= 0 or _sort_is_faster(batch, True):
     return 0
   cap = candidate_count(top_k)
   return cap if 4 * cap <= vocab else 0
