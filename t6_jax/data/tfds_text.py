@@ -54,10 +54,10 @@ def _open_text(path: str):
   _, codec = _split_compression(path)
   if codec is None and not storage.is_remote(path):
     return open(path, encoding="utf-8", errors="replace")
-  raw = open(path, "rb") if not storage.is_remote(path) else storage.open(path, "rb")
+  raw = storage.open(path, "rb") if storage.is_remote(path) else path
   if codec is not None:
     import pyarrow as pa
-    raw = pa.input_stream(raw, compression=codec)
+    raw = pa.input_stream(raw, compression=codec)  # decompressed as it is read
   return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 

@@ -66,10 +66,10 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
 
   temperature, top_k (0: off) and top_p (1: off) are traced values, so changing them does not
   recompile; `use_filters` (static) adds the one cut both filters need (`cut_by_sort` on GPU
-  below GPU_BISECTION_FROM_BATCH rows, `cut_by_search` elsewhere: the smallest logit kept). top_k_cap (static,
-  >= top_k > 0): the filters look only at the top_k_cap largest logits (`jax.lax.top_k`, no
-  sort of the whole vocabulary) and the token is drawn among those kept; top-p's
-  probabilities are still those of the whole vocabulary, so the kept set is the same.
+  below GPU_BISECTION_FROM_BATCH rows, `cut_by_search` elsewhere: the smallest logit kept).
+  top_k_cap (static, >= top_k > 0): the filters look only at the top_k_cap largest logits
+  (`jax.lax.top_k`, no sort of the whole vocabulary) and the token is drawn among those kept;
+  top-p's probabilities are still those of the whole vocabulary, so the kept set is the same.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   vocab = logits_BxV.shape[-1]
