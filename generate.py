@@ -4,13 +4,15 @@
   python generate.py --workdir runs/t6-small --step 5000 --prompts_file prompts.txt \\
       --out completions.jsonl
   python generate.py --workdir runs/demo --prompt "To be" --temperature 0.8 --top_p 0.95 --seed 1
+  python generate.py --workdir runs/demo --prompt "ROMEO:" --max_new_tokens 400 --stream
   python generate.py --checkpoint exports/t6-small --prompt "Hi" decode.cache_dtype=float32
   python generate.py --config tiny --random_init --ids --prompt "1 2 3"   # no checkpoint
 
 The checkpoint's config and tokenizer are used; `section.key=value` settings, anywhere among the
 flags, change decode and mesh settings (e.g. decode.cache_dtype=float32 mesh.tensor=2).
 Prompts come from --prompt (repeatable) or --prompts_file (one per line, or JSONL with a
-"prompt" field); completions are printed, or written as JSONL with --out. Reports tokens/s.
+"prompt" field); completions are printed (--stream: one prompt's, as it is made), or written
+as JSONL with --out. Reports tokens/s.
 --stop TEXT (repeatable) ends each completion before that text.
 Each batch of --batch_size prompts samples with its own key (the seed with the batch index
 folded in). Prompts of lengths in one bucket (powers of two, then multiples of
@@ -57,6 +59,9 @@ def parse_args(argv=None):
   parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                       help="end each completion before this text (repeatable; \\n, \\t "
                            "typed as such are a newline, a tab)")
+  parser.add_argument("--stream", action="store_true",
+                      help="print the completion as it is made, every few tokens (one prompt, "
+                           "one process)")
   parser.add_argument("--warmup", action="store_true",
                       help="decode the first batch once, untimed, before the timed run: the "
                            "reported speed is then the steady state (no tracing or compiling)")
@@ -130,10 +135,16 @@ def run(args) -> int:
   if "" in stop_texts:
     raise ValueError("--stop was given an empty text, which would cut every completion to "
                      "nothing; give the text to stop before")
+  if args.stream and len(prompts) != 1:
+    raise ValueError(f"--stream prints one completion as it is made, and {len(prompts)} "
+                     f"prompts were given; give one prompt, or drop --stream")
 
   import jax
   from t6_jax.distributed import initialize
   initialize()  # one of several processes (pod slice, SLURM, JAX_COORDINATOR_ADDRESS)
+  if args.stream and jax.process_count() > 1:
+    raise ValueError(f"--stream prints from one process, and this job has "
+                     f"{jax.process_count()}; drop --stream (the completions print at the end)")
   from t6_jax.decode import generate
   from t6_jax.decode.generate import batch_seed, cache_length
   from t6_jax.sharding import make_mesh
@@ -202,11 +213,19 @@ def run(args) -> int:
   if args.warmup:
     generate(params, cfg, ids[:batch], max_len=max_len, mesh=mesh, seed=batch_seed(seed, 0),
              **sampling)
+  show = shown = None
+  if args.stream:  # one prompt: its text as it is made, then the rest once it is done
+    from t6_jax.decode.stream import TextStream
+    shown = TextStream((lambda o: " ".join(map(str, o))) if args.ids else tokenizer.decode,
+                       stop_texts)
+    sys.stdout.write(f"{prompts[0]} | " if args.ids else f"=== {prompts[0]!r}\n{prompts[0]}")
+    sys.stdout.flush()
+    show = lambda rows: (sys.stdout.write(shown.update(rows[0])), sys.stdout.flush())
   outputs, new_tokens, decode_s, prefill_s, compile_s = [], 0, 0.0, 0.0, 0.0
   for index, start in enumerate(range(0, len(ids), batch)):
     stats = {}
     outputs += generate(params, cfg, ids[start:start + batch], max_len=max_len, mesh=mesh,
-                        stats=stats, seed=batch_seed(seed, index), **sampling)
+                        stats=stats, seed=batch_seed(seed, index), on_tokens=show, **sampling)
     run_s = stats["decode_s"] - stats["decode_compile_s"]  # the token loop, compile excluded
     new_tokens += stats["new_tokens"]
     decode_s += run_s
@@ -225,6 +244,9 @@ def run(args) -> int:
   found = [None] * len(texts)
   if stop_texts:
     texts, found = map(list, zip(*(stops.cut(t, stop_texts) for t in texts)))
+  if args.stream:
+    sys.stdout.write(shown.finish(texts[0]) + ("\n" if args.ids else "\n\n"))
+    sys.stdout.flush()
   if args.out:
     with storage.open(args.out, "w") as f:
       for p, t, o, s in zip(prompts, texts, outputs, found):
@@ -233,7 +255,7 @@ def run(args) -> int:
           record["stop"] = s  # the stop string that ended it, or null
         f.write(json.dumps(record) + "\n")
     print(f"wrote {len(texts)} completions to {args.out}", file=sys.stderr)
-  else:
+  elif not args.stream:
     for p, t in zip(prompts, texts):
       print(f"{p} | {t}" if args.ids else f"=== {p!r}\n{p}{t}\n")
   print(f"{new_tokens} new tokens in {decode_s:.2f}s of decoding: "

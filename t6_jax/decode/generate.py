@@ -40,6 +40,9 @@ MIN_PROMPT_BUCKET = 8
 STOP_CHECK_EVERY = 8  # tokens scanned between the early-stop tests of the while loop
 
 _COMPILE_S = [0.0]  # seconds of XLA compilation so far in this process (see compile_seconds)
+# Where a streaming token loop sends its tokens (see `generate(on_tokens=...)`): set around the
+# call, so the compiled loop (which only calls `_stream_tokens`) serves every listener.
+_STREAM_SINK = [None]
 
 
 def _count_compile(event: str, duration: float, **_):
@@ -54,6 +57,11 @@ def compile_seconds() -> float:
   """Seconds this process has spent in XLA compilation (jax's monitoring events): the
   difference over a call tells its compile time apart from its run time."""
   return _COMPILE_S[0]
+
+
+def _stream_tokens(out_BxN):
+  if _STREAM_SINK[0] is not None:
+    _STREAM_SINK[0](np.asarray(out_BxN))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,11 +218,11 @@ def _prefill(params, tokens_BxT, pad_B, *, model_cfg, rules, max_len, cache_dtyp
 
 @partial(jax.jit, static_argnames=("model_cfg", "rules", "steps", "greedy", "use_filters",
                                    "stop_tokens", "valid_vocab", "factor", "kernel",
-                                   "top_k_cap"),
+                                   "top_k_cap", "stream"),
          donate_argnames=("cache",))
 def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p, *,
                 model_cfg, rules, steps, greedy, use_filters, stop_tokens, valid_vocab,
-                factor, kernel="auto", top_k_cap=0):
+                factor, kernel="auto", top_k_cap=0, stream=False):
   """The jitted token loop (the cache is donated): `steps` tokens after `logits_BxV`.
 
   params: `DecodeWeights` (prepared once, `prepare_decode`), or parameters, which the loop
@@ -223,8 +231,10 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
   Returns (tokens (B, steps) int32, -1 after a row's first stop token; the new Cache).
   Static: model_cfg, rules (a table name), steps, greedy, use_filters (top-k / top-p),
   stop_tokens (a tuple), valid_vocab, factor (decode.factor_attention), kernel
-  (decode.attention_kernel), top_k_cap (`sample_logits`). `decode` is the checked entry
-  point; this is the program it runs (benchmarks lower it directly).
+  (decode.attention_kernel), top_k_cap (`sample_logits`), stream (every chunk of the loop
+  sends the tokens so far, -1 where none is yet, to the host: `generate(on_tokens=...)`).
+  `decode` is the checked entry point; this is the program it runs (benchmarks lower it
+  directly).
   """
   model = weights_lib.for_loop(model_cfg, params, rules, one_row=logits_BxV.shape[0] == 1)
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -248,7 +258,7 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
     done_B = done_B | jnp.isin(nxt_B, stops)
     return (entries, length + 1, jnp.maximum(nxt_B, 0), done_B, out_BxN)
 
-  if stop_tokens and steps > 1:
+  if (stop_tokens or stream) and steps > 1:
     # Chunks of `every` scanned tokens between exit tests; the last chunk may run past
     # `steps`: its extra tokens land in padding columns of out_BxN (cut off below) and in
     # cache slots past the returned length (overwritten before any later step reads them).
@@ -266,6 +276,11 @@ def decode_loop(params, cache: Cache, logits_BxV, key, temperature, top_k, top_p
       first = 1 + chunk * every
       state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state,
                               first + jnp.arange(every, dtype=jnp.int32))
+      if stream:
+        out_BxN = state[4]
+        if jax.sharding.get_abstract_mesh().size > 1:  # one replicated copy, not a gather
+          out_BxN = jax.lax.with_sharding_constraint(out_BxN, jax.sharding.PartitionSpec())
+        jax.debug.callback(_stream_tokens, out_BxN)
       return chunk + 1, state
 
     _, state = jax.lax.while_loop(cond, chunk_body, (jnp.asarray(0, jnp.int32), state))
@@ -442,46 +457,59 @@ def prepare_decode(cfg: Config, params, batch: int, mesh=None) -> DecodeWeights:
 
 
 def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, temperature=0.,
-           top_k=0, top_p=1., seed=0, stop_tokens=(), valid_vocab=None, mesh=None):
+           top_k=0, top_p=1., seed=0, stop_tokens=(), valid_vocab=None, mesh=None,
+           on_tokens=None):
   """Samples `steps` tokens after a prefill (the cache is donated). Returns (tokens, cache).
 
   params: parameters (as `generate` takes them) or `prepare_decode`'s DecodeWeights.
-  tokens (B, steps) int32: -1 after a row's first stop token.
+  tokens (B, steps) int32: -1 after a row's first stop token. on_tokens: see `generate`.
   """
   if not isinstance(params, DecodeWeights):
     params = _placed(cfg, params, mesh)
   return _decode_placed(cfg, params, cache, logits_BxV,
                         steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
+                        seed=seed, stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh,
+                        on_tokens=on_tokens)
 
 
 def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k, top_p, seed,
-                   stop_tokens, valid_vocab, mesh):
+                   stop_tokens, valid_vocab, mesh, on_tokens=None):
   if steps < 1:
     raise ValueError(f"steps={steps}: decode at least one token")
   if int(cache.length) + steps - 1 > cache.max_len:
     raise ValueError(f"{int(cache.length)} cache slots used + {steps} new tokens do not fit "
                      f"the cache of {cache.max_len}; raise max_len")
   _check_sampling(temperature, top_k, top_p)
+  if on_tokens is not None and jax.process_count() > 1:
+    raise ValueError("streaming tokens (on_tokens) works in one process; drop it and read "
+                     "the tokens returned")
   greedy = temperature == 0
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  with ctx:
-    return decode_loop(
-        params, cache, logits_BxV, jax.random.key(seed),
-        jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
-        model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps, greedy=greedy,
-        use_filters=not greedy and (top_k > 0 or top_p < 1),
-        stop_tokens=tuple(int(t) for t in stop_tokens),
-        valid_vocab=valid_vocab, factor=cfg.decode.factor_attention,
-        kernel=cfg.decode.attention_kernel,
-        top_k_cap=filter_candidates(top_k, valid_vocab or logits_BxV.shape[-1],
-                                    logits_BxV.shape[0]))
+  _STREAM_SINK[0] = on_tokens
+  try:
+    with ctx:
+      out = decode_loop(
+          params, cache, logits_BxV, jax.random.key(seed),
+          jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
+          model_cfg=cfg.model, rules=cfg.mesh.rules, steps=steps, greedy=greedy,
+          use_filters=not greedy and (top_k > 0 or top_p < 1),
+          stop_tokens=tuple(int(t) for t in stop_tokens),
+          valid_vocab=valid_vocab, factor=cfg.decode.factor_attention,
+          kernel=cfg.decode.attention_kernel,
+          top_k_cap=filter_candidates(top_k, valid_vocab or logits_BxV.shape[-1],
+                                      logits_BxV.shape[0]),
+          stream=on_tokens is not None)
+      if on_tokens is not None:
+        jax.block_until_ready(out)  # every chunk's call made before the listener goes
+    return out
+  finally:
+    _STREAM_SINK[0] = None
 
 
 def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_tokens=None,
              temperature=0., top_k=0, top_p=1., seed=0, stop_tokens=(), max_len=None,
              mesh=None, valid_vocab: int | None = None, keep_stops=(),
-             stats: dict | None = None) -> list[list[int]]:
+             stats: dict | None = None, on_tokens=None) -> list[list[int]]:
   """New tokens for each prompt (a stop token ends a row and is not returned, unless it is
   one of `keep_stops`: the tokens of stop strings, which the caller cuts from the text).
 
@@ -490,7 +518,9 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   cfg.decode.max_len): the longest prompt plus max_new_tokens must fit. valid_vocab masks
   embedding rows past the tokenizer's vocab. `stats`, when given, receives timings
   (prefill_s, decode_s: wall seconds including any compilation, whose seconds are
-  prefill_compile_s and decode_compile_s).
+  prefill_compile_s and decode_compile_s). `on_tokens`, when given (one process), is called
+  with each row's new tokens so far (as returned) every few tokens while the loop runs, for
+  text shown as it is made; the last call may come before the last tokens.
   """
   steps = cfg.decode.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
   _check_sampling(temperature, top_k, top_p)
@@ -507,12 +537,26 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   weights = params  # at batch 1 prepared once, outside the token loop (which only reads them)
   if weights_lib.prepare_before_loop(len(prompts)):
     weights = prepare_decode(cfg, params, len(prompts), mesh)
+  stops, kept = set(int(t) for t in stop_tokens), set(int(t) for t in keep_stops)
+  listener = None
+  if on_tokens is not None:
+    listener = lambda tokens_BxN: on_tokens(_completions(tokens_BxN[:, :steps], stops, kept))
   tokens_BxN, _ = _decode_placed(cfg, weights, cache, logits_BxV, steps=steps,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                 stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh)
+                                 stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh,
+                                 on_tokens=listener)
   tokens_BxN = np.asarray(tokens_BxN)
   c2, t2 = compile_seconds(), time.perf_counter()
-  stops, kept = set(int(t) for t in stop_tokens), set(int(t) for t in keep_stops)
+  out = _completions(tokens_BxN, stops, kept)
+  if stats is not None:
+    stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(map(len, out)),
+                 batch=len(out), cache_len=max_len, steps=steps,
+                 prefill_compile_s=c1 - c0, decode_compile_s=c2 - c1)
+  return out
+
+
+def _completions(tokens_BxN: np.ndarray, stops: set, kept: set) -> list[list[int]]:
+  """Each row's tokens up to its first stop token (kept if in `kept`) or -1 (none yet)."""
   out = []
   for row in tokens_BxN.tolist():
     new = []
@@ -523,10 +567,6 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
         break
       new.append(t)
     out.append(new)
-  if stats is not None:
-    stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(map(len, out)),
-                 batch=len(out), cache_len=max_len, steps=steps,
-                 prefill_compile_s=c1 - c0, decode_compile_s=c2 - c1)
   return out
 
 
