@@ -4,6 +4,8 @@ end without it; `generate(on_tokens=...)` sees each row's growing prefix."""
 import importlib.util
 import os
 
+import pytest
+
 from t6_jax.data.tokenizers import ByteTokenizer
 from t6_jax.decode.stream import TextStream
 
@@ -39,19 +41,23 @@ def test_text_stream_waits_for_whole_characters_and_stop_strings():
   assert "".join(pieces) == "1 22 333"
 
 
-def test_on_tokens_sees_growing_prefixes():
+@pytest.mark.parametrize("sharded", [False, True])
+def test_on_tokens_sees_growing_prefixes(sharded):
   from t6_jax import config as config_lib
   from t6_jax.decode.generate import generate
   from t6_jax.model import init_params
-  cfg = config_lib.load("tiny", ["model.max_seq_len=64"])
+  from t6_jax.sharding import make_mesh
+  cfg = config_lib.load("tiny", ["model.max_seq_len=64", "mesh.rules=fsdp_tp"])
+  mesh = make_mesh(2, 2, 2, rules=cfg.mesh.rules) if sharded else None  # 8 host devices
   params = init_params(cfg.model, 0)
+  prompts = [[1, 2, 3], [4], [5, 6], [7]]
   seen = []
-  kw = dict(max_new_tokens=30, temperature=1.0, seed=2)
-  out = generate(params, cfg, [[1, 2, 3], [4]], on_tokens=seen.append, **kw)
-  assert out == generate(params, cfg, [[1, 2, 3], [4]], **kw)  # the same tokens either way
+  kw = dict(max_new_tokens=30, temperature=1.0, seed=2, mesh=mesh)
+  out = generate(params, cfg, prompts, on_tokens=seen.append, **kw)
+  assert out == generate(params, cfg, prompts, **kw)  # the same tokens either way
   assert len(seen) >= 3
   for rows in seen:
-    assert [len(r) for r in rows] == [len(rows[0])] * 2
+    assert [len(r) for r in rows] == [len(rows[0])] * len(prompts)
     assert all(o[:len(r)] == r for o, r in zip(out, rows))
   assert [len(rows[0]) for rows in seen] == sorted(len(rows[0]) for rows in seen)
 
