@@ -466,7 +466,8 @@ def decode(cfg: Config, params, cache: Cache, logits_BxV, *, steps: int, tempera
   """Samples `steps` tokens after a prefill (the cache is donated). Returns (tokens, cache).
 
   params: parameters (as `generate` takes them) or `prepare_decode`'s DecodeWeights.
-  tokens (B, steps) int32: -1 after a row's first stop token. on_tokens: see `generate`.
+  tokens (B, steps) int32: -1 after a row's first stop token. on_tokens (one process): called
+  with the tokens so far, (B, steps) with -1 where none is yet, every few tokens.
   """
   if not isinstance(params, DecodeWeights):
     params = _placed(cfg, params, mesh)
@@ -489,7 +490,7 @@ def _decode_placed(cfg, params, cache, logits_BxV, *, steps, temperature, top_k,
                      "the tokens returned")
   greedy = temperature == 0
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  _STREAM_SINK[0] = on_tokens
+  _STREAM_SINK[0] = None if on_tokens is None else lambda t_BxN: on_tokens(t_BxN[:, :steps])
   try:
     with ctx:
       out = decode_loop(
@@ -544,7 +545,7 @@ def generate(model_or_pair, cfg: Config, prompts: list[list[int]], *, max_new_to
   stops, kept = set(int(t) for t in stop_tokens), set(int(t) for t in keep_stops)
   listener = None
   if on_tokens is not None:
-    listener = lambda tokens_BxN: on_tokens(_completions(tokens_BxN[:, :steps], stops, kept))
+    listener = lambda tokens_BxN: on_tokens(_completions(tokens_BxN, stops, kept))
   tokens_BxN, _ = _decode_placed(cfg, weights, cache, logits_BxV, steps=steps,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  stop_tokens=stop_tokens, valid_vocab=valid_vocab, mesh=mesh,
