@@ -4,8 +4,6 @@ end without it; `generate(on_tokens=...)` sees each row's growing prefix."""
 import importlib.util
 import os
 
-import pytest
-
 from t6_jax.data.tokenizers import ByteTokenizer
 from t6_jax.decode.stream import TextStream
 
@@ -41,14 +39,14 @@ def test_text_stream_waits_for_whole_characters_and_stop_strings():
   assert "".join(pieces) == "1 22 333"
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_on_tokens_sees_growing_prefixes(sharded):
+def test_on_tokens_sees_growing_prefixes_on_a_mesh():
+  """On 8 host devices (the CLI test below covers one device)."""
   from t6_jax import config as config_lib
   from t6_jax.decode.generate import generate
   from t6_jax.model import init_params
   from t6_jax.sharding import make_mesh
   cfg = config_lib.load("tiny", ["model.max_seq_len=128", "mesh.rules=fsdp_tp"])
-  mesh = make_mesh(2, 2, 2, rules=cfg.mesh.rules) if sharded else None  # 8 host devices
+  mesh = make_mesh(2, 2, 2, rules=cfg.mesh.rules)
   params = init_params(cfg.model, 0)
   prompts = [[1, 2, 3], [4], [5, 6], [7]]
   seen = []
