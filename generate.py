@@ -232,7 +232,7 @@ def run(args) -> int:
     prefill_s += stats["prefill_s"] - stats["prefill_compile_s"]
     compile_s += stats["prefill_compile_s"] + stats["decode_compile_s"]
     print(f"[batch {index}] {stats['new_tokens']} new tokens, prefill "
-          f"{stats['prefill_s']:.2f}s, decode {stats['decode_s']:.2f}s, of which XLA "
+          f"{stats['prefill_s']:.2f}s + decode {stats['decode_s']:.2f}s, of which XLA "
           f"compilation {stats['prefill_compile_s'] + stats['decode_compile_s']:.2f}s "
           f"({stats['new_tokens'] / max(run_s, 1e-9):.1f} tokens/s, "
           f"{1e3 * run_s / max(stats['steps'] - 1, 1):.3f} ms per model step of "
