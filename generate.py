@@ -213,14 +213,13 @@ def run(args) -> int:
   if args.warmup:
     generate(params, cfg, ids[:batch], max_len=max_len, mesh=mesh, seed=batch_seed(seed, 0),
              **sampling)
-  show = shown = None
+  shown = None
   if args.stream:  # one prompt: its text as it is made, then the rest once it is done
     from t6_jax.decode.stream import TextStream
     shown = TextStream((lambda o: " ".join(map(str, o))) if args.ids else tokenizer.decode,
                        stop_texts)
-    sys.stdout.write(f"{prompts[0]} | " if args.ids else f"=== {prompts[0]!r}\n{prompts[0]}")
-    sys.stdout.flush()
-    show = lambda rows: (sys.stdout.write(shown.update(rows[0])), sys.stdout.flush())
+    _write(f"{prompts[0]} | " if args.ids else f"=== {prompts[0]!r}\n{prompts[0]}")
+  show = (lambda rows: _write(shown.update(rows[0]))) if shown else None
   outputs, new_tokens, decode_s, prefill_s, compile_s = [], 0, 0.0, 0.0, 0.0
   for index, start in enumerate(range(0, len(ids), batch)):
     stats = {}
@@ -245,8 +244,7 @@ def run(args) -> int:
   if stop_texts:
     texts, found = map(list, zip(*(stops.cut(t, stop_texts) for t in texts)))
   if args.stream:
-    sys.stdout.write(shown.finish(texts[0]) + ("\n" if args.ids else "\n\n"))
-    sys.stdout.flush()
+    _write(shown.finish(texts[0]) + ("\n" if args.ids else "\n\n"))
   if args.out:
     with storage.open(args.out, "w") as f:
       for p, t, o, s in zip(prompts, texts, outputs, found):
@@ -262,6 +260,12 @@ def run(args) -> int:
         f"{new_tokens / max(decode_s, 1e-9):.1f} tokens/s (prefill {prefill_s:.2f}s; "
         f"XLA compilation {compile_s:.2f}s, not counted)", file=sys.stderr)
   return 0
+
+
+def _write(text: str) -> None:
+  """Text on stdout at once (streamed output)."""
+  sys.stdout.write(text)
+  sys.stdout.flush()
 
 
 def main(argv=None) -> int:

@@ -358,9 +358,9 @@ def test_gpu_sorts_few_rows_and_filters_many(monkeypatch):
   few, many = g.GPU_CANDIDATES_FROM_BATCH - 1, g.GPU_CANDIDATES_FROM_BATCH
   assert g.filter_candidates(50, 50304, few) == 0 and g.filter_candidates(50, 50304, many) == 64
   few, many = g.GPU_BISECTION_FROM_BATCH - 1, g.GPU_BISECTION_FROM_BATCH
-  assert g._sort_is_faster(few, False) and not g._sort_is_faster(many, False)
+  assert g._sort_is_faster(few, candidates=False) and not g._sort_is_faster(many, candidates=False)
   monkeypatch.setattr(g.jax, "default_backend", lambda: "cpu")
-  assert not g._sort_is_faster(1, False) and g.filter_candidates(50, 50304, 1) == 64
+  assert not g._sort_is_faster(1, candidates=False) and g.filter_candidates(50, 50304, 1) == 64
 
 
 # --------------------------------------------------------------------------------------------

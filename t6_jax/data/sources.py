@@ -24,10 +24,11 @@ from t6_jax import storage
 
 REF_MAGIC, REF_VERSION, REF_HEADER_BYTES = 20240520, 1, 1024
 GPT2_EOT_ID = 50256  # the reference's shards hold GPT-2 tokens; this one starts every document
-# The files data.source=text reads in a directory (tfds_text.iter_documents reads each kind);
-# text and JSONL may be compressed.
+# Compressed text and JSONL: suffix -> pyarrow's codec (tfds_text decompresses as it reads).
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
+# The files data.source=text reads in a directory (tfds_text.iter_documents reads each kind).
 TEXT_SUFFIXES = tuple([".parquet"] + [base + z for base in (".txt", ".jsonl", ".json")
-                                      for z in ("", ".gz", ".zst", ".bz2", ".lz4")])
+                                      for z in ("", *COMPRESSIONS)])
 PREPARED_META = "meta.json"
 
 

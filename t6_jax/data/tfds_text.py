@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from t6_jax import storage
+from t6_jax.data.sources import COMPRESSIONS
 
 
 def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
@@ -35,9 +36,6 @@ def validation_keys(keys: Sequence[str], val_fraction: float) -> set[str]:
     return set()
   n_val = min(len(keys) - 1, max(1, round(len(keys) * val_fraction)))
   return set(sorted(keys, key=lambda k: (zlib.crc32(k.encode()), k))[:n_val])
-
-
-COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
 
 
 def _split_compression(path: str) -> tuple[str, str | None]:
@@ -63,11 +61,11 @@ def _open_text(path: str):
 
 def _parquet_documents(path: str, text_key: str) -> Iterator[tuple[str, str]]:
   import pyarrow.parquet as pq
-  with (open(path, "rb") if not storage.is_remote(path) else storage.open(path, "rb")) as f:
-    try:
-      table = pq.ParquetFile(f)
-    except Exception as e:  # pyarrow's ArrowInvalid and friends
-      raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
+  try:
+    table = pq.ParquetFile(storage.open(path, "rb") if storage.is_remote(path) else path)
+  except Exception as e:  # pyarrow's ArrowInvalid and friends
+    raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
+  try:
     columns = table.schema_arrow.names
     if text_key not in columns:
       raise ValueError(f"{path} has no {text_key!r} column (it has: {', '.join(columns)}); "
@@ -80,6 +78,8 @@ def _parquet_documents(path: str, text_key: str) -> Iterator[tuple[str, str]]:
           if text.strip():
             yield f"{path}:{n}", text
         n += 1
+  finally:
+    table.close(force=True)  # a bucket's file object too, which pyarrow would leave open
 
 
 def file_ident(path: str) -> tuple:

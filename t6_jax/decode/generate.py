@@ -103,7 +103,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool,
     return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   if use_filters:
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # top-k off: keep all
-    cut = cut_by_sort if _sort_is_faster(logits_BxV.shape[0], False) else cut_by_search
+    cut = cut_by_sort if _sort_is_faster(logits_BxV.shape[0], candidates=False) else cut_by_search
     logits_BxV = jnp.where(logits_BxV < cut(logits_BxV, k, top_p), -jnp.inf, logits_BxV)
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -165,7 +165,7 @@ GPU_CANDIDATES_FROM_BATCH = 8
 GPU_BISECTION_FROM_BATCH = 16
 
 
-def _sort_is_faster(batch: int, candidates: bool) -> bool:
+def _sort_is_faster(batch: int, *, candidates: bool) -> bool:
   """Whether the GPU's sort of whole rows beats the other form for `batch` rows: the
   candidates (`candidates`) or the bisection. Elsewhere it never does."""
   start = GPU_CANDIDATES_FROM_BATCH if candidates else GPU_BISECTION_FROM_BATCH
@@ -182,7 +182,7 @@ def filter_candidates(top_k: int, vocab: int, batch: int = 1) -> int:
   """`sample_logits`' top_k_cap for `batch` rows of `vocab` logits: `candidate_count(top_k)`,
   or 0 (the whole row) when top_k is off, when the count is not much smaller than the
   vocabulary, or where the sort is faster."""
-  if top_k <= 0 or _sort_is_faster(batch, True):
+  if top_k <= 0 or _sort_is_faster(batch, candidates=True):
     return 0
   cap = candidate_count(top_k)
   return cap if 4 * cap <= vocab else 0

@@ -33,7 +33,7 @@ class TextStream:
     if self.stopped or len(ids) <= self.tokens:
       return ""
     self.tokens = len(ids)
-    text = self.decode(list(ids))
+    text = self.decode(ids)
     end = len(text.rstrip("\ufffd"))  # an unfinished character: wait for its other bytes
     if self.stop_texts:
       cut, found = stops_lib.cut(text[:end], self.stop_texts)
