@@ -14,7 +14,7 @@ import pytest
 from t6_jax import config as config_lib
 from t6_jax.decode import (DecodeWeights, cache_bytes, cache_bytes_per_token, decode, generate,
                            prefill, prepare_decode, sample_logits)
-from t6_jax.model import init_params, model_from_params
+from t6_jax.model import init_params, layers, model_from_params
 from t6_jax.model.attention import TPA, FullQueries, Mask, TPAQueries
 from t6_jax.sharding import RULES, make_mesh
 
@@ -247,6 +247,33 @@ def test_prepared_weights_give_the_same_tokens(tpa_run):
   cache, logits = prefill(cfg, params, tokens, lengths, max_len=MAX_LEN)
   with pytest.raises(ValueError, match="another model config"):
     decode(other, weights, cache, logits, steps=2)
+
+
+def test_prepared_weights_hold_one_copy_and_pad_on_gpu(tpa_run, monkeypatch, request):
+  """The packed matrices replace the separate ones (prepared weights are as large as the
+  parameters, not twice); with the zero columns a GPU's loop gets for a batch
+  (`layers.decode_padding`: the tiny MLP's 170 hidden units to 192 and the packed
+  projection's 200 columns to 256, none at batch 1) the
+  tokens are the same."""
+  cfg, params, out = tpa_run
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  for batch in (1, len(PROMPTS)):
+    assert size(prepare_decode(cfg, params, batch).arrays) == size(params)
+  monkeypatch.setattr(layers, "PAD_DECODE_WIDTHS_ON", ("gpu", "cpu"))
+  jax.clear_caches()  # the jitted preparation traced above without the padding
+  request.addfinalizer(jax.clear_caches)  # and none of what follows is kept for later tests
+  tokens = np.zeros((len(PROMPTS), 10), np.int32)
+  for b, p in enumerate(PROMPTS):
+    tokens[b, :len(p)] = p
+  lengths = [len(p) for p in PROMPTS]
+  for rows in (slice(None), slice(1, 2)):  # a batch, and batch 1 (output-major packing)
+    weights = prepare_decode(cfg, params, len(PROMPTS[rows]))
+    # MLP: 3 matrices x 22 zero units; the packed projection: 200 columns to 256
+    extra = 0 if rows.start else cfg.model.num_layers * cfg.model.d_model * (3 * 22 + 56)
+    assert size(weights.arrays) == size(params) + extra
+    cache, logits = prefill(cfg, params, tokens[rows], lengths[rows], max_len=MAX_LEN)
+    new, _ = decode(cfg, weights, cache, logits, steps=NEW)
+    assert np.asarray(new).tolist() == out[rows]
 
 
 def test_eight_devices_give_the_same_tokens(tpa_run):

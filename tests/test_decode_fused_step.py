@@ -9,6 +9,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import numpy_ref as ref
 from t6_jax import config as config_lib
@@ -17,7 +18,7 @@ from t6_jax.decode.cache import entry_shapes
 from t6_jax.kernels import FactorCacheLayout
 from t6_jax.kernels.tpa_decode_gpu import combine, query_shape
 from t6_jax.kernels.tpa_step_gpu import tpa_step
-from t6_jax.model import init_params, model_from_params
+from t6_jax.model import init_params, layers, model_from_params
 
 
 @pytest.mark.parametrize("q_rank,heads,head_dim,splits,pos", [
@@ -96,12 +97,18 @@ def test_combine_matches_numpy(heads, splits):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly"])
-def test_fused_step_equals_xla_path(attention, monkeypatch):
+@pytest.mark.parametrize("attention,padded", [("tpa", False), ("tpa_kvonly", False),
+                                              ("tpa", True)])
+def test_fused_step_equals_xla_path(attention, padded, monkeypatch):
   """One decode step of a tiny bf16 model with the Triton kernel (interpreted) chosen: the
-  fused step writes layer 0's new entries exactly as the XLA path does and gives its logits."""
+  fused step writes layer 0's new entries exactly as the XLA path does and gives its logits.
+  padded: the model prepared as a GPU's token loop holds it for a batch (the packed
+  projection's 190 columns and the MLP's 170 hidden units padded with zeros to 192,
+  `layers.decode_padding`)."""
   cfg = config_lib.load("tiny", [f"model.attention={attention}", "model.num_heads=3",
                                  "model.num_layers=2", "model.dtype=bfloat16"]).model
+  if padded:
+    monkeypatch.setattr(layers, "PAD_DECODE_WIDTHS_ON", ("gpu", "cpu"))
   rng = np.random.default_rng(0)
   rnd = lambda s, scale: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype)
   params = jax.tree.map(lambda s: rnd(s, 0.15), jax.eval_shape(lambda: init_params(cfg)))
@@ -114,9 +121,15 @@ def test_fused_step_equals_xla_path(attention, monkeypatch):
   step = jnp.array([[3], [7]], jnp.int32)
 
   def run(params, entries, kernel, layout):
-    return model_from_params(cfg, params).extend(step, entries, pad_B, jnp.int32(pos),
-                                                 kv_len=slots, factor_attention=True,
-                                                 attention_kernel=kernel, layout=layout)
+    model = model_from_params(cfg, params)
+    if padded and kernel != "xla":
+      model = model.in_compute_dtype(per_layer=True)
+      block = nnx.state(model.blocks[0])
+      assert block["attn"]["packed_proj"].value.shape == (cfg.d_model, 192)
+      assert block["mlp"]["packed_fc"].value.shape == (cfg.d_model, 2 * 192)
+      assert block["mlp"]["packed_out"].value.shape == (192, cfg.d_model)
+    return model.extend(step, entries, pad_B, jnp.int32(pos), kv_len=slots,
+                        factor_attention=True, attention_kernel=kernel, layout=layout)
 
   want = jax.jit(run, static_argnums=(2, 3))(params, entries, "xla", None)
   fused = []

@@ -157,8 +157,8 @@ def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, *, h
   k_rank, v_rank = b_k.shape[3] // head_dim, b_v.shape[3] // head_dim
   expect = (heads * q_rank + q_rank * head_dim if q_rank else heads * head_dim) + (
       heads + head_dim) * (k_rank + v_rank)
-  if width != expect or head_dim % 2:
-    raise ValueError(f"packed projection width {width} does not match {heads} heads x "
+  if width < expect or head_dim % 2:  # (zero columns may follow: `TPA.pack_projection`)
+    raise ValueError(f"packed projection width {width} does not fit {heads} heads x "
                      f"{head_dim} with ranks ({q_rank}, {k_rank}, {v_rank}) (expected "
                      f"{expect}, an even d_h)")
   dtype = b_k.dtype

@@ -35,7 +35,7 @@ from t6_jax import kernels
 from t6_jax.kernels import tpa_decode_gpu
 from t6_jax.config import ModelConfig
 from t6_jax.kernels import Mask  # noqa: F401  (part of this interface)
-from t6_jax.model.layers import (RMSNorm, apply_rope, dense, fan_in_param,
+from t6_jax.model.layers import (RMSNorm, apply_rope, decode_padding, dense, fan_in_param,
                                  gemv_sublayer_out, one_row_gemv, pack_columns,
                                  packed_partials, packed_product, param, uniform_init,
                                  zeros_init)
@@ -330,10 +330,10 @@ class TPA(Attention):
     if not self.packs_projection():
       return super().project(x_BxTxD, rope)
     names = self.projection_names()
-    weights = [getattr(self, n)[...] for n in names]
+    shapes = self.projection_shapes()
     x_BxTxD = x_BxTxD.astype(self.dtype)
     w_packed, output_major = self.packed_weights()
-    width = w_packed.shape[0] if output_major else w_packed.shape[1]
+    width = sum(math.prod(shape) for shape in shapes)
     if getattr(self, "packed_proj", None) is None:
       # Concatenated in this step (training, prefill): zero columns up to a multiple of 128
       # ride along in the same copy. The backward's dX product contracts over this width,
@@ -348,13 +348,13 @@ class TPA(Attention):
       # Training and prefill: the pieces (and RoPE) by `kernels.unpack_factors`, whose
       # backward writes the padded gradient in one pass with the contraction kernels.
       pieces = kernels.unpack_factors(
-          y_BxTxN, [math.prod(w.shape[1:]) for w in weights], [n in rotated for n in names],
+          y_BxTxN, [math.prod(shape) for shape in shapes], [n in rotated for n in names],
           *rope, apply_rope, impl=self.cfg.contract_impl, rules=self.rules)
-      out = {n: y.reshape(lead + w.shape[1:]) for n, w, y in zip(names, weights, pieces)}
+      out = {n: y.reshape(lead + shape) for n, shape, y in zip(names, shapes, pieces)}
     else:
-      bounds = list(itertools.accumulate(math.prod(w.shape[1:]) for w in weights))[:-1]
-      out = {n: y.reshape(lead + w.shape[1:]) for n, w, y in zip(
-          names, weights, jnp.split(y_BxTxN[..., :width], bounds, axis=-1))}
+      bounds = list(itertools.accumulate(math.prod(shape) for shape in shapes))[:-1]
+      out = {n: y.reshape(lead + shape) for n, shape, y in zip(
+          names, shapes, jnp.split(y_BxTxN[..., :width], bounds, axis=-1))}
       out = {n: apply_rope(y, *rope) if n in rotated else y for n, y in out.items()}
     if self.factor_q:
       q = TPAQueries(out["W_A_q"], out["W_B_q"])
@@ -372,6 +372,14 @@ class TPA(Attention):
     names = ("W_A_q", "W_B_q") if self.factor_q else ("c_q",)
     return names + ("W_A_k", "W_B_k", "W_A_v", "W_B_v")
 
+  def projection_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """Each projection's output shape per token, in `projection_names` order (the weights'
+    shapes after d_model; the packed matrix stands in for the weights in decoding)."""
+    cfg = self.cfg
+    h, k, r_k, r_v = cfg.num_heads, cfg.head_dim, cfg.k_rank, cfg.v_rank
+    query = ((h, cfg.q_rank), (cfg.q_rank, k)) if self.factor_q else ((h, k),)
+    return query + ((h, r_k), (r_k, k), (h, r_v), (r_v, k))
+
   def packed_projection(self, output_major: bool = False):
     """The factor projections' weights side by side (`pack_columns`) in the compute dtype."""
     return pack_columns([getattr(self, n)[...].astype(self.dtype)
@@ -388,10 +396,17 @@ class TPA(Attention):
   def pack_projection(self, output_major: bool = False):
     """Stores `packed_projection()` on this (one layer's) module as `packed_proj`, so a decode
     loop reads packed weights instead of concatenating them in every step (XLA does not hoist
-    the concatenation out of the token loop). Not where `project` takes separate GEMMs."""
+    the concatenation out of the token loop). Not where `project` takes separate GEMMs. Zero
+    columns pad the width for a batch's GEMMs (`decode_padding`; 1420 at T6-XL)."""
     if self.packs_projection():
-      self.packed_proj = nnx.Variable(self.packed_projection(output_major))
+      w = self.packed_projection(output_major)
+      pad = decode_padding(w.shape[int(not output_major)], output_major)
+      if pad:
+        w = jnp.pad(w, ((0, pad), (0, 0)) if output_major else ((0, 0), (0, pad)))
+      self.packed_proj = nnx.Variable(w)
       self.packed_output_major = output_major
+      for name in self.projection_names():  # the packed copy replaces them: no second copy
+        delattr(self, name)
 
   def materialize(self, q: Queries, e) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K and V (B, T|S, H, d_h) from their factors, by model.contract_impl: XLA's einsum,

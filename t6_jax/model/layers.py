@@ -98,6 +98,22 @@ def dense(spec: str, x, w, *, kernel: bool | None = None):
   return jax.lax.slice_in_dim(jnp.einsum(spec, x2, w), 0, 1, axis=out.index(rows[0]))
 
 
+# Where a decode loop's stored weights get their widths padded (`decode_padding`).
+PAD_DECODE_WIDTHS_ON = ("gpu",)
+
+
+def decode_padding(width: int, output_major: bool) -> int:
+  """Zero columns that take a width of a decode loop's stored weights (the MLP's hidden
+  units, TPA's packed projection) to a multiple of 64 for the GEMMs of a batch on GPU; 0
+  elsewhere, and for the GEMV kernel's output-major matrices (batch 1), which take any width.
+  XLA pads a ragged width for its GEMMs itself, inside the token loop and so in every step:
+  at T6-XL (4266 hidden units) the SwiGLU between the MLP's products became a padding
+  fusion of 9.2 us a layer on an H100, for 16 x 4266 values."""
+  if output_major or kernels.target()[0] not in PAD_DECODE_WIDTHS_ON:
+    return 0
+  return -width % 64
+
+
 def pack_columns(weights, output_major: bool = False):
   """Weights (D, ...) side by side as one matrix for one wide product: (D, N), or stored
   output-major (N, D) with `output_major`. Output-major rows are D long, so the GEMV kernel
@@ -213,7 +229,7 @@ class Mlp(nnx.Module):
       # One row on one GPU: two GEMV kernels, the first normalising x (prenorm), the second
       # computing silu(gate) * up from the first's unsummed partials and (residual) adding
       # its own product to x.
-      w_FxD = self.c_proj[...].astype(self.dtype)
+      w_FxD = self.packed_out[...]
       gate_up_SxN, tickets = packed_partials(x_BxTxD, packed[...], self.packed_output_major,
                                              prenorm, tickets_for=w_FxD.shape[1] if residual else 0)
       return gemv_sublayer_out(gate_up_SxN[:, 0, :], w_FxD, x_BxTxD, prologue=("swiglu",),
@@ -223,11 +239,12 @@ class Mlp(nnx.Module):
     if prenorm:
       x_BxTxD = rms_norm(x_BxTxD)
     x = x_BxTxD.astype(self.dtype)
-    w_proj = self.c_proj[...].astype(self.dtype)
     if packed is not None:
+      w_proj = self.packed_out[...]
       gate_BxTxF, up_BxTxF = jnp.split(
           packed_product(x, packed[...], self.packed_output_major), 2, axis=-1)
     else:
+      w_proj = self.c_proj[...].astype(self.dtype)
       w_fc1, w_fc2 = (w[...].astype(self.dtype) for w in (self.c_fc1, self.c_fc2))
       # Zero hidden units up to the width the SwiGLU kernel takes (silu(0) * 0 = 0 meets
       # zero rows of c_proj: the same output, and the gradients' extra columns are dropped
@@ -245,13 +262,21 @@ class Mlp(nnx.Module):
 
   def pack_projection(self, output_major: bool = False):
     """Stores c_fc1 and c_fc2 side by side on this (one layer's) module as `packed_fc`
-    (`pack_columns`), so a decode step reads x once in one product. Not where the rules
-    split the hidden axis (tensor parallelism): the concatenation would mix shards."""
+    (`pack_columns`), so a decode step reads x once in one product, and c_proj as
+    `packed_out`. Not where the rules split the hidden axis (tensor parallelism): the
+    concatenation would mix shards. The hidden width gets zero units by `decode_padding`
+    (silu(0) * 0 = 0 meets zero rows of c_proj: the same output)."""
     if not self.rules.mesh_axes("mlp"):
-      self.packed_fc = nnx.Variable(pack_columns(
-          [self.c_fc1[...].astype(self.dtype), self.c_fc2[...].astype(self.dtype)],
-          output_major))
+      w_fc1, w_fc2, w_proj = (w[...].astype(self.dtype)
+                              for w in (self.c_fc1, self.c_fc2, self.c_proj))
+      pad = decode_padding(w_fc1.shape[1], output_major)
+      if pad:
+        w_fc1, w_fc2 = (jnp.pad(w, ((0, 0), (0, pad))) for w in (w_fc1, w_fc2))
+        w_proj = jnp.pad(w_proj, ((0, pad), (0, 0)))
+      self.packed_fc = nnx.Variable(pack_columns([w_fc1, w_fc2], output_major))
+      self.packed_out = nnx.Variable(w_proj)
       self.packed_output_major = output_major
+      del self.c_fc1, self.c_fc2, self.c_proj  # replaced by the packed copies
 
 
 class Embed(nnx.Module):
