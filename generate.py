@@ -221,6 +221,7 @@ def run(args) -> int:
     _write(f"{prompts[0]} | " if args.ids else f"=== {prompts[0]!r}\n{prompts[0]}")
   show = (lambda rows: _write(shown.update(rows[0]))) if shown else None
   outputs, new_tokens, decode_s, prefill_s, compile_s = [], 0, 0.0, 0.0, 0.0
+  held = []  # --stream: the batch's line waits until the streamed text has ended its line
   for index, start in enumerate(range(0, len(ids), batch)):
     stats = {}
     outputs += generate(params, cfg, ids[start:start + batch], max_len=max_len, mesh=mesh,
@@ -230,13 +231,16 @@ def run(args) -> int:
     decode_s += run_s
     prefill_s += stats["prefill_s"] - stats["prefill_compile_s"]
     compile_s += stats["prefill_compile_s"] + stats["decode_compile_s"]
-    print(f"[batch {index}] {stats['new_tokens']} new tokens, prefill "
-          f"{stats['prefill_s']:.2f}s + decode {stats['decode_s']:.2f}s, of which XLA "
-          f"compilation {stats['prefill_compile_s'] + stats['decode_compile_s']:.2f}s "
-          f"({stats['new_tokens'] / max(run_s, 1e-9):.1f} tokens/s, "
-          f"{1e3 * run_s / max(stats['steps'] - 1, 1):.3f} ms per model step of "
-          f"{stats['batch']} rows (up to {stats['steps'] - 1} steps), "
-          f"cache {max_len})", file=sys.stderr)
+    line = (f"[batch {index}] {stats['new_tokens']} new tokens, prefill "
+            f"{stats['prefill_s']:.2f}s + decode {stats['decode_s']:.2f}s, of which XLA "
+            f"compilation {stats['prefill_compile_s'] + stats['decode_compile_s']:.2f}s "
+            f"({stats['new_tokens'] / max(run_s, 1e-9):.1f} tokens/s, "
+            f"{1e3 * run_s / max(stats['steps'] - 1, 1):.3f} ms per model step of "
+            f"{stats['batch']} rows (up to {stats['steps'] - 1} steps), cache {max_len})")
+    if args.stream:
+      held.append(line)
+    else:
+      print(line, file=sys.stderr)
 
   texts = ([" ".join(map(str, o)) for o in outputs] if args.ids
            else [tokenizer.decode(o) for o in outputs])
@@ -245,6 +249,7 @@ def run(args) -> int:
     texts, found = map(list, zip(*(stops.cut(t, stop_texts) for t in texts)))
   if args.stream:
     _write(shown.finish(texts[0]) + ("\n" if args.ids else "\n\n"))
+    print("\n".join(held), file=sys.stderr)
   if args.out:
     with storage.open(args.out, "w") as f:
       for p, t, o, s in zip(prompts, texts, outputs, found):
