@@ -276,6 +276,21 @@ def test_prepared_weights_hold_one_copy_and_pad_on_gpu(tpa_run, monkeypatch, req
     assert np.asarray(new).tolist() == out[rows]
 
 
+def test_scanned_layers_decode_from_packed_stacks(tpa_run):
+  """With the layers scanned (TPU's form) the loop's weights are packed once, still stacked
+  (`Transformer.in_compute_dtype`), and give the unrolled model's tokens, prepared or not."""
+  cfg, params, out = tpa_run
+  scanned = config_lib.apply_overrides(cfg, ["model.scan_layers=true"])
+  assert generate(params, scanned, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN) == out
+  weights = prepare_decode(scanned, params, 1)
+  state = jax.tree.unflatten(weights.treedef, weights.arrays)
+  assert "packed_proj" in state["blocks"]["attn"] and "W_A_q" not in state["blocks"]["attn"]
+  assert state["blocks"]["mlp"]["packed_fc"].shape[0] == cfg.model.num_layers
+  tokens = np.asarray([PROMPTS[1]], np.int32)
+  cache, logits = prefill(scanned, params, tokens, [len(PROMPTS[1])], max_len=MAX_LEN)
+  assert np.asarray(decode(scanned, weights, cache, logits, steps=NEW)[0]).tolist() == [out[1]]
+
+
 def test_eight_devices_give_the_same_tokens(tpa_run):
   cfg, params, out = tpa_run
   assert len(jax.devices()) == 8

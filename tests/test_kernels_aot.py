@@ -121,6 +121,18 @@ def test_decode_step_compiles_with_the_mosaic_kernel(attention):
   assert not [l for l in hlo.splitlines() if " copy(" in l and f"{rows},{slots}]" in l]
 
 
+def test_decode_step_packs_the_projections_outside_the_loop():
+  """Scanned layers (TPU) get TPA's factor projections packed before the token loop: no
+  concatenation of weights (or pad of the packed matrix) inside the compiled loop."""
+  from t6_jax import config as config_lib
+  from t6_jax.decode.aot import compile_decode_step
+  from t6_jax.train.aot import topology_devices
+  cfg = config_lib.load("tiny", MICRO + ["mesh.data=1", "mesh.fsdp=-1"])
+  compiled, _ = compile_decode_step(cfg, topology_devices("v5e:2x2"), batch=4, context=256)
+  in_loop = [l for l in compiled.as_text().splitlines() if "while/body" in l]
+  assert in_loop and not [l for l in in_loop if " concatenate(" in l]
+
+
 def test_decode_aot_refuses_empty_shapes(capsys):
   from t6_jax.decode.aot import main
   for flags, words in [(["--batch", "0"], "--batch 0: give at least 1"),

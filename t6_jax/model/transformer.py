@@ -113,6 +113,13 @@ def _in_compute_dtype(state, dtype):
   return jax.tree.map(cast, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+def _pack(block: Block, one_row: bool) -> None:
+  """Packs one layer's projections for decoding (`pack_projection` of its parts)."""
+  for part in (block.attn, block.mlp):
+    if hasattr(part, "pack_projection"):
+      part.pack_projection(output_major=one_row)
+
+
 class Transformer(nnx.Module):
   """The model. `rules` (a table name or `sharding.Rules`) shards its activations."""
 
@@ -142,15 +149,29 @@ class Transformer(nnx.Module):
     (`layers.pack_columns`)."""
     graphdef, blocks, rest = nnx.split(self, lambda path, _: "blocks" in path, ...)
     model = nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
-    if per_layer and not layers_scanned(self.cfg) and not isinstance(model.blocks, nnx.List):
-      block_def, state = nnx.split(model.blocks)
-      layers = [nnx.merge(block_def, jax.tree.map(lambda x, i=i: x[i], state))
-                for i in range(self.cfg.num_layers)]
-      for block in layers:
-        for part in (block.attn, block.mlp):
-          if hasattr(part, "pack_projection"):
-            part.pack_projection(output_major=one_row)
-      model.blocks = nnx.List(layers)
+    if not per_layer or isinstance(model.blocks, nnx.List):
+      return model
+    block_def, state = nnx.split(model.blocks)
+    if layers_scanned(self.cfg):
+      # Scanned layers (TPU) stay stacked, each layer packed: inside the layer scan of every
+      # token step XLA would otherwise concatenate (and pad) TPA's factor projections.
+      packed_defs = []
+
+      def pack_layer(layer_state):
+        block = nnx.merge(block_def, layer_state)
+        _pack(block, one_row)
+        packed_def, packed_state = nnx.split(block)
+        packed_defs.append(packed_def)
+        return packed_state
+
+      packed_state = jax.vmap(pack_layer)(state)
+      model.blocks = nnx.merge(packed_defs[0], packed_state)
+      return model
+    layers = [nnx.merge(block_def, jax.tree.map(lambda x, i=i: x[i], state))
+              for i in range(self.cfg.num_layers)]
+    for block in layers:
+      _pack(block, one_row)
+    model.blocks = nnx.List(layers)
     return model
 
   def apply_blocks(self, x_BxTxD, layer_fn: Callable[[Block, jax.Array, Any], tuple],
