@@ -144,9 +144,10 @@ class Transformer(nnx.Module):
     packed for one wide product each (TPA's factor projections, the MLP's two input
     projections): a token loop otherwise copies every weight matrix out of its stacked array
     (GEMMs cannot read a slice of one, and XLA does not hoist the slices out of the loop) and
-    concatenates the packed matrices, in every step. `one_row` (batch-1 decoding) stores the
-    packed matrices output-major, the layout the GEMV kernel reads with aligned rows
-    (`layers.pack_columns`)."""
+    concatenates the packed matrices, in every step. Scanned layers stay stacked, each layer
+    packed the same way (the scan then reads packed matrices). `one_row` (batch-1 decoding)
+    stores the packed matrices output-major, the layout the GEMV kernel reads with aligned
+    rows (`layers.pack_columns`)."""
     graphdef, blocks, rest = nnx.split(self, lambda path, _: "blocks" in path, ...)
     model = nnx.merge(graphdef, _in_compute_dtype(blocks, jnp.dtype(self.cfg.dtype)), rest)
     if not per_layer or isinstance(model.blocks, nnx.List):
