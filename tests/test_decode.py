@@ -276,11 +276,19 @@ def test_prepared_weights_hold_one_copy_and_pad_on_gpu(tpa_run, monkeypatch, req
     assert np.asarray(new).tolist() == out[rows]
 
 
-def test_scanned_layers_decode_from_packed_stacks(tpa_run):
+@pytest.mark.parametrize("attention", ["tpa", "gqa", "mla"])
+def test_scanned_layers_decode_from_packed_stacks(tpa_run, attention):
   """With the layers scanned (TPU's form) the loop's weights are packed once, still stacked
   (`Transformer.in_compute_dtype`), and give the unrolled model's tokens, prepared or not."""
   cfg, params, out = tpa_run
   scanned = config_lib.apply_overrides(cfg, ["model.scan_layers=true"])
+  if attention != "tpa":  # (the MLP's packing under the scan, with other attention types)
+    cfg = tiny_cfg(attention)
+    params = tiny_params(cfg)
+    scanned = config_lib.apply_overrides(cfg, ["model.scan_layers=true"])
+    assert (generate(params, scanned, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+            == generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN))
+    return
   assert generate(params, scanned, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN) == out
   weights = prepare_decode(scanned, params, 1)
   state = jax.tree.unflatten(weights.treedef, weights.arrays)
