@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from t6_jax import config as config_lib
-from t6_jax.decode import (DecodeWeights, cache_bytes, cache_bytes_per_token, decode, generate,
-                           prefill, prepare_decode, sample_logits)
+from t6_jax.decode import (DecodeWeights, cache_bytes, cache_bytes_per_token, decode,
+                           decode_params, generate, prefill, prepare_decode, sample_logits)
 from t6_jax.model import init_params, layers, model_from_params
 from t6_jax.model.attention import TPA, FullQueries, Mask, TPAQueries
 from t6_jax.sharding import RULES, make_mesh
@@ -218,6 +218,22 @@ def test_prefill_then_decode_api(tpa_run):
   assert np.asarray(jnp.argmax(logits, -1)).tolist() == [o[0] for o in out]
   new, cache = decode(cfg, params, cache, logits, steps=NEW)
   assert np.asarray(new).tolist() == out and int(cache.length) == 8 + NEW - 1
+
+
+def test_decode_params_give_the_same_tokens_in_half_the_memory():
+  """Parameters held as decoding reads them (`decode_params`: block matrices in the bf16
+  compute dtype, the embedding and norms as stored) give the fp32 parameters' tokens, greedy
+  and sampled, in about half their bytes."""
+  cfg = tiny_cfg("tpa", "model.dtype=bfloat16")
+  params = tiny_params(cfg)
+  held = decode_params(cfg.model, params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(held["blocks"]) if x.ndim > 2)
+  assert held["embed"]["wte"].dtype == jnp.float32
+  assert nbytes(held["blocks"]) < 0.51 * nbytes(params["blocks"])
+  for sampling in (dict(), dict(temperature=0.9, top_p=0.9, seed=3)):
+    assert (generate(held, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN, **sampling)
+            == generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN, **sampling))
 
 
 def test_prepared_weights_give_the_same_tokens(tpa_run):

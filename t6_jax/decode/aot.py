@@ -2,7 +2,8 @@
 
 The program compiled is `decode_loop` (the jitted token loop of generation) for one model step
 per row (steps=2: the first token comes from the prefill's logits, the second from one
-`Transformer.extend` step against the cache), with abstract, sharded parameters and a full
+`Transformer.extend` step against the cache), with abstract, sharded parameters held as
+generation holds them (`decode_params`: block matrices in the compute dtype) and a full
 cache of `context` slots stored in the layout the decode kernel reads (`kernels.
 decode_cache_layout`, decided for the topology's platform: the Mosaic kernel's layout on TPU
 with decode.attention_kernel auto or pallas). libtpu (the `tpu` extra) describes the slice;
@@ -30,9 +31,20 @@ from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
 from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
+from t6_jax.decode.weights import decode_params
 from t6_jax.model.placement import abstract_params, param_shardings
 
 GiB = 2**30
+
+
+def held_params(cfg: Config, mesh):
+  """Abstract parameters placed on `mesh` as generation holds them (`decode_params`: the block
+  matrices in the compute dtype)."""
+  sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(sharded, abstract_params(cfg.model),
+                        param_shardings(cfg.model, mesh, cfg.mesh.rules))
+  held = jax.eval_shape(lambda p: decode_params(cfg.model, p), params)
+  return jax.tree.map(lambda h, p: sharded(h, p.sharding), held, params)
 
 
 def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
@@ -55,7 +67,7 @@ def lower_decode_step(cfg: Config, devices, *, batch: int, context: int,
   rules = cfg.mesh.rules
   model = cfg.model
   sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(sharded, abstract_params(model), param_shardings(model, mesh, rules))
+  params = held_params(cfg, mesh)
   rows = NamedSharding(mesh, P(*sharding_lib.logical_to_spec(("batch",), rules, (batch,),
                                                               mesh)))
   with jax.set_mesh(mesh):  # the layout is decided for the mesh's platform
@@ -89,9 +101,7 @@ def compile_prefill(cfg: Config, devices, *, batch: int, prompt_len: int, contex
     raise ValueError(f"prompt_len={prompt_len} does not fit a cache of {context} slots")
   mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
   rules = cfg.mesh.rules
-  sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(sharded, abstract_params(cfg.model),
-                        param_shardings(cfg.model, mesh, rules))
+  params = held_params(cfg, mesh)
   rows = sharding_lib.logical_to_spec(("batch",), rules, (batch,), mesh)
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
                                 sharding=NamedSharding(mesh, P(*rows, None)))
