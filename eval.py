@@ -166,6 +166,7 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   from t6_jax.checkpoint import load_checkpoint
   from t6_jax.eval import scoring, tasks
   from t6_jax.eval.perplexity import evaluate_perplexity
+  from t6_jax.model import inference_params
 
   primary = jax.process_index() == 0
   progress = primary and not args.no_progress
@@ -173,6 +174,8 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   loaded = load_checkpoint(path, step=step, mesh=mesh, model=cfg.model,
                            rules=cfg.mesh.rules, report=False)
   step, params = loaded.step, loaded.params
+  del loaded  # (its fp32 block matrices go once cast: the forward reads them in bf16 anyway)
+  params = inference_params(cfg.model, params)
   if step != expected_step and primary:
     print(f"[checkpoint] the arrays of step {expected_step} are damaged; evaluating step "
           f"{step}", file=sys.stderr)

@@ -145,7 +145,7 @@ def run(args) -> int:
   if args.stream and jax.process_count() > 1:
     raise ValueError(f"--stream prints from one process, and this job has "
                      f"{jax.process_count()}; drop --stream (the completions print at the end)")
-  from t6_jax.decode import decode_params, generate
+  from t6_jax.decode import generate
   from t6_jax.decode.generate import batch_seed, cache_length
   from t6_jax.sharding import make_mesh
 
@@ -179,7 +179,8 @@ def run(args) -> int:
     loaded = load_checkpoint(path, step=args.step, report=False, **placed)
     params, tokenizer_spec = loaded.params, loaded.tokenizer_spec
     del loaded  # (its fp32 block matrices go once cast below)
-  params = decode_params(cfg.model, params)  # held in the compute dtype while generating
+  from t6_jax.model import inference_params
+  params = inference_params(cfg.model, params)  # held in the compute dtype while generating
 
   tokenizer = None
   if not args.ids:

@@ -13,8 +13,8 @@ import pytest
 
 from t6_jax import config as config_lib
 from t6_jax.decode import (DecodeWeights, cache_bytes, cache_bytes_per_token, decode,
-                           decode_params, generate, prefill, prepare_decode, sample_logits)
-from t6_jax.model import init_params, layers, model_from_params
+                           generate, prefill, prepare_decode, sample_logits)
+from t6_jax.model import inference_params, init_params, layers, model_from_params
 from t6_jax.model.attention import TPA, FullQueries, Mask, TPAQueries
 from t6_jax.sharding import RULES, make_mesh
 
@@ -220,13 +220,13 @@ def test_prefill_then_decode_api(tpa_run):
   assert np.asarray(new).tolist() == out and int(cache.length) == 8 + NEW - 1
 
 
-def test_decode_params_give_the_same_tokens_in_half_the_memory():
-  """Parameters held as decoding reads them (`decode_params`: block matrices in the bf16
+def test_inference_params_give_the_same_tokens_in_half_the_memory():
+  """Parameters held as decoding reads them (`inference_params`: block matrices in the bf16
   compute dtype, the embedding and norms as stored) give the fp32 parameters' tokens, greedy
   and sampled, in about half their bytes."""
   cfg = tiny_cfg("tpa", "model.dtype=bfloat16")
   params = tiny_params(cfg)
-  held = decode_params(cfg.model, params)
+  held = inference_params(cfg.model, params)
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(held["blocks"]) if x.ndim > 2)
   assert held["embed"]["wte"].dtype == jnp.float32

@@ -14,7 +14,7 @@ from t6_jax import config as config_lib
 from t6_jax.eval import scoring, tasks
 from t6_jax.eval.harness import T6Adapter, cut_at_stop
 from t6_jax.eval.perplexity import count_bytes, make_loss_fn
-from t6_jax.model import init_params, model_from_params
+from t6_jax.model import inference_params, init_params, model_from_params
 from t6_jax.sharding import make_mesh
 
 
@@ -100,6 +100,18 @@ def test_continuation_loglikelihood_matches_numpy(tiny):
   # Lengths 7..33 tokens map onto the 16 and 32 buckets: at most two compiled programs.
   assert scorer.buckets == [16, 32]
   assert scorer.compiled_shapes() <= 2
+
+
+def test_inference_params_score_as_the_fp32_parameters():
+  """Evaluation holding the block matrices in the bf16 compute dtype (`inference_params`,
+  as eval.py does) scores exactly as the fp32 parameters it came from."""
+  cfg = config_lib.load("tiny", ["model.max_seq_len=32", "model.dtype=bfloat16"])
+  params = init_params(cfg.model, 0)
+  held = inference_params(cfg.model, params)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 256, (2, 17)), jnp.int32)
+  score = jax.jit(lambda p: scoring.token_logprobs(cfg, p, tokens[:, :-1], tokens[:, 1:]))
+  for got, want in zip(score(held), score(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_rolling_windows_score_each_token_once():

@@ -3,7 +3,7 @@
 The program compiled is `decode_loop` (the jitted token loop of generation) for one model step
 per row (steps=2: the first token comes from the prefill's logits, the second from one
 `Transformer.extend` step against the cache), with abstract, sharded parameters held as
-generation holds them (`decode_params`: block matrices in the compute dtype) and a full
+generation holds them (`inference_params`: block matrices in the compute dtype) and a full
 cache of `context` slots stored in the layout the decode kernel reads (`kernels.
 decode_cache_layout`, decided for the topology's platform: the Mosaic kernel's layout on TPU
 with decode.attention_kernel auto or pallas). libtpu (the `tpu` extra) describes the slice;
@@ -31,19 +31,19 @@ from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
 from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
-from t6_jax.decode.weights import decode_params
+from t6_jax.model import inference_params
 from t6_jax.model.placement import abstract_params, param_shardings
 
 GiB = 2**30
 
 
 def held_params(cfg: Config, mesh):
-  """Abstract parameters placed on `mesh` as generation holds them (`decode_params`: the block
+  """Abstract parameters placed on `mesh` as generation holds them (`inference_params`: the block
   matrices in the compute dtype)."""
   sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = jax.tree.map(sharded, abstract_params(cfg.model),
                         param_shardings(cfg.model, mesh, cfg.mesh.rules))
-  held = jax.eval_shape(lambda p: decode_params(cfg.model, p), params)
+  held = jax.eval_shape(lambda p: inference_params(cfg.model, p), params)
   return jax.tree.map(lambda h, p: sharded(h, p.sharding), held, params)
 
 

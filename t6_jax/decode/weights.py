@@ -52,19 +52,6 @@ def model_in_compute_dtype(model_cfg: ModelConfig, params, rules: str, cast_head
   return model
 
 
-def decode_params(model_cfg: ModelConfig, params: dict) -> dict:
-  """Parameters as decoding reads them: the block matrices (ndim > 2) in the compute dtype,
-  the tied embedding and the norm weights as stored (lookups and norms in fp32, as in
-  training). The token loop and the prefill cast exactly these arrays to the same values, so
-  tokens do not change; holding them cast halves the weights' memory for the whole
-  generation (T6-XL: 3.3 GB instead of 6.2 with fp32 parameters) and takes the casts out of
-  every call. `generate.py` holds its parameters so."""
-  dtype = jnp.dtype(model_cfg.dtype)
-  cast = lambda x: (x.astype(dtype) if x.ndim > 2 and jnp.issubdtype(x.dtype, jnp.floating)
-                    else x)
-  return {**params, "blocks": jax.tree.map(cast, params["blocks"])}
-
-
 @partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
          meta_fields=["graphdef", "treedef", "model_cfg", "one_row"])
 @dataclasses.dataclass(frozen=True)
