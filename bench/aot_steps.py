@@ -56,6 +56,31 @@ def _cost(compiled):
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+               "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _collectives(compiled) -> dict:
+  """{op: (count, bytes of its results)} over the collectives of the optimized HLO, each
+  counted once (by channel id: an async collective appears in more than one computation)."""
+  seen = {}
+  for line in compiled.as_text().splitlines():
+    found = re.search(r"= (\w+)\[([0-9,]*)\]\S* (" + "|".join(COLLECTIVES)
+                      + r")\(.*channel_id=(\d+)", line)
+    if found:
+      dtype, dims, op, channel = found.groups()
+      size = _ITEM_BYTES.get(dtype, 4)
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      seen[(op, channel)] = size
+  out = {}
+  for (op, _), size in seen.items():
+    count, total = out.get(op, (0, 0))
+    out[op] = (count + 1, total + size)
+  return out
+
+
 def _memory(compiled):
   mem = compiled.memory_analysis()
   return dict(args=mem.argument_size_in_bytes, temps=mem.temp_size_in_bytes,
@@ -164,15 +189,20 @@ def decode_variant(cfg, devices, kernel: str, batch: int, context: int):
     return None
   compile_s = time.time() - t0
   mem = _memory(compiled)
-  costs = [_cost(compiled)] if not UNROLLED_PAIR else []
-  costs += [_cost(decode_aot.compile_decode_step(
+  programs = [compiled] if not UNROLLED_PAIR else []
+  programs += [decode_aot.compile_decode_step(
       with_model(cfg, num_layers=layers, scan_layers=False), devices, batch=batch,
-      context=context, attention_kernel=kernel)[0])
-            for layers in ((1, 2) if UNROLLED_PAIR else (2,))]
-  flops, nbytes = _extrapolate(costs, cfg.model.num_layers)
+      context=context, attention_kernel=kernel)[0]
+               for layers in ((1, 2) if UNROLLED_PAIR else (2,))]
+  flops, nbytes = _extrapolate([_cost(p) for p in programs], cfg.model.num_layers)
+  # The collectives of one step (the program's two steps share one loop body), extrapolated
+  # over depth as the costs are: {op: [count, bytes of the results]}.
+  ops = [_collectives(p) for p in programs]
+  collectives = {op: [round(a + (cfg.model.num_layers - 1) * (b - a)) for a, b in zip(
+      ops[0].get(op, (0, 0)), ops[1].get(op, (0, 0)))] for op in set(ops[0]) | set(ops[1])}
   return _row(dict(kind="decode", impl=kernel, mesh=dict(mesh.shape), batch=batch,
-                   context=context, compile_s=compile_s), mem, flops, nbytes, (0.0, 0.0),
-              kind, hbm)
+                   context=context, compile_s=compile_s, collectives=collectives), mem, flops,
+              nbytes, (0.0, 0.0), kind, hbm)
 
 
 def main(argv=None):

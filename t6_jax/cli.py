@@ -54,6 +54,14 @@ def note_unused(overrides: Sequence[str], program: str, sections: Sequence[str],
   return unused
 
 
+def human_bytes(n: float) -> str:
+  """A byte count for people: '3.11 GB', '41.2 MB', '512 B' (powers of 1000)."""
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= size:
+      return f"{n / size:.{2 if unit == 'GB' else 1}f} {unit}"
+  return f"{int(n)} B"
+
+
 def _tpu_present() -> bool:
   if any(os.environ.get(k) for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "JAX_FORCE_TPU_INIT")):
     return True

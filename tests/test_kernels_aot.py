@@ -2,6 +2,7 @@
 lowering included) without a TPU attached; skipped without libtpu (the `tpu` extra)."""
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -131,6 +132,21 @@ def test_decode_step_packs_the_projections_outside_the_loop():
   compiled, _ = compile_decode_step(cfg, topology_devices("v5e:2x2"), batch=4, context=256)
   in_loop = [l for l in compiled.as_text().splitlines() if "while/body" in l]
   assert in_loop and not [l for l in in_loop if " concatenate(" in l]
+
+
+def test_tensor_parallel_decode_gathers_no_weights():
+  """Weights split over heads, the MLP and the vocabulary (fsdp_tp, fsdp=1) stay where they
+  lie in the compiled decode step: no all-gather of a weight (the embedding's rows are looked
+  up on the shard that holds them), only the all-reduces of the activations."""
+  from t6_jax import config as config_lib
+  from t6_jax.decode.aot import compile_decode_step
+  from t6_jax.train.aot import topology_devices
+  cfg = config_lib.load("tiny", MICRO + ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2",
+                                         "mesh.rules=fsdp_tp"])
+  compiled, _ = compile_decode_step(cfg, topology_devices("v5e:2x2"), batch=4, context=256)
+  gathers = [l for l in compiled.as_text().splitlines() if " all-gather(" in l]
+  # (the sampler's per-row candidates are gathered: 4 rows of a few values, no weight)
+  assert not [l for l in gathers if re.search(r"\[(\d+,)*(64|128)(,\d+)*\]", l.split("=")[1])]
 
 
 def test_decode_aot_refuses_empty_shapes(capsys):

@@ -176,3 +176,56 @@ def test_users_own_jit_of_the_model_uses_the_models_rules():
   # Only fsdp_tp puts activations (heads, MLP, vocab) on the tensor axis.
   assert constrained_on_tensor(hlo("fsdp_tp"))
   assert not constrained_on_tensor(hlo("fsdp"))
+
+
+@needs8
+def test_vocab_split_lookup_reads_rows_where_they_lie():
+  """Under fsdp_tp the embedding's rows are looked up on the tensor shard that holds them: the
+  same rows and table gradient as a plain lookup (float64 NumPy), and the compiled program
+  gathers no copy of the table; where the rules do not split the vocabulary, no such path."""
+  from t6_jax.model.layers import vocab_sharded_lookup
+  mesh = sharding.make_mesh(2, 2, 2, rules="fsdp_tp")
+  rules = sharding.rules_table("fsdp_tp")
+  table = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+  tokens = np.random.default_rng(1).integers(0, 64, (4, 8)).astype(np.int32)
+  cotangent = np.random.default_rng(2).standard_normal((4, 8, 16)).astype(np.float32)
+  loss = lambda t, i: (vocab_sharded_lookup(t, i, rules) * cotangent).sum()
+  with jax.set_mesh(mesh):
+    rows = jax.jit(lambda t, i: vocab_sharded_lookup(t, i, rules))(table, tokens)
+    grad = jax.jit(jax.grad(loss))(table, tokens)
+    text = jax.jit(lambda t, i: vocab_sharded_lookup(t, i, rules)).lower(
+        jax.device_put(table, jax.sharding.NamedSharding(mesh, P("tensor", None))),
+        tokens).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(rows), table[tokens])
+  want = np.zeros((64, 16), np.float64)
+  np.add.at(want, tokens.reshape(-1), cotangent.reshape(-1, 16).astype(np.float64))
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6, atol=1e-6)
+  assert " all-gather(" not in text and "all-reduce" in text
+  with jax.set_mesh(mesh):
+    assert vocab_sharded_lookup(table, tokens, sharding.rules_table("fsdp")) is None
+  assert vocab_sharded_lookup(table, tokens, rules) is None  # no mesh: the plain lookup
+
+
+@needs8
+def test_decode_weight_gathers_are_counted_per_mesh():
+  """generate.py's note: under fsdp every weight is gathered in each decode step (the bytes of
+  the parameters as generation holds them, block matrices in bf16); held whole (dp) or split
+  over heads only (fsdp_tp, fsdp=1), nothing is; fsdp x tensor gathers each tensor shard."""
+  from t6_jax.decode.generate import gathered_each_step
+  from t6_jax.model.placement import abstract_params
+  cfg = config_lib.load("tiny", MICRO + ["model.dtype=bfloat16"])
+  # Every parameter of this model has a d_model axis (split over fsdp): the block matrices are
+  # held in bf16, the tied embedding as stored (fp32).
+  params = abstract_params(cfg.model)
+  held = 4 * params["embed"]["wte"].size + 2 * sum(
+      x.size for x in jax.tree.leaves(params["blocks"]))
+
+  def gathered(mesh_cfg):
+    c = dataclasses.replace(cfg, mesh=mesh_cfg)
+    return gathered_each_step(c, sharding.mesh_from_config(c.mesh))
+
+  assert gathered(config_lib.MeshConfig(1, 8, 1, "fsdp")) == (held, ("fsdp",))
+  assert gathered(config_lib.MeshConfig(8, 1, 1, "dp")) == (0, ())
+  assert gathered(config_lib.MeshConfig(4, 1, 2, "fsdp_tp")) == (0, ())
+  assert 0 < gathered(config_lib.MeshConfig(1, 4, 2, "fsdp_tp"))[0] < held
+  assert gathered_each_step(cfg, None) == (0, ())

@@ -19,6 +19,7 @@ same way, so prompts of different lengths in one bucket share the compiled progr
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from functools import partial
 from typing import Sequence
@@ -327,6 +328,30 @@ def _as_params(model_or_pair):
 
 def _placed(cfg: Config, model_or_params, mesh) -> dict:
   return shard_params(_as_params(model_or_params), cfg.model, mesh, cfg.mesh.rules)
+
+
+def gathered_each_step(cfg: Config, mesh) -> tuple[int, tuple[str, ...]]:
+  """(bytes, axes): how much of the weights, held as generation holds them
+  (`inference_params`), is split over a mesh axis that also splits the batch, and so is
+  gathered whole onto every device in every decode step, and those axes. (0, ()) without a
+  mesh or under rules that keep the weights on their devices (`dp`, or `fsdp_tp` with
+  mesh.fsdp=1)."""
+  if mesh is None or mesh.size == 1:
+    return 0, ()
+  from t6_jax.model import inference_params
+  from t6_jax.model.placement import abstract_params, param_shardings
+  rules = rules_table(cfg.mesh.rules)
+  batch_axes = {a for a in rules.batch if mesh.shape.get(a, 1) > 1}
+  held = jax.eval_shape(lambda p: inference_params(cfg.model, p), abstract_params(cfg.model))
+  total, axes = 0, set()
+  for h, sh in zip(jax.tree.leaves(held),
+                   jax.tree.leaves(param_shardings(cfg.model, mesh, rules))):
+    split = {a for s in sh.spec if s for a in ((s,) if isinstance(s, str) else s)}
+    if split & batch_axes:  # gathered over those axes, still split over the others
+      kept = math.prod(mesh.shape[a] for a in split - batch_axes)
+      total += h.size * h.dtype.itemsize // kept
+      axes |= split & batch_axes
+  return total, tuple(sorted(axes))
 
 
 def _check_settings(cfg: Config):

@@ -9,10 +9,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.sharding import Rules, constrain
+from t6_jax.sharding import Rules, constrain, logical_to_spec
 
 
 def uniform_init(bound: float):
@@ -279,6 +280,39 @@ class Mlp(nnx.Module):
       del self.c_fc1, self.c_fc2, self.c_proj  # replaced by the packed copies
 
 
+def vocab_sharded_lookup(table_VxD: jax.Array, tokens_BxT: jax.Array,
+                         rules: Rules) -> jax.Array | None:
+  """Rows of a table split along the vocabulary (tensor parallelism: `vocab` over `tensor`),
+  looked up where they lie: each shard takes the ids of its own range (zeros for the others)
+  and a sum over the vocabulary's mesh axes adds the shards' rows. None where the rules do not
+  split the vocabulary on the current mesh (or split it over a batch axis).
+
+  XLA's partitioner answers a gather from a vocab-split table by gathering the whole table onto
+  every device first: at T6-XL 322 MB in fp32 in every decode step (`python -m
+  t6_jax.decode.aot`, v5e:2x4, data=4 x tensor=2), for a few rows. Exact: one shard holds each
+  row and the others add zeros."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  vocab_spec = logical_to_spec(("vocab", None), rules, table_VxD.shape, mesh)[0]
+  vocab_axes = () if vocab_spec is None else (
+      (vocab_spec,) if isinstance(vocab_spec, str) else tuple(vocab_spec))
+  token_spec = logical_to_spec(("batch", None), rules, tokens_BxT.shape, mesh)
+  batch_axes = {a for s in token_spec if s for a in ((s,) if isinstance(s, str) else s)}
+  if not vocab_axes or batch_axes & set(vocab_axes):
+    return None
+
+  def local(table_vxD, tokens_BxT):
+    rows = table_vxD.shape[0]
+    ids_BxT = tokens_BxT - jax.lax.axis_index(vocab_axes) * rows
+    mine_BxT = (ids_BxT >= 0) & (ids_BxT < rows)
+    x_BxTxD = jnp.take(table_vxD, jnp.where(mine_BxT, ids_BxT, 0), axis=0)
+    return jax.lax.psum(jnp.where(mine_BxT[..., None], x_BxTxD, 0), vocab_axes)
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(vocab_axes, None), token_spec),
+                               out_specs=P(*token_spec, None)))(table_VxD, tokens_BxT)
+
+
 class Embed(nnx.Module):
   """Token embedding tied to the LM head (uniform +-1/sqrt(d), as the reference's head)."""
 
@@ -288,8 +322,9 @@ class Embed(nnx.Module):
                             ("vocab", "embed"), cfg)
 
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-    # Gather from a table whole along the vocab: a vocab-sharded gather would make XLA
-    # rematerialise the full table anyway, with a warning, under tensor parallelism.
+    looked_up = vocab_sharded_lookup(self.wte[...], tokens_BxT, self.rules)
+    if looked_up is not None:
+      return looked_up
     return jnp.take(constrain(self.wte[...], (None, "embed"), self.rules), tokens_BxT, axis=0)
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
