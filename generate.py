@@ -23,6 +23,7 @@ compilation out (--warmup: tracing too). A failure ends in one line (--debug sho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -189,6 +190,17 @@ def run(args) -> int:
     del loaded  # (its fp32 block matrices go once cast below)
   from t6_jax.model import inference_params
   params = inference_params(cfg.model, params)  # held in the compute dtype while generating
+  from t6_jax.model.placement import config_for_mesh, pad_params
+  padded = config_for_mesh(cfg.model, mesh, m.rules)
+  if padded != cfg.model:  # heads / MLP units that the tensor axis does not divide
+    if jax.process_index() == 0:
+      sizes = [f"model.{key} {getattr(cfg.model, prop)} -> {getattr(padded, prop)}"
+               for key, prop in (("num_heads", "num_heads"), ("mlp_hidden", "mlp_dim"))
+               if getattr(cfg.model, prop) != getattr(padded, prop)]
+      print(f"note: {' and '.join(sizes)}, padded with zeros to split over the mesh's tensor "
+            f"axis (the same outputs)", file=sys.stderr)
+    params = pad_params(params, cfg.model, padded, mesh, m.rules)
+    cfg = dataclasses.replace(cfg, model=padded)
 
   tokenizer = None
   if not args.ids:

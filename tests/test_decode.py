@@ -324,6 +324,30 @@ def test_eight_devices_give_the_same_tokens(tpa_run):
                   mesh=mesh) == out
 
 
+@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly", "mla", "gqa"])
+def test_heads_and_mlp_padded_to_split_over_tensor(attention):
+  """6 heads and 85 MLP units on 4 tensor shards: padded with zeros to 8 and 88 (GQA's heads,
+  tied to their KV heads, stay), the padded model on the 2 x 4 mesh gives the unpadded
+  model's tokens on one device and its logits exactly."""
+  from t6_jax.model.placement import config_for_mesh, pad_params
+  cfg = tiny_cfg(attention, "model.num_heads=6", "model.mlp_hidden=85", "mesh.rules=fsdp_tp")
+  params = tiny_params(cfg)
+  mesh = make_mesh(data=2, fsdp=1, tensor=4)
+  padded = config_for_mesh(cfg.model, mesh, "fsdp_tp")
+  assert (padded.num_heads, padded.mlp_dim) == (6 if attention == "gqa" else 8, 88)
+  assert config_for_mesh(cfg.model, make_mesh(data=8, fsdp=1, tensor=1), "fsdp_tp") == cfg.model
+  assert config_for_mesh(cfg.model, None, "fsdp_tp") == cfg.model
+  held = pad_params(params, cfg.model, padded, mesh, "fsdp_tp")
+  assert held["blocks"]["mlp"]["c_proj"].sharding.spec[1] == "tensor"
+  on_mesh = generate(held, dataclasses.replace(cfg, model=padded), PROMPTS,
+                     max_new_tokens=NEW, max_len=MAX_LEN, mesh=mesh)
+  assert on_mesh == generate(params, cfg, PROMPTS, max_new_tokens=NEW, max_len=MAX_LEN)
+  tokens = jnp.asarray([PROMPTS[1]])
+  np.testing.assert_array_equal(
+      np.asarray(model_from_params(padded, jax.device_get(held))(tokens)),
+      np.asarray(model_from_params(cfg.model, params)(tokens)))
+
+
 def test_chunked_prefill_equals_one_chunk(tpa_run):
   cfg, params, out = tpa_run
   chunked = config_lib.apply_overrides(cfg, ["decode.prefill_chunk=4"])

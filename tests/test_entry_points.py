@@ -289,6 +289,26 @@ def test_each_batch_samples_with_its_own_key(capsys):
   assert "note: train.lr=3 has no effect on generate.py" in err and "train.seed=0 has" not in err
 
 
+def test_generate_notes_its_mesh_and_pads_for_the_tensor_axis(capsys):
+  """On 8 devices generate.py says when its mesh gathers the weights in every step (FSDP), and
+  on 8 tensor shards pads tiny's 4 heads and 170 MLP units to 8 and 176, with the tokens of
+  the weights held whole (dp)."""
+  generate = load_cli("generate").main
+  argv = ["--config", "tiny", "--random_init", "--ids", "--prompt", "5 6 7", "--max_new_tokens",
+          "6"]
+  assert generate([*argv, "mesh.rules=dp", "mesh.data=-1", "mesh.fsdp=1"]) == 0
+  one, err = capsys.readouterr()
+  assert "note:" not in err
+  assert generate([*argv, "mesh.fsdp=-1"]) == 0
+  out, err = capsys.readouterr()
+  assert out == one and "split over fsdp, which also splits the batch: every decode step " \
+      "gathers" in err and "mesh.rules=dp mesh.data=-1 mesh.fsdp=1" in err
+  assert generate([*argv, "mesh.rules=fsdp_tp", "mesh.fsdp=1", "mesh.tensor=8"]) == 0
+  out, err = capsys.readouterr()
+  assert out == one and "gathers" not in err
+  assert "note: model.num_heads 4 -> 8 and model.mlp_hidden 170 -> 176, padded" in err
+
+
 def test_lm_eval_adapter_samples_each_batch_with_its_own_key():
   from t6_jax.eval.harness import T6Adapter
   from t6_jax.model import init_params

@@ -134,19 +134,27 @@ def test_decode_step_packs_the_projections_outside_the_loop():
   assert in_loop and not [l for l in in_loop if " concatenate(" in l]
 
 
-def test_tensor_parallel_decode_gathers_no_weights():
+@pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.tensor=2"],
+                                  ["mesh.data=1", "mesh.tensor=4", "model.num_heads=6",
+                                   "model.mlp_hidden=85"]])
+def test_tensor_parallel_decode_gathers_no_weights(mesh):
   """Weights split over heads, the MLP and the vocabulary (fsdp_tp, fsdp=1) stay where they
   lie in the compiled decode step: no all-gather of a weight (the embedding's rows are looked
-  up on the shard that holds them), only the all-reduces of the activations."""
+  up on the shard that holds them), only the all-reduces of the activations; 6 heads and 85
+  MLP units on 4 tensor shards compile padded to 8 and 88."""
   from t6_jax import config as config_lib
   from t6_jax.decode.aot import compile_decode_step
   from t6_jax.train.aot import topology_devices
-  cfg = config_lib.load("tiny", MICRO + ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2",
-                                         "mesh.rules=fsdp_tp"])
+  cfg = config_lib.load("tiny", MICRO + mesh + ["mesh.fsdp=1", "mesh.rules=fsdp_tp"])
   compiled, _ = compile_decode_step(cfg, topology_devices("v5e:2x2"), batch=4, context=256)
-  gathers = [l for l in compiled.as_text().splitlines() if " all-gather(" in l]
+  text = compiled.as_text()
+  gathers = [l for l in text.splitlines() if " all-gather(" in l]
   # (the sampler's per-row candidates are gathered: 4 rows of a few values, no weight)
   assert not [l for l in gathers if re.search(r"\[(\d+,)*(64|128)(,\d+)*\]", l.split("=")[1])]
+  if "mesh.tensor=4" in mesh:  # each chip holds 2 of the 8 heads and 22 of the 88 units
+    held = {(part, l.split("=")[1].split("{")[0].strip()) for l in text.splitlines()
+            for part in ("attn", "mlp") if " parameter(" in l and part in l and "c_proj" in l}
+    assert held == {("attn", "bf16[2,2,16,64]"), ("mlp", "bf16[2,22,64]")}
 
 
 def test_decode_aot_refuses_empty_shapes(capsys):

@@ -19,6 +19,7 @@ nothing runs on a TPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -32,7 +33,7 @@ from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
 from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
 from t6_jax.model import inference_params
-from t6_jax.model.placement import abstract_params, param_shardings
+from t6_jax.model.placement import abstract_params, config_for_mesh, param_shardings
 
 GiB = 2**30
 
@@ -45,6 +46,12 @@ def held_params(cfg: Config, mesh):
                         param_shardings(cfg.model, mesh, cfg.mesh.rules))
   held = jax.eval_shape(lambda p: inference_params(cfg.model, p), params)
   return jax.tree.map(lambda h, p: sharded(h, p.sharding), held, params)
+
+
+def for_mesh(cfg: Config, mesh) -> Config:
+  """`cfg` as `generate.py` decodes it on `mesh`: heads and MLP units padded to split over the
+  tensor axis where it does not divide them (`placement.config_for_mesh`)."""
+  return dataclasses.replace(cfg, model=config_for_mesh(cfg.model, mesh, cfg.mesh.rules))
 
 
 def compile_decode_step(cfg: Config, devices, *, batch: int, context: int,
@@ -65,6 +72,7 @@ def lower_decode_step(cfg: Config, devices, *, batch: int, context: int,
   kernel = cfg.decode.attention_kernel if attention_kernel is None else attention_kernel
   mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
   rules = cfg.mesh.rules
+  cfg = for_mesh(cfg, mesh)
   model = cfg.model
   sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = held_params(cfg, mesh)
@@ -101,6 +109,7 @@ def compile_prefill(cfg: Config, devices, *, batch: int, prompt_len: int, contex
     raise ValueError(f"prompt_len={prompt_len} does not fit a cache of {context} slots")
   mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
   rules = cfg.mesh.rules
+  cfg = for_mesh(cfg, mesh)
   params = held_params(cfg, mesh)
   rows = sharding_lib.logical_to_spec(("batch",), rules, (batch,), mesh)
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
@@ -149,9 +158,13 @@ def main(argv=None) -> int:
   kind = devices[0].device_kind
   hbm = flops_lib.hbm_bytes(kind)
   kernel = "tpu_custom_call" in compiled.as_text()
+  padded = for_mesh(cfg, mesh).model
+  padding = "".join(f"; model.{key} {getattr(cfg.model, prop)} -> {getattr(padded, prop)}"
+                    for key, prop in (("num_heads", "num_heads"), ("mlp_hidden", "mlp_dim"))
+                    if getattr(cfg.model, prop) != getattr(padded, prop))
   print(f"AOT decode step for {args.topology}: {len(devices)} chips of {kind}, mesh "
         f"{dict(mesh.shape)}; batch {args.batch}, cache {args.context} slots "
-        f"({cfg.decode.cache_dtype}); compiled in {time.time() - t0:.0f} s\n"
+        f"({cfg.decode.cache_dtype}){padding}; compiled in {time.time() - t0:.0f} s\n"
         f"  attention: {'the Mosaic decode kernel' if kernel else 'XLA'} "
         f"(decode.attention_kernel={cfg.decode.attention_kernel})\n"
         f"  memory per chip: arguments {mem.argument_size_in_bytes / GiB:.3f} GiB, "

@@ -2,13 +2,18 @@
 
   param_shardings(cfg, mesh, rules) -> NamedSharding per parameter (the `init_params` layout)
   shard_params(params, cfg, mesh, rules) -> params placed by those shardings
+  config_for_mesh(cfg, mesh, rules) -> cfg with heads / MLP width padded to split over the mesh
+  pad_params(params, cfg, padded, mesh, rules) -> params of that config (same outputs)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax import sharding as sharding_lib
@@ -35,3 +40,47 @@ def shard_params(params: dict, cfg: ModelConfig, mesh, rules: str | sharding_lib
   if mesh is None:
     return params
   return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+# Attention types whose heads can be padded: every head is independent (its own query, key
+# and value rows) and the head count is free. The grouped types (GQA, MQA) tie query heads to
+# KV heads by position; MHA's heads tile d_model (heads x head_dim = d_model).
+PADDABLE_HEADS = ("tpa", "tpa_kvonly", "mla")
+
+
+def config_for_mesh(cfg: ModelConfig, mesh, rules: str | sharding_lib.Rules) -> ModelConfig:
+  """`cfg` with the query heads and the MLP's hidden units rounded up to a multiple of the mesh
+  axes that split them under `rules` (`heads` and `mlp` over `tensor` in `fsdp_tp`), so that
+  they do split: T6-XL's 78 heads and 4,266 units do not divide by 4 or 8 tensor shards and
+  would otherwise stay whole on every shard. `cfg` itself where nothing needs padding, without
+  a mesh, or for the heads of MHA, GQA and MQA."""
+  if mesh is None:
+    return cfg
+  rules = sharding_lib.rules_table(rules)
+  shards = lambda name: math.prod(mesh.shape.get(a, 1) for a in rules.mesh_axes(name))
+  up = lambda n, m: -(-n // m) * m
+  changes = {}
+  if cfg.attention in PADDABLE_HEADS and cfg.num_heads % shards("heads"):
+    changes["num_heads"] = up(cfg.num_heads, shards("heads"))
+  if cfg.mlp_dim % shards("mlp"):
+    changes["mlp_hidden"] = up(cfg.mlp_dim, shards("mlp"))
+  return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def pad_params(params: dict, cfg: ModelConfig, padded: ModelConfig, mesh=None,
+               rules: str | sharding_lib.Rules = "fsdp") -> dict:
+  """`params` of `cfg` as parameters of `padded` (`config_for_mesh`): zeros appended along the
+  heads and the MLP's hidden units, in any dtype, placed by `padded`'s shardings on `mesh`.
+
+  The model's outputs do not change: a padded head's query and value rows are zero (its
+  attention output is zero whatever it attends to) and so are its output-projection rows; a
+  padded hidden unit's gate and up columns are zero (silu(0) * 0 = 0) and so is its
+  output-projection row. Sums gain zero terms, so results agree to rounding (tested)."""
+  if padded == cfg:
+    return params
+  target = abstract_params(padded)
+
+  def pad(x, want):
+    return jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
+  place = {} if mesh is None else {"out_shardings": param_shardings(padded, mesh, rules)}
+  return jax.jit(lambda p: jax.tree.map(pad, p, target), **place)(params)
