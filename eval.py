@@ -176,6 +176,11 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   step, params = loaded.step, loaded.params
   del loaded  # (its fp32 block matrices go once cast: the forward reads them in bf16 anyway)
   params = inference_params(cfg.model, params)
+  # Heads and MLP units the tensor axis does not divide are padded with zeros (the same
+  # outputs) so that they split over it; the report keeps the checkpoint's sizes.
+  from t6_jax.model.placement import config_for_mesh, pad_params
+  run_cfg = dataclasses.replace(cfg, model=config_for_mesh(cfg.model, mesh, cfg.mesh.rules))
+  params = pad_params(params, cfg.model, run_cfg.model, mesh, cfg.mesh.rules)
   if step != expected_step and primary:
     print(f"[checkpoint] the arrays of step {expected_step} are damaged; evaluating step "
           f"{step}", file=sys.stderr)
@@ -187,12 +192,12 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   report = {"checkpoint": path, "step": step, "model": dataclasses.asdict(cfg.model),
             "data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval)}
   if not args.no_loss:
-    loss = evaluate_perplexity(cfg, params, tokenizer, mesh=mesh, progress=progress)
+    loss = evaluate_perplexity(run_cfg, params, tokenizer, mesh=mesh, progress=progress)
     report["validation"] = loss
     sources = {}
     if cfg.data.mixture:  # each source's split alone as well
       from t6_jax.data import mixture
-      for name, part in mixture.source_configs(cfg):
+      for name, part in mixture.source_configs(run_cfg):
         sources[name] = evaluate_perplexity(part, params, tokenizer, mesh=mesh,
                                             progress=progress)
       report["validation_sources"] = sources
@@ -200,7 +205,7 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
       print(loss_table(loss, sources))
 
   if not args.no_tasks:
-    results = scoring.evaluate_tasks(cfg, params, tokenizer, task_data, mesh=mesh,
+    results = scoring.evaluate_tasks(run_cfg, params, tokenizer, task_data, mesh=mesh,
                                      progress=progress)
     report["tasks"] = results
     if primary:

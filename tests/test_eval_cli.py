@@ -49,3 +49,15 @@ def test_eval_cli_on_an_export(tmp_path, capsys):
   (fixture,) = report["tasks"]
   assert fixture["task"] == "fixture" and fixture["n"] == 6
   assert 0.0 <= fixture["acc"] <= 1.0 and 0.0 <= fixture["acc_norm"] <= 1.0
+  # On 8 tensor shards the 4 heads and 170 MLP units are padded to 8 and 176 (zeros): the
+  # same scores; the report keeps the checkpoint's sizes.
+  out_tp = tmp_path / "results_tp.json"
+  assert load_eval_cli().main(["--checkpoint", export, "--no_progress", "--output",
+                               str(out_tp), "eval.max_batches=2", "eval.batch_size=8",
+                               "eval.limit=6", "mesh.rules=fsdp_tp", "mesh.fsdp=1",
+                               "mesh.tensor=8"]) == 0
+  report_tp = json.loads(out_tp.read_text())
+  assert report_tp["model"]["num_heads"] == 4
+  np.testing.assert_allclose(report_tp["validation"]["loss"], loss["loss"], rtol=1e-6)
+  assert [(t["acc"], t["acc_norm"]) for t in report_tp["tasks"]] == [
+      (fixture["acc"], fixture["acc_norm"])]
