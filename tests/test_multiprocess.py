@@ -294,7 +294,8 @@ def test_restore_across_process_counts_and_meshes(shared, tmp_path, one, two):
 
 
 # In each process of a 2-process job: its slice of the first 3 global batches of each split,
-# then eval.py and generate.py (their main(), as `python eval.py ...` runs it) on the run,
+# then eval.py and generate.py (their main(), as `python eval.py ...` runs it) on the run (and
+# generate.py again on a tensor-parallel mesh over both processes),
 # then a new run's state taken from it by checkpoint.init_from (each leaf's sum of squares).
 SLICES_EVAL_GENERATE = """
 import importlib.util, json, sys
@@ -311,8 +312,10 @@ for split in ("train", "validation"):
                               shuffle=split == "train", num_epochs=None if split == "train"
                               else 1))
   np.save(f"{out}/{split}.{me}.npy", np.stack([next(it)["inputs"] for _ in range(3)]))
+tensor = ["mesh.rules=fsdp_tp", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1"]
 for name, args in (("eval", eval_args + ["--output", f"{out}/eval.json"]),
-                   ("generate", generate_args + ["--out", f"{out}/generate.{me}.jsonl"])):
+                   ("generate", generate_args + ["--out", f"{out}/generate.{me}.jsonl"]),
+                   ("generate", generate_args + tensor + ["--out", f"{out}/tensor.{me}.jsonl"])):
   spec = importlib.util.spec_from_file_location(name + "_cli", name + ".py")
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
@@ -383,6 +386,9 @@ def test_data_slices_eval_and_generate_in_two_processes_as_in_one(shared, tmp_pa
   assert len(reference) == 2
   for i in range(2):
     assert completions(out / f"generate.{i}.jsonl") == reference, i
+    # and with the weights split over 8 tensor shards of both processes (tiny's 4 heads and
+    # 170 MLP units padded to 8 and 176 on the way)
+    assert completions(out / f"tensor.{i}.jsonl") == reference, i
 
   # checkpoint.init_from over 2 processes: the run's params, sharded over both, a fresh AdamW
   # state and step 0 (sums of squares against float64 NumPy on the saved params).
