@@ -190,15 +190,12 @@ def run(args) -> int:
     del loaded  # (its fp32 block matrices go once cast below)
   from t6_jax.model import inference_params
   params = inference_params(cfg.model, params)  # held in the compute dtype while generating
-  from t6_jax.model.placement import config_for_mesh, pad_params
+  from t6_jax.model.placement import config_for_mesh, pad_params, padding_changes
   padded = config_for_mesh(cfg.model, mesh, m.rules)
   if padded != cfg.model:  # heads / MLP units that the tensor axis does not divide
     if jax.process_index() == 0:
-      sizes = [f"model.{key} {getattr(cfg.model, prop)} -> {getattr(padded, prop)}"
-               for key, prop in (("num_heads", "num_heads"), ("mlp_hidden", "mlp_dim"))
-               if getattr(cfg.model, prop) != getattr(padded, prop)]
-      print(f"note: {' and '.join(sizes)}, padded with zeros to split over the mesh's tensor "
-            f"axis (the same outputs)", file=sys.stderr)
+      print(f"note: {padding_changes(cfg.model, padded)}, padded with zeros to split over "
+            f"the mesh's tensor axis (the same outputs)", file=sys.stderr)
     params = pad_params(params, cfg.model, padded, mesh, m.rules)
     cfg = dataclasses.replace(cfg, model=padded)
 

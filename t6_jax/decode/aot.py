@@ -12,7 +12,9 @@ nothing runs on a TPU.
   python -m t6_jax.decode.aot --config t6-xl --topology v5e:2x4 --batch 64 --context 32768 \\
       mesh.data=1 mesh.fsdp=-1 mesh.tensor=1
 
-`--prompt_len N` also compiles the prefill of N-token prompts into that cache
+Heads and MLP units that the mesh's tensor axis does not divide are padded with zeros, as
+`generate.py` pads them (`placement.config_for_mesh`). `--prompt_len N` also compiles the
+prefill of N-token prompts into that cache
 (`compile_prefill`: on a TPU topology the one-pass prefill with the splash kernel).
 """
 
@@ -33,7 +35,8 @@ from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
 from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
 from t6_jax.model import inference_params
-from t6_jax.model.placement import abstract_params, config_for_mesh, param_shardings
+from t6_jax.model.placement import (abstract_params, config_for_mesh, padding_changes,
+                                    param_shardings)
 
 GiB = 2**30
 
@@ -158,10 +161,8 @@ def main(argv=None) -> int:
   kind = devices[0].device_kind
   hbm = flops_lib.hbm_bytes(kind)
   kernel = "tpu_custom_call" in compiled.as_text()
-  padded = for_mesh(cfg, mesh).model
-  padding = "".join(f"; model.{key} {getattr(cfg.model, prop)} -> {getattr(padded, prop)}"
-                    for key, prop in (("num_heads", "num_heads"), ("mlp_hidden", "mlp_dim"))
-                    if getattr(cfg.model, prop) != getattr(padded, prop))
+  padding = padding_changes(cfg.model, for_mesh(cfg, mesh).model)
+  padding = f"; padded: {padding}" if padding else ""
   print(f"AOT decode step for {args.topology}: {len(devices)} chips of {kind}, mesh "
         f"{dict(mesh.shape)}; batch {args.batch}, cache {args.context} slots "
         f"({cfg.decode.cache_dtype}){padding}; compiled in {time.time() - t0:.0f} s\n"

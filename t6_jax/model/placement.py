@@ -4,6 +4,7 @@
   shard_params(params, cfg, mesh, rules) -> params placed by those shardings
   config_for_mesh(cfg, mesh, rules) -> cfg with heads / MLP width padded to split over the mesh
   pad_params(params, cfg, padded, mesh, rules) -> params of that config (same outputs)
+  padding_changes(cfg, padded) -> what the padding changed, for a note
 """
 
 from __future__ import annotations
@@ -84,3 +85,11 @@ def pad_params(params: dict, cfg: ModelConfig, padded: ModelConfig, mesh=None,
     return jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
   place = {} if mesh is None else {"out_shardings": param_shardings(padded, mesh, rules)}
   return jax.jit(lambda p: jax.tree.map(pad, p, target), **place)(params)
+
+
+def padding_changes(cfg: ModelConfig, padded: ModelConfig) -> str:
+  """What `config_for_mesh` changed, as settings: 'model.num_heads 78 -> 80 and
+  model.mlp_hidden 4266 -> 4272' ('' for nothing)."""
+  return " and ".join(f"model.{key} {getattr(cfg, prop)} -> {getattr(padded, prop)}"
+                      for key, prop in (("num_heads", "num_heads"), ("mlp_hidden", "mlp_dim"))
+                      if getattr(cfg, prop) != getattr(padded, prop))
