@@ -18,6 +18,11 @@ Each batch of --batch_size prompts samples with its own key (the seed with the b
 folded in). Prompts of lengths in one bucket (powers of two, then multiples of
 decode.prefill_chunk) share one compiled prefill and token loop; the speeds it reports leave XLA
 compilation out (--warmup: tracing too). A failure ends in one line (--debug shows the traceback).
+
+On several devices, decode on a mesh that keeps the weights where they lie: held whole
+(mesh.rules=dp mesh.data=-1 mesh.fsdp=1) or split over heads (mesh.rules=fsdp_tp mesh.fsdp=1
+mesh.tensor=N; heads and MLP units the tensor size does not divide are padded with zeros).
+The training mesh (FSDP) gathers every weight in every step; a note says so, with the bytes.
 """
 
 from __future__ import annotations
