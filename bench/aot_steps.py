@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -197,11 +198,16 @@ def decode_variant(cfg, devices, kernel: str, batch: int, context: int):
   flops, nbytes = _extrapolate([_cost(p) for p in programs], cfg.model.num_layers)
   # The collectives of one step (the program's two steps share one loop body), extrapolated
   # over depth as the costs are: {op: [count, bytes of the results]}.
+  # The weights each chip holds (as generation holds them, padded for the mesh's tensor axis).
+  held = decode_aot.held_params(decode_aot.for_mesh(cfg, mesh), mesh)
+  weights = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                for x in jax.tree.leaves(held))
   ops = [_collectives(p) for p in programs]
   collectives = {op: [round(a + (cfg.model.num_layers - 1) * (b - a)) for a, b in zip(
       ops[0].get(op, (0, 0)), ops[1].get(op, (0, 0)))] for op in set(ops[0]) | set(ops[1])}
   return _row(dict(kind="decode", impl=kernel, mesh=dict(mesh.shape), batch=batch,
-                   context=context, compile_s=compile_s, collectives=collectives), mem, flops,
+                   context=context, compile_s=compile_s, collectives=collectives,
+                   weights_gb_per_chip=weights / 1e9), mem, flops,
               nbytes, (0.0, 0.0), kind, hbm)
 
 
