@@ -2,6 +2,7 @@
 lowering included) without a TPU attached; skipped without libtpu (the `tpu` extra)."""
 
 import importlib.util
+import os
 import re
 
 import numpy as np
@@ -155,6 +156,33 @@ def test_tensor_parallel_decode_gathers_no_weights(mesh):
     held = {(part, l.split("=")[1].split("{")[0].strip()) for l in text.splitlines()
             for part in ("attn", "mlp") if " parameter(" in l and part in l and "c_proj" in l}
     assert held == {("attn", "bf16[2,2,16,64]"), ("mlp", "bf16[2,22,64]")}
+
+
+def test_aot_steps_decode_rows_count_gathers_and_held_weights(capsys):
+  """bench/aot_steps.py decode: under fsdp every weight matrix is gathered in each step (the
+  collectives' results add up to at least the block matrices' bytes); held whole (dp) there is
+  no collective and each chip holds every weight (bytes from the parameter shapes here)."""
+  import json
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+  import aot_steps
+  from t6_jax.model.placement import abstract_params
+  from t6_jax import config as config_lib
+  base = MICRO + ["mesh.fsdp=1"]
+  params = abstract_params(config_lib.load("tiny", base).model)
+  blocks = 2 * sum(x.size for x in jax.tree.leaves(params["blocks"]))  # bf16
+  held = blocks + 4 * sum(x.size for k, v in params.items() if k != "blocks"
+                          for x in jax.tree.leaves(v))
+  rows = {}
+  for name, mesh in (("fsdp", ["mesh.data=1", "mesh.fsdp=-1"]),
+                     ("dp", ["mesh.rules=dp", "mesh.data=-1", "mesh.fsdp=1"])):
+    aot_steps.main(["decode", "--config", "tiny", "--topology", "v5e:2x2", "--batch", "4",
+                    "--context", "256", "--impls", "xla", *MICRO, *mesh])
+    rows[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rows["fsdp"]["collectives"]["all-gather"][1] >= blocks
+  assert rows["dp"]["collectives"] == {}
+  assert rows["dp"]["weights_gb_per_chip"] * 1e9 == pytest.approx(held)
+  assert rows["fsdp"]["weights_gb_per_chip"] * 1e9 < held / 2
 
 
 def test_decode_aot_refuses_empty_shapes(capsys):
