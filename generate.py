@@ -152,7 +152,8 @@ def run(args) -> int:
     raise ValueError(f"--stream prints from one process, and this job has "
                      f"{jax.process_count()}; drop --stream (the completions print at the end)")
   from t6_jax.decode import generate
-  from t6_jax.decode.generate import batch_seed, cache_length, gathered_each_step
+  from t6_jax.decode.generate import (batch_seed, cache_length, gathered_each_step,
+                                      held_bytes)
   from t6_jax.sharding import make_mesh
 
   tokenizer_spec = None
@@ -181,12 +182,15 @@ def run(args) -> int:
     mesh = None  # one device: nothing to shard (and the single-device kernels apply)
   gathered, axes = gathered_each_step(cfg, mesh)
   if gathered and jax.process_index() == 0:
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    whole = cli.human_bytes(held_bytes(cfg.model))
+    whole += f" of a device's {cli.human_bytes(limit)}" if limit else ""
     print(f"note: the weights are split over {' and '.join(axes)}, which also splits the "
           f"batch: every decode step gathers {cli.human_bytes(gathered)} of them onto each "
           f"device. To decode with the weights kept where they lie, hold them whole "
-          f"(mesh.rules=dp mesh.data=-1 mesh.fsdp=1 mesh.tensor=1) where they fit a device, "
-          f"or split their heads (mesh.rules=fsdp_tp mesh.fsdp=1 mesh.tensor=N); "
-          f"docs/decoding.md compares the meshes.", file=sys.stderr)
+          f"(mesh.rules=dp mesh.data=-1 mesh.fsdp=1 mesh.tensor=1: {whole}, beside the cache) "
+          f"where they fit, or split their heads (mesh.rules=fsdp_tp mesh.fsdp=1 "
+          f"mesh.tensor=N); docs/decoding.md compares the meshes.", file=sys.stderr)
   if not args.random_init:
     # Several processes: each restores its own shards onto the job's mesh.
     placed = dict(mesh=mesh, rules=m.rules) if jax.process_count() > 1 else {}

@@ -211,7 +211,7 @@ def test_decode_weight_gathers_are_counted_per_mesh():
   """generate.py's note: under fsdp every weight is gathered in each decode step (the bytes of
   the parameters as generation holds them, block matrices in bf16); held whole (dp) or split
   over heads only (fsdp_tp, fsdp=1), nothing is; fsdp x tensor gathers each tensor shard."""
-  from t6_jax.decode.generate import gathered_each_step
+  from t6_jax.decode.generate import gathered_each_step, held_bytes
   from t6_jax.model.placement import abstract_params
   cfg = config_lib.load("tiny", MICRO + ["model.dtype=bfloat16"])
   # Every parameter of this model has a d_model axis (split over fsdp): the block matrices are
@@ -225,6 +225,7 @@ def test_decode_weight_gathers_are_counted_per_mesh():
     return gathered_each_step(c, sharding.mesh_from_config(c.mesh))
 
   assert gathered(config_lib.MeshConfig(1, 8, 1, "fsdp")) == (held, ("fsdp",))
+  assert held_bytes(cfg.model) == held
   assert gathered(config_lib.MeshConfig(8, 1, 1, "dp")) == (0, ())
   assert gathered(config_lib.MeshConfig(4, 1, 2, "fsdp_tp")) == (0, ())
   assert 0 < gathered(config_lib.MeshConfig(1, 4, 2, "fsdp_tp"))[0] < held

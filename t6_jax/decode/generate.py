@@ -330,6 +330,15 @@ def _placed(cfg: Config, model_or_params, mesh) -> dict:
   return shard_params(_as_params(model_or_params), cfg.model, mesh, cfg.mesh.rules)
 
 
+def held_bytes(model_cfg: ModelConfig) -> int:
+  """Bytes of the parameters as generation holds them (`inference_params`: block matrices in
+  the compute dtype), all of them: what one device holds under `mesh.rules=dp`."""
+  from t6_jax.model import inference_params
+  from t6_jax.model.placement import abstract_params
+  held = jax.eval_shape(lambda p: inference_params(model_cfg, p), abstract_params(model_cfg))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held))
+
+
 def gathered_each_step(cfg: Config, mesh) -> tuple[int, tuple[str, ...]]:
   """(bytes, axes): how much of the weights, held as generation holds them
   (`inference_params`), is split over a mesh axis that also splits the batch, and so is
