@@ -274,3 +274,25 @@ def test_compiler_options_by_platform():
   assert impl(chosen, "gpu") == "xla"  # an explicit setting stands
   with pytest.raises(config_lib.ConfigError, match="gpu_gemm"):
     config_lib.load("tiny", ["train.gpu_gemm=cutlass"])
+
+
+def test_tensor_split_pads_heads_and_mlp_inside_the_step():
+  """6 heads and 85 MLP units on 4 tensor shards: padded to 8 and 88 inside the step, so each
+  shard computes 2 heads and 22 units (the compiled step holds the padded output projection
+  split 2 heads a shard), while the state keeps 6 and 85; the losses and updates are one
+  device's."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (forced host) devices")
+  extra = ("model.num_heads=6",)
+  start = random_host_state(micro_cfg(ONE_DEVICE, *extra))
+  one = Setup(start, ONE_DEVICE, jax.devices()[:1], *extra)
+  tp = Setup(start, config_lib.MeshConfig(data=2, fsdp=1, tensor=4, rules="fsdp_tp"),
+             jax.devices()[:8], *extra)
+  batches = [make_batch(0), make_batch(1)]
+  s1, l1 = one.run(batches)
+  s4, l4 = tp.run(batches)
+  assert s4["params"]["blocks"]["attn"]["c_proj"].shape == (2, 6, 8, 32)
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
+  assert_trees_close(s1["params"], s4["params"], atol=5e-6)
+  text = tp.step.lower(tp.fresh(), tp.put(batches[0])).compile().as_text()
+  assert "f32[2,2,8,32]" in text and "f32[2,32,22]" in text

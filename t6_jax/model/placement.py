@@ -4,6 +4,7 @@
   shard_params(params, cfg, mesh, rules) -> params placed by those shardings
   config_for_mesh(cfg, mesh, rules) -> cfg with heads / MLP width padded to split over the mesh
   pad_params(params, cfg, padded, mesh, rules) -> params of that config (same outputs)
+  padded_in_step(params, cfg, rules) -> (config, params) padded inside a traced step
   padding_changes(cfg, padded) -> what the padding changed, for a note
 """
 
@@ -85,6 +86,29 @@ def pad_params(params: dict, cfg: ModelConfig, padded: ModelConfig, mesh=None,
     return jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
   place = {} if mesh is None else {"out_shardings": param_shardings(padded, mesh, rules)}
   return jax.jit(lambda p: jax.tree.map(pad, p, target), **place)(params)
+
+
+def padded_in_step(params: dict, cfg: ModelConfig,
+                   rules: str | sharding_lib.Rules) -> tuple[ModelConfig, dict]:
+  """(config, params) for a step traced under a mesh (`jax.set_mesh`): `config_for_mesh`'s
+  padding applied to the parameters inside the step, each padded array constrained to its
+  logical axes, so that a training step splits heads and MLP units over the tensor axis even
+  where it does not divide them. The stored parameters, optimizer state and checkpoints keep
+  the model's own sizes; the padding's gradient is sliced off by the pad's transpose, and the
+  padded rows' gradients are zero (a zero head or unit contributes nothing), so the update
+  is the unpadded model's. (cfg, params) unchanged where nothing needs padding."""
+  mesh = jax.sharding.get_abstract_mesh()
+  padded = cfg if mesh.empty else config_for_mesh(cfg, mesh, rules)
+  if padded == cfg:
+    return cfg, params
+  rules = sharding_lib.rules_table(rules)
+  target, axes = abstract_params(padded), param_axes(padded)
+
+  def pad(x, want, names):
+    x = jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
+    return sharding_lib.constrain(x, names, rules)
+  return padded, jax.tree.map(pad, params, target, axes,
+                              is_leaf=lambda v: isinstance(v, jax.Array))
 
 
 def padding_changes(cfg: ModelConfig, padded: ModelConfig) -> str:

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config, TrainConfig
 from t6_jax.model import init_params, model_from_params, param_shardings
+from t6_jax.model.placement import padded_in_step
 from t6_jax.model.transformer import Transformer
 from t6_jax.train import loss as loss_lib
 
@@ -102,7 +103,10 @@ def objective_sums(params, cfg: Config, batch: dict[str, jax.Array], z_loss: flo
 
   The tied LM head and the loss run fused over chunks of the sequence (train/loss.py), so the
   full (B, T, V) logits are never held: same fp32 loss as the model's logits would give."""
-  model = model_from_params(cfg.model, params, cfg.mesh.rules)
+  # Heads and MLP units that the mesh's tensor axis does not divide are padded inside the
+  # step (zeros: the same loss and gradients) so that they split over it.
+  model_cfg, params = padded_in_step(params, cfg.model, cfg.mesh.rules)
+  model = model_from_params(model_cfg, params, cfg.mesh.rules)
   hidden_BxTxD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
   targets_BxT = batch["targets"]
   objective, loss_sum = loss_lib.lm_head_objective(
