@@ -35,6 +35,20 @@ def test_aot_compile_tiny_for_v5e_2x2():
   assert not too_small.fits and "DOES NOT FIT" in too_small.text()
 
 
+def test_aot_report_says_what_the_step_pads_for_the_tensor_axis():
+  """6 heads and 85 MLP units on a tensor axis of 4: the report names the padding inside the
+  step; on a tensor axis of 2 the heads divide (85 units pad to 86)."""
+  from t6_jax.train import aot
+  tp = ["model.num_heads=6", "model.mlp_hidden=85", "mesh.rules=fsdp_tp", "mesh.fsdp=1"]
+  report = aot.compile_train_step(config_lib.load("tiny", MICRO + tp + ["mesh.tensor=4"]),
+                                  "v5e:2x2")
+  assert report.padding == "model.num_heads 6 -> 8 and model.mlp_hidden 85 -> 88"
+  assert "padded inside the step: model.num_heads 6 -> 8" in report.text()
+  assert aot.compile_train_step(config_lib.load("tiny", MICRO + tp + ["mesh.tensor=2",
+                                                                      "mesh.data=2"]),
+                                "v5e:2x2").padding == "model.mlp_hidden 85 -> 86"
+
+
 def test_aot_compile_of_the_real_preset_layers_for_v5p_2x2x2():
   """t6-small's own widths and vocabulary (one layer, 64 tokens), FSDP over 8 chips: the
   compile that fails inside XLA with a libtpu not paired with jax (0.0.52 with jax 0.10.2;

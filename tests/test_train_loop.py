@@ -170,3 +170,19 @@ def test_a_missing_task_file_stops_the_run_before_it_starts(tmp_path):
   with pytest.raises(Exception, match="task file '.*none.jsonl' for mc does not exist"):
     loop.train(cfg)
   assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_a_run_on_a_tensor_axis_says_what_it_pads(tmp_path, capsys):
+  """8 tensor shards for 4 heads and 85 MLP units: the run says it pads them inside each step
+  to 8 and 88, trains, and saves the model's own sizes."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (forced host) devices")
+  cfg = config_lib.load("tiny", MICRO + [f"train.workdir={tmp_path / 'run'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}",
+                                         "train.steps=2", "model.mlp_hidden=85",
+                                         "mesh.rules=fsdp_tp", "mesh.fsdp=1", "mesh.tensor=8"])
+  result = loop.train(cfg)
+  assert ("model.num_heads 4 -> 8 and model.mlp_hidden 85 -> 88 inside each step"
+          in capsys.readouterr().out)
+  assert result["final_step"] == 2 and result["last_val_loss"] < 10
+  assert result["state"]["params"]["blocks"]["mlp"]["c_proj"].shape == (2, 85, 32)

@@ -18,6 +18,7 @@ import jax
 
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
+from t6_jax.model import placement
 from t6_jax.model.transformer import layers_scanned
 from t6_jax.train import flops as flops_lib
 from t6_jax.train import step as step_lib
@@ -91,6 +92,7 @@ class AotReport:
   compile_s: float
   scanned: bool = True
   kernel_calls: int = 0  # TPU kernel (Pallas/Mosaic, e.g. splash) calls in the compiled HLO
+  padding: str = ""  # heads / MLP units padded inside the step for the tensor axis
 
   @property
   def total_bytes(self) -> int:
@@ -118,7 +120,8 @@ class AotReport:
         f"  step: batch {self.batch_size} x {self.seq_len} tokens ({tokens:,} tokens), "
         f"grad_accum {self.grad_accum}, remat {self.remat}; {self.params:,} parameters; "
         f"compiled in {self.compile_s:.0f} s; {self.kernel_calls} TPU kernel calls (splash "
-        f"attention) in the program",
+        f"attention) in the program"
+        + (f"; padded inside the step: {self.padding}" if self.padding else ""),
         "  memory per chip:",
         f"    arguments    {self.argument_bytes / GiB:9.3f} GiB  (state and batch shards)",
         f"    outputs      {self.output_bytes / GiB:9.3f} GiB  "
@@ -181,7 +184,9 @@ def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = Tr
       xla_flops_per_chip=None if not cost else cost.get("flops"),
       peak_flops=flops_lib.peak_flops(kind), compile_s=compile_s,
       scanned=layers_scanned(cfg.model, devices[0].platform),
-      kernel_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+      kernel_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+      padding=placement.padding_changes(
+          cfg.model, placement.config_for_mesh(cfg.model, mesh, cfg.mesh.rules)))
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report

@@ -25,6 +25,7 @@ from t6_jax import sharding as sharding_lib
 from t6_jax import config as config_lib
 from t6_jax.config import Config
 from t6_jax.metrics import Metrics, device_peak_bytes, import_wandb
+from t6_jax.model import placement
 from t6_jax.train import flops as flops_lib
 from t6_jax.train import init_from as init_from_lib
 from t6_jax.train.profile import StepProfiler
@@ -274,6 +275,10 @@ class Run:
       self.n_params = step_lib.num_params(self.state["params"])
       sharding_lib.check_replicated(self.state["params"], shardings["params"],
                                     fail=cfg.mesh.fail_on_replicated, log=self.log)
+      padded = placement.config_for_mesh(cfg.model, self.mesh, cfg.mesh.rules)
+      if padded != cfg.model:
+        self.log(f"{placement.padding_changes(cfg.model, padded)} inside each step (zeros, "
+                 f"to split over the mesh's tensor axis; the same loss and updates)")
     except BaseException:
       self.ckpt.close()
       raise
