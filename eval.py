@@ -166,7 +166,7 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
   from t6_jax.checkpoint import load_checkpoint
   from t6_jax.eval import scoring, tasks
   from t6_jax.eval.perplexity import evaluate_perplexity
-  from t6_jax.model import inference_params
+  from t6_jax.model.placement import forward_params
 
   primary = jax.process_index() == 0
   progress = primary and not args.no_progress
@@ -175,12 +175,11 @@ def evaluate(args, path: str, step, expected_step, cfg, mesh, tokenizer, task_da
                            rules=cfg.mesh.rules, report=False)
   step, params = loaded.step, loaded.params
   del loaded  # (its fp32 block matrices go once cast: the forward reads them in bf16 anyway)
-  params = inference_params(cfg.model, params)
-  # Heads and MLP units the tensor axis does not divide are padded with zeros (the same
-  # outputs) so that they split over it; the report keeps the checkpoint's sizes.
-  from t6_jax.model.placement import config_for_mesh, pad_params
-  run_cfg = dataclasses.replace(cfg, model=config_for_mesh(cfg.model, mesh, cfg.mesh.rules))
-  params = pad_params(params, cfg.model, run_cfg.model, mesh, cfg.mesh.rules)
+  # Block matrices in the compute dtype; heads and MLP units the tensor axis does not divide
+  # padded with zeros (the same outputs) so that they split over it. The report keeps the
+  # checkpoint's sizes.
+  padded, params = forward_params(cfg.model, params, mesh, cfg.mesh.rules)
+  run_cfg = dataclasses.replace(cfg, model=padded)
   if step != expected_step and primary:
     print(f"[checkpoint] the arrays of step {expected_step} are damaged; evaluating step "
           f"{step}", file=sys.stderr)

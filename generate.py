@@ -197,15 +197,14 @@ def run(args) -> int:
     loaded = load_checkpoint(path, step=args.step, report=False, **placed)
     params, tokenizer_spec = loaded.params, loaded.tokenizer_spec
     del loaded  # (its fp32 block matrices go once cast below)
-  from t6_jax.model import inference_params
-  params = inference_params(cfg.model, params)  # held in the compute dtype while generating
-  from t6_jax.model.placement import config_for_mesh, pad_params, padding_changes
-  padded = config_for_mesh(cfg.model, mesh, m.rules)
-  if padded != cfg.model:  # heads / MLP units that the tensor axis does not divide
+  from t6_jax.model.placement import forward_params, padding_changes
+  # Held in the compute dtype while generating; heads / MLP units that the tensor axis does
+  # not divide padded with zeros.
+  padded, params = forward_params(cfg.model, params, mesh, m.rules)
+  if padded != cfg.model:
     if jax.process_index() == 0:
       print(f"note: {padding_changes(cfg.model, padded)}, padded with zeros to split over "
             f"the mesh's tensor axis (the same outputs)", file=sys.stderr)
-    params = pad_params(params, cfg.model, padded, mesh, m.rules)
     cfg = dataclasses.replace(cfg, model=padded)
 
   tokenizer = None

@@ -106,6 +106,11 @@ def logical_to_spec(names: Sequence[str | None], rules: str | Rules,
   return P(*spec)
 
 
+def spec_axes(spec: P) -> list[tuple[str, ...]]:
+  """Per dimension of a PartitionSpec, the mesh axes that split it (a tuple, maybe empty)."""
+  return [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
   """with_sharding_constraint by logical names under `rules`; a no-op outside a mesh
   context (`jax.set_mesh`) or on one device."""

@@ -33,10 +33,9 @@ from jax.sharding import PartitionSpec as P
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import Config
 from t6_jax.decode.cache import Cache, entry_axes, entry_shapes
-from t6_jax.decode.generate import _prefill, cache_layout, decode_loop, prefill_chunk
-from t6_jax.model import inference_params
-from t6_jax.model.placement import (abstract_params, config_for_mesh, padding_changes,
-                                    param_shardings)
+from t6_jax.decode.generate import (_prefill, cache_layout, decode_loop, held_shapes,
+                                    prefill_chunk)
+from t6_jax.model.placement import config_for_mesh, padding_changes, param_shardings
 
 GiB = 2**30
 
@@ -44,11 +43,8 @@ GiB = 2**30
 def held_params(cfg: Config, mesh):
   """Abstract parameters placed on `mesh` as generation holds them (`inference_params`: the block
   matrices in the compute dtype)."""
-  sharded = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(sharded, abstract_params(cfg.model),
-                        param_shardings(cfg.model, mesh, cfg.mesh.rules))
-  held = jax.eval_shape(lambda p: inference_params(cfg.model, p), params)
-  return jax.tree.map(lambda h, p: sharded(h, p.sharding), held, params)
+  return jax.tree.map(lambda h, s: jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=s),
+                      held_shapes(cfg.model), param_shardings(cfg.model, mesh, cfg.mesh.rules))
 
 
 def for_mesh(cfg: Config, mesh) -> Config:

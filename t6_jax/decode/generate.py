@@ -34,8 +34,9 @@ from t6_jax.config import Config, ModelConfig
 from t6_jax.decode.cache import Cache, init_cache
 from t6_jax.decode import weights as weights_lib
 from t6_jax.decode.weights import DecodeWeights, model_in_compute_dtype
-from t6_jax.model.placement import shard_params
-from t6_jax.sharding import put_batch, rules_table
+from t6_jax.model import inference_params
+from t6_jax.model.placement import abstract_params, param_shardings, shard_params
+from t6_jax.sharding import put_batch, rules_table, spec_axes
 
 MIN_PROMPT_BUCKET = 8
 STOP_CHECK_EVERY = 8  # tokens scanned between the early-stop tests of the while loop
@@ -330,13 +331,16 @@ def _placed(cfg: Config, model_or_params, mesh) -> dict:
   return shard_params(_as_params(model_or_params), cfg.model, mesh, cfg.mesh.rules)
 
 
+def held_shapes(model_cfg: ModelConfig) -> dict:
+  """ShapeDtypeStructs of the parameters as generation holds them (`inference_params`: block
+  matrices in the compute dtype, the embedding and norms as stored)."""
+  return jax.eval_shape(lambda p: inference_params(model_cfg, p), abstract_params(model_cfg))
+
+
 def held_bytes(model_cfg: ModelConfig) -> int:
-  """Bytes of the parameters as generation holds them (`inference_params`: block matrices in
-  the compute dtype), all of them: what one device holds under `mesh.rules=dp`."""
-  from t6_jax.model import inference_params
-  from t6_jax.model.placement import abstract_params
-  held = jax.eval_shape(lambda p: inference_params(model_cfg, p), abstract_params(model_cfg))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held))
+  """Bytes of the parameters as generation holds them, all of them: what one device holds
+  under `mesh.rules=dp`."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held_shapes(model_cfg)))
 
 
 def gathered_each_step(cfg: Config, mesh) -> tuple[int, tuple[str, ...]]:
@@ -347,15 +351,12 @@ def gathered_each_step(cfg: Config, mesh) -> tuple[int, tuple[str, ...]]:
   mesh.fsdp=1)."""
   if mesh is None or mesh.size == 1:
     return 0, ()
-  from t6_jax.model import inference_params
-  from t6_jax.model.placement import abstract_params, param_shardings
   rules = rules_table(cfg.mesh.rules)
   batch_axes = {a for a in rules.batch if mesh.shape.get(a, 1) > 1}
-  held = jax.eval_shape(lambda p: inference_params(cfg.model, p), abstract_params(cfg.model))
   total, axes = 0, set()
-  for h, sh in zip(jax.tree.leaves(held),
+  for h, sh in zip(jax.tree.leaves(held_shapes(cfg.model)),
                    jax.tree.leaves(param_shardings(cfg.model, mesh, rules))):
-    split = {a for s in sh.spec if s for a in ((s,) if isinstance(s, str) else s)}
+    split = {a for dim in spec_axes(sh.spec) for a in dim}
     if split & batch_axes:  # gathered over those axes, still split over the others
       kept = math.prod(mesh.shape[a] for a in split - batch_axes)
       total += h.size * h.dtype.itemsize // kept

@@ -91,7 +91,7 @@ from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sha
                                     tpa_decode_sharded)
 from t6_jax.kernels.splash_tpu import splash_attention
 from t6_jax.kernels.tpa_decode_tpu import FactorCacheLayout  # noqa: F401
-from t6_jax.sharding import Rules, logical_to_spec
+from t6_jax.sharding import Rules, logical_to_spec, spec_axes
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DECODE_KERNELS = ("auto", "xla", "pallas")
@@ -120,8 +120,7 @@ def target():
 def _split_axes(names, shape, rules: Rules, mesh):
   """Per dimension, the mesh axes (a tuple, maybe empty) that split it under `rules` (the same
   choice `sharding.constrain` makes for these logical names and this shape)."""
-  spec = logical_to_spec(names, rules, shape, mesh)
-  return [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+  return spec_axes(logical_to_spec(names, rules, shape, mesh))
 
 
 def splash_expresses(mask: Mask, t_len: int, s_len: int) -> bool:

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from t6_jax import kernels
 from t6_jax.config import ModelConfig
-from t6_jax.sharding import Rules, constrain, logical_to_spec
+from t6_jax.sharding import Rules, constrain, logical_to_spec, spec_axes
 
 
 def uniform_init(bound: float):
@@ -294,12 +294,9 @@ def vocab_sharded_lookup(table_VxD: jax.Array, tokens_BxT: jax.Array,
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None
-  vocab_spec = logical_to_spec(("vocab", None), rules, table_VxD.shape, mesh)[0]
-  vocab_axes = () if vocab_spec is None else (
-      (vocab_spec,) if isinstance(vocab_spec, str) else tuple(vocab_spec))
+  vocab_axes = spec_axes(logical_to_spec(("vocab", None), rules, table_VxD.shape, mesh))[0]
   token_spec = logical_to_spec(("batch", None), rules, tokens_BxT.shape, mesh)
-  batch_axes = {a for s in token_spec if s for a in ((s,) if isinstance(s, str) else s)}
-  if not vocab_axes or batch_axes & set(vocab_axes):
+  if not vocab_axes or set(vocab_axes) & {a for axes in spec_axes(token_spec) for a in axes}:
     return None
 
   def local(table_vxD, tokens_BxT):

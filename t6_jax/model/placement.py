@@ -4,6 +4,8 @@
   shard_params(params, cfg, mesh, rules) -> params placed by those shardings
   config_for_mesh(cfg, mesh, rules) -> cfg with heads / MLP width padded to split over the mesh
   pad_params(params, cfg, padded, mesh, rules) -> params of that config (same outputs)
+  forward_params(cfg, params, mesh, rules) -> (config, params) as evaluation and generation
+      hold them: `inference_params`, padded
   padded_in_step(params, cfg, rules) -> (config, params) padded inside a traced step
   padding_changes(cfg, padded) -> what the padding changed, for a note
 """
@@ -20,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t6_jax import sharding as sharding_lib
 from t6_jax.config import ModelConfig
-from t6_jax.model.transformer import init_params, param_axes
+from t6_jax.model.transformer import inference_params, init_params, param_axes
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,11 +83,22 @@ def pad_params(params: dict, cfg: ModelConfig, padded: ModelConfig, mesh=None,
   if padded == cfg:
     return params
   target = abstract_params(padded)
-
-  def pad(x, want):
-    return jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
   place = {} if mesh is None else {"out_shardings": param_shardings(padded, mesh, rules)}
-  return jax.jit(lambda p: jax.tree.map(pad, p, target), **place)(params)
+  return jax.jit(lambda p: jax.tree.map(_padded_to, p, target), **place)(params)
+
+
+def forward_params(cfg: ModelConfig, params: dict, mesh,
+                   rules: str | sharding_lib.Rules) -> tuple[ModelConfig, dict]:
+  """(config, params) as a forward-only run (evaluation, generation) holds them on `mesh`:
+  block matrices in the compute dtype (`inference_params`), padded for the tensor axis
+  (`config_for_mesh`, `pad_params`)."""
+  padded = config_for_mesh(cfg, mesh, rules)
+  return padded, pad_params(inference_params(cfg, params), cfg, padded, mesh, rules)
+
+
+def _padded_to(x, want):
+  """x with zeros appended along each axis up to `want`'s shape."""
+  return jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
 
 
 def padded_in_step(params: dict, cfg: ModelConfig,
@@ -104,11 +117,9 @@ def padded_in_step(params: dict, cfg: ModelConfig,
   rules = sharding_lib.rules_table(rules)
   target, axes = abstract_params(padded), param_axes(padded)
 
-  def pad(x, want, names):
-    x = jnp.pad(x, [(0, w - n) for n, w in zip(x.shape, want.shape)])
-    return sharding_lib.constrain(x, names, rules)
-  return padded, jax.tree.map(pad, params, target, axes,
-                              is_leaf=lambda v: isinstance(v, jax.Array))
+  return padded, jax.tree.map(
+      lambda x, want, names: sharding_lib.constrain(_padded_to(x, want), names, rules),
+      params, target, axes, is_leaf=lambda v: isinstance(v, jax.Array))
 
 
 def padding_changes(cfg: ModelConfig, padded: ModelConfig) -> str:
