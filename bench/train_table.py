@@ -9,7 +9,12 @@ the reference formula 6N + 12·L·h·d_h·T and peak memory per variant, the fir
 tokens/s as the base of the ratios, and the PyTorch reference's measurement where there is one.
 `--rounds N` runs each preset's variants N times in turn (A B A B ...), so a drift of the
 machine during the run falls on every variant alike; a cell then lists every run's tokens/s
-and the ratio compares medians.
+and the ratio compares medians. A setting `env:NAME=VALUE` sets an environment variable for
+that variant's process instead of a config key, so process-wide switches such as XLA's flags
+alternate too:
+
+  python bench/train_table.py --presets t6-small:64 --rounds 2 \\
+      --variants "default=;lhs=env:XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"
 """
 
 from __future__ import annotations
@@ -49,12 +54,28 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def split_settings(settings: list[str]) -> tuple[list[str], dict[str, str]]:
+  """A variant's settings -> (config overrides, environment variables from `env:NAME=VALUE`)."""
+  overrides, env = [], {}
+  for item in settings:
+    if item.startswith("env:"):
+      name, eq, value = item[4:].partition("=")
+      if not name or not eq:
+        raise SystemExit(f"variant setting {item!r}: write env:NAME=VALUE")
+      env[name] = value
+    else:
+      overrides.append(item)
+  return overrides, env
+
+
 def run_one(preset: str, batch: int, settings: list[str], args) -> dict[str, str]:
+  overrides, env = split_settings(settings)
   cmd = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--config", preset,
          "--batch", str(batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
-         "--warmup", str(args.warmup), "--out", "", *settings]
+         "--warmup", str(args.warmup), "--out", "", *overrides]
   try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
+                          env={**os.environ, **env})
     text = done.stdout + done.stderr
   except subprocess.TimeoutExpired:
     return {"error": f"over {args.timeout_s:.0f} s"}
@@ -78,6 +99,7 @@ def main(argv=None) -> int:
   for item in args.variants.split(";"):
     name, _, settings = item.partition("=")
     variants.append((name.strip(), settings.split()))
+    split_settings(variants[-1][1])  # a malformed env: setting fails before any run
   header = ["preset", "batch"] + [name for name, _ in variants] + ["reference"]
   rows = []
   for preset, batch in presets:

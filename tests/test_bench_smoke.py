@@ -100,3 +100,14 @@ def test_train_table_reports_the_exception_line():
   with script_module("bench/train_table.py") as module:
     assert module._error_line(text) == "jax.errors.JaxRuntimeError: NOT_FOUND: no stream"
     assert module._error_line("compiling\nkilled\n") == "killed"
+
+
+def test_train_table_env_settings():
+  """`env:NAME=VALUE` in a variant sets that run's environment, not a config key."""
+  with script_module("bench/train_table.py") as module:
+    overrides, env = module.split_settings(
+        ["train.gpu_gemm=triton", "env:XLA_FLAGS=--xla_a=1 ", "env:FOO="])
+    assert overrides == ["train.gpu_gemm=triton"]
+    assert env == {"XLA_FLAGS": "--xla_a=1 ", "FOO": ""}
+    with pytest.raises(SystemExit, match="env:NAME=VALUE"):
+      module.split_settings(["env:XLA_FLAGS"])
