@@ -4,6 +4,8 @@
   python train.py --config t6-small --workdir runs/t6-small data.path=DIR/fineweb_*.bin
   python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512 \\
       mesh.data=8 mesh.fsdp=64     # compile for a 512-chip v5p slice, print memory
+  python train.py --config t6-xl --aot_topology v5p:8x8x8 --aot_slices 2 \
+      train.batch_size=1024 mesh.data=16 mesh.fsdp=64   # two slices over DCN (Multislice)
 
 A rerun with the same --workdir (train.workdir) resumes from its newest good checkpoint;
 --restart starts over. Settings are section.key=value, anywhere among the flags; every setting
@@ -39,8 +41,15 @@ def parse_args(argv=None):
   parser.add_argument("--aot_topology", default="",
                       help="compile the sharded train step for this TPU topology (v5p:8x8x8, "
                            "v5e:16x16, ...) and print memory and FLOPs instead of training")
+  parser.add_argument("--aot_slices", type=int, default=1,
+                      help="with --aot_topology: compile for this many such slices joined over "
+                           "the data-center network (TPU Multislice; mesh.data must be a "
+                           "multiple of it) and report what crosses between them")
   cli.add_common(parser)
   args = cli.parse(parser, argv)
+  if args.aot_slices != 1 and not args.aot_topology:
+    parser.error("--aot_slices describes the slices of an --aot_topology compile; add "
+                 "--aot_topology (on real Multislice TPUs the slices are found on their own)")
   if args.workdir:
     args.overrides.append(f"train.workdir={args.workdir}")
   if args.aot_topology:
@@ -56,7 +65,7 @@ def run(args) -> int:
   if args.aot_topology:
     from t6_jax.train import aot
     try:
-      report = aot.compile_train_step(cfg, args.aot_topology)
+      report = aot.compile_train_step(cfg, args.aot_topology, slices=args.aot_slices)
     except aot.DoesNotFit as e:
       print(f"error: {e}", file=sys.stderr)
       return 1

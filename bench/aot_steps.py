@@ -43,7 +43,7 @@ from t6_jax import config as config_lib  # noqa: E402
 from t6_jax import sharding as sharding_lib  # noqa: E402
 from t6_jax.train import flops as flops_lib  # noqa: E402
 from t6_jax.train import step as step_lib  # noqa: E402
-from t6_jax.train.aot import topology_devices  # noqa: E402
+from t6_jax.train.aot import ITEM_BYTES, topology_devices  # noqa: E402
 
 GiB = 2**30
 REMATS = ("none", "save_dots", "full")  # lightest first
@@ -58,8 +58,6 @@ def _cost(compiled):
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-               "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 def _collectives(compiled) -> dict:
@@ -71,7 +69,7 @@ def _collectives(compiled) -> dict:
                       + r")\(.*channel_id=(\d+)", line)
     if found:
       dtype, dims, op, channel = found.groups()
-      size = _ITEM_BYTES.get(dtype, 4)
+      size = ITEM_BYTES.get(dtype, 4)
       for d in filter(None, dims.split(",")):
         size *= int(d)
       seen[(op, channel)] = size

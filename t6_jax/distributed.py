@@ -33,8 +33,8 @@ def initialize(force: bool = False) -> None:
   """jax.distributed.initialize() when this process is one of several.
 
   Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (multi-node GPU).
-  Detected: Cloud TPU pod slices (several TPU worker hostnames), SLURM and Open MPI jobs with
-  more than one task. `force` (train.py --distributed) lets JAX auto-detect everything else.
+  Detected: Cloud TPU pod slices (several TPU worker hostnames), Multislice jobs (the
+  MEGASCALE_* environment of several slices), SLURM and Open MPI jobs with more than one task. `force` (train.py --distributed) lets JAX auto-detect everything else.
   """
   env = os.environ
   if jax.distributed.is_initialized():
@@ -44,6 +44,7 @@ def initialize(force: bool = False) -> None:
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num,
                                int(env.get("JAX_PROCESS_ID", "0")), **timeouts())
   elif (force or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("MEGASCALE_NUM_SLICES", "1") or "1") > 1
         or int(env.get("SLURM_NTASKS", "1")) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
     jax.distributed.initialize(**timeouts())

@@ -138,10 +138,21 @@ def check_mesh_rules(mesh_shape: Mapping[str, int], rules: str | Rules) -> None:
                        f"mesh.{axis}=1")
 
 
+def slice_count(devices) -> int:
+  """How many TPU slices the devices span (Multislice jobs joined over the data-center
+  network, DCN); 1 for a single slice and for devices that carry no `slice_index`."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None,
               rules: str | Rules | None = None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the devices left over. With
-  `rules`, a mesh axis larger than 1 that the table does not use is refused."""
+  `rules`, a mesh axis larger than 1 that the table does not use is refused.
+
+  On devices of several TPU slices the `data` axis spans the slices: its outer factor is the
+  slice, so the only traffic between slices is the once-a-step gradient reduction over `data`,
+  while the FSDP gathers and tensor-parallel reductions of every layer stay on each slice's
+  ICI (`mesh.data` must then be a multiple of the slice count)."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   sizes = [data, fsdp, tensor]
@@ -164,11 +175,38 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None,
     check_mesh_rules(dict(zip(MESH_AXES, sizes)), rules)
   # Auto axes: the compiler propagates shardings from the annotated params and batches.
   auto = (jax.sharding.AxisType.Auto,) * 3
+  slices = slice_count(devices)
+  if slices > 1:
+    return _multislice_mesh(sizes, slices, devices, auto)
   try:  # topology-aware device order (TPU ICI rings, GPU NVLink islands)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     # A subset of the devices with no physical layout (e.g. 1 of 8 host devices in tests).
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def _multislice_mesh(sizes, slices, devices, axis_types) -> jax.sharding.Mesh:
+  """The mesh over several slices: `data` = slices (over DCN) x data / slices (over ICI), the
+  other axes inside each slice. jax.make_mesh lays out one slice's torus only, so the device
+  array comes from mesh_utils' hybrid layout (each slice's block topology-aware)."""
+  from jax.experimental import mesh_utils
+  data, fsdp, tensor = sizes
+  per_slice = len(devices) // slices
+  if data % slices:
+    raise ValueError(
+        f"the devices span {slices} TPU slices (Multislice), and the data axis must cross "
+        f"them, but mesh.data={data} is not a multiple of {slices}; set mesh.data={slices} "
+        f"(or a multiple of it) and let mesh.fsdp=-1 take each slice's {per_slice} chips: "
+        f"gradients are then averaged over the slow network between slices once a step, "
+        f"while the FSDP and tensor traffic of every layer stays inside each slice")
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices)
+  except ValueError as e:  # slices of different sizes
+    raise ValueError(f"cannot lay out mesh {dict(zip(MESH_AXES, sizes))} over {slices} TPU "
+                     f"slices of {len(devices)} chips in all: {e}; every slice must hold the "
+                     f"same number of chips") from e
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:

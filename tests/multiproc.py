@@ -47,7 +47,7 @@ def environment(process_id: int, processes: int, devices: int, port: int,
                 shared: str | None = None, extra: dict | None = None) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                              "PYTEST_", "SLURM_", "OMPI_", "TPU_WORKER"))}
+                              "PYTEST_", "SLURM_", "OMPI_", "TPU_WORKER", "MEGASCALE"))}
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_XLA}")
   if processes > 1:

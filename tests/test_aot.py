@@ -62,6 +62,53 @@ def test_aot_compile_of_the_real_preset_layers_for_v5p_2x2x2():
   assert report.fits and report.model_flops_per_step > 0
 
 
+def test_a_mesh_over_two_slices_keeps_fsdp_inside_each_slice():
+  """Two v5p slices joined over DCN: the data axis's outer factor is the slice, so every
+  FSDP group lies inside one slice; a data axis that cannot cross the slices is refused with
+  the setting that fixes it."""
+  import numpy as np
+  from t6_jax import sharding
+  from t6_jax.train import aot
+  devices = aot.topology_devices("v5p:2x2x1", slices=2)
+  assert sharding.slice_count(devices) == 2 and len(devices) == 8
+  slice_of = lambda mesh: np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  mesh = sharding.make_mesh(data=2, fsdp=-1, devices=devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert (slice_of(mesh)[:, :, 0] == [[0] * 4, [1] * 4]).all()
+  mesh = sharding.make_mesh(data=4, fsdp=2, devices=devices)
+  assert (slice_of(mesh)[:, :, 0] == [[0, 0], [0, 0], [1, 1], [1, 1]]).all()
+  with pytest.raises(ValueError, match=r"span 2 TPU slices .* mesh.data=1 is not a multiple "
+                                       r"of 2; set mesh.data=2"):
+    sharding.make_mesh(data=1, fsdp=-1, devices=devices)
+
+
+def test_aot_over_two_slices_sends_only_the_gradient_reduction_between_them():
+  """The compiled step of two slices: between them only all-reduces (the gradients' average
+  over data), about each chip's gradient shard; a mesh whose FSDP axis spans both slices (the
+  layout the slice-aware mesh avoids) sends weight gathers over DCN, and the count shows it."""
+  import jax
+  import numpy as np
+  from t6_jax import sharding
+  from t6_jax.train import aot, step as step_lib
+  cfg = config_lib.load("tiny", MICRO + ["mesh.data=2"])
+  report = aot.compile_train_step(cfg, "v5p:2x2x1", slices=2)
+  assert report.chips == 8 and report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert set(report.dcn) == {"ALL_REDUCE"}
+  shard_bytes = 4 * report.params / 4  # fp32 gradients split over fsdp=4
+  assert shard_bytes <= report.dcn["ALL_REDUCE"][1] < 1.5 * shard_bytes, report.dcn
+  assert "2 slices of v5p:2x2x1" in report.text()
+  assert "only the gradient reduction over the data axis crosses slices" in report.text()
+
+  devices = aot.topology_devices("v5p:2x2x1", slices=2)
+  across = jax.sharding.Mesh(np.asarray(devices).reshape(1, 8, 1), sharding.MESH_AXES)
+  cfg = config_lib.load("tiny", MICRO + ["mesh.fsdp=8"])
+  state = step_lib.abstract_state(cfg, across)
+  batch = step_lib.abstract_batch(cfg, across, ("inputs", "targets"))
+  step = step_lib.TrainStep(cfg, across, jax.tree.map(lambda x: x.sharding, state),
+                            ("inputs", "targets"))
+  assert "ALL_GATHER" in aot.dcn_transfers(step.lower(state, batch).compile().as_text())
+
+
 def test_unknown_topology_is_a_clear_error():
   from t6_jax.train import aot
   with pytest.raises(ValueError, match="cannot describe TPU topology 'v9x:1x1'"):

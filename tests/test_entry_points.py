@@ -343,3 +343,10 @@ def test_no_libtpu_noise_without_a_tpu():
                    "1 2", "--max_new_tokens", "1", platforms=None)
   assert rc == 0, err
   assert_clean(err)
+
+
+def test_aot_slices_without_a_topology_is_refused(capsys):
+  with pytest.raises(SystemExit):
+    load_cli("train").main(["--aot_slices", "2"])
+  assert "--aot_slices describes the slices of an --aot_topology compile" in \
+      capsys.readouterr().err

@@ -90,11 +90,15 @@ MICRO = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.h
 @pytest.mark.parametrize("topology,mesh", [
     ("v5e:2x2", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"]),
     ("v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]),
+    ("v5p:2x2x1", ["--aot_slices", "2", "mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=1"]),
 ])
 def test_train_py_aot_compiles_the_step_with_splash(topology, mesh, capsys):
   import train
   assert train.main(["--config", "tiny", "--aot_topology", topology, *MICRO, *mesh]) == 0
   out = capsys.readouterr().out
+  if "--aot_slices" in mesh:  # two slices: only the gradient average crosses between them
+    assert "AOT compile for 2 slices of v5p:2x2x1: 8 chips" in out, out
+    assert "only the gradient reduction over the data axis crosses slices" in out, out
   calls = int(out.split(" TPU kernel calls")[0].rsplit(" ", 1)[1])
   assert calls >= 2  # splash forward and backward kernels
 

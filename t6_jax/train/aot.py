@@ -5,6 +5,10 @@ step is lowered with abstract, sharded state and batch for that slice's devices 
 the TPU compiler, without any TPU attached. The report gives per-chip memory (arguments,
 temporaries, total against the chip's HBM), the FLOPs of one step and the step time those
 FLOPs imply at the chip's peak. A step that does not fit raises `DoesNotFit`.
+
+With `slices` > 1 the job spans several such slices (TPU Multislice): the compiled program is
+one slice's, and what it sends between slices over the data-center network (DCN) appears as
+megascale transfers, which the report sums (`dcn_transfers`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
+import re
 import time
 
 import jax
@@ -51,11 +56,16 @@ def libtpu_mismatch() -> str | None:
           f"pair: pip install 'jax[tpu]=={jax.__version__}' (the t6-jax[tpu] extra does)")
 
 
-def topology_devices(name: str, **kwargs):
-  """Compile-only devices of a TPU topology such as v5p:8x8x8, v5e:16x16, v6e:16x16."""
+def topology_devices(name: str, slices: int = 1, **kwargs):
+  """Compile-only devices of a TPU topology such as v5p:8x8x8, v5e:16x16, v6e:16x16; with
+  `slices` > 1, of that many such slices joined over DCN (each device has a `slice_index`)."""
   mismatch = libtpu_mismatch()
   if mismatch:
     raise RuntimeError(mismatch)
+  if slices < 1:
+    raise ValueError(f"slices={slices}: a job spans one slice or more")
+  if slices > 1:
+    kwargs["num_slices"] = slices
   # libtpu otherwise takes a machine-wide lock meant for real TPUs, which any other JAX process
   # that probed the TPU backend may hold; describing a topology needs no exclusive access.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -67,6 +77,115 @@ def topology_devices(name: str, **kwargs):
         f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}). AOT compiles need "
         f"libtpu: pip install 't6-jax[tpu]' (the libtpu that pairs with this jax); names "
         f"look like v4:8x8x8, v5p:8x8x8, v5e:16x16, v6e:16x16") from e
+
+
+# A transfer between slices in the compiled program: a send with its megascale attributes.
+_DCN_SEND = re.compile(r"= \(?(\w+)\[([0-9,]*)\][^=]* send\(.*"
+                       r'_xla_megascale_transfer_type="(\w+)"')
+ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+               "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_NAME = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
+                     r"called_computations)=\{?((?:%[\w.\-]+(?:, )?)+)")
+
+
+def _trip_count(while_line: str, computations: dict, defs: dict) -> int | None:
+  """Iterations of a while loop: XLA's known trip count, else its counter's start constant
+  and the condition's compare against a constant (the form of jax's scans); None if neither."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%([\w.\-]+)", while_line)
+  init = re.search(r" while\(%([\w.\-]+)\)", while_line)
+  if not cond or not init or cond.group(1) not in computations:
+    return None
+  body = computations[cond.group(1)]
+  root = next((l for l in body if l.lstrip().startswith("ROOT ") and " compare(" in l), "")
+  direction = re.search(r"direction=(LT|LE|NE)", root)
+  limit = [int(m.group(1)) for l in body for m in [re.search(r"s32\[\]\S* constant\((-?\d+)\)", l)]
+           if m]
+  operands = re.search(r" tuple\(%([\w.\-]+)", defs.get(init.group(1), ""))
+  name = operands.group(1) if operands else None
+  for _ in range(4):  # the counter's first value: a constant, maybe behind copies
+    line = defs.get(name, "")
+    start = re.search(r"s32\[\]\S* constant\((-?\d+)\)", line)
+    if start:
+      if not direction or len(limit) != 1:
+        return None
+      return limit[0] - int(start.group(1)) + (direction.group(1) == "LE")
+    hop = re.search(r" (?:copy|bitcast)\(%([\w.\-]+)\)", line)
+    if not hop:
+      return None
+    name = hop.group(1)
+  return None
+
+
+def computation_runs(hlo_text: str) -> tuple[dict[str, int], bool]:
+  """({computation: times it runs in one execution}, whether every loop's trip count was
+  found) for an optimized HLO module: a loop body runs its trip count times per run of its
+  caller; a loop whose count is not found counts once."""
+  computations: dict[str, list[str]] = {}
+  current, entry = None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      computations[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line.rstrip() == "}":  # (an instruction's metadata may span lines that start "}}")
+      current = None
+    elif current:
+      computations[current].append(line)
+  defs = {m.group(1): l for body in computations.values() for l in body
+          if (m := _NAME.match(l))}
+  edges: dict[str, list[tuple[str, int]]] = {name: [] for name in computations}
+  exact = True
+  for name, body in computations.items():
+    for line in body:
+      trips = None
+      if " while(" in line:
+        trips = _trip_count(line, computations, defs)
+        exact &= trips is not None
+      for kind, callees in _CALLEE.findall(line):
+        times = (trips or 1) if kind in ("body", "condition") else 1
+        edges[name] += [(c.strip()[1:], times) for c in callees.split(",") if c.strip()]
+  runs: dict[str, int] = {}
+
+  def visit(name: str, times: int):
+    runs[name] = runs.get(name, 0) + times
+    for callee, factor in edges.get(name, ()):
+      visit(callee, times * factor)
+
+  if entry is not None:
+    visit(entry, 1)
+  return runs, exact
+
+
+def dcn_transfers(hlo_text: str) -> dict[str, tuple[int, int]]:
+  """{transfer type (ALL_REDUCE, ALL_GATHER, ...): (count, bytes each chip sends)} per run of
+  a compiled Multislice program, from its optimized HLO (transfers inside a loop counted once
+  per iteration); {} for a program of one slice."""
+  runs, _ = computation_runs(hlo_text)
+  out: dict[str, tuple[int, int]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      continue
+    found = _DCN_SEND.search(line)
+    if found:
+      dtype, dims, kind = found.groups()
+      size = ITEM_BYTES.get(dtype, 4)
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      times = runs.get(current, 1)
+      count, total = out.get(kind, (0, 0))
+      out[kind] = (count + times, total + times * size)
+  return out
 
 
 @dataclasses.dataclass
@@ -93,6 +212,8 @@ class AotReport:
   scanned: bool = True
   kernel_calls: int = 0  # TPU kernel (Pallas/Mosaic, e.g. splash) calls in the compiled HLO
   padding: str = ""  # heads / MLP units padded inside the step for the tensor axis
+  slices: int = 1  # TPU slices joined over DCN (chips counts all of them)
+  dcn: dict = dataclasses.field(default_factory=dict)  # dcn_transfers of the compiled step
 
   @property
   def total_bytes(self) -> int:
@@ -114,8 +235,9 @@ class AotReport:
   def text(self) -> str:
     hbm = "unknown" if self.hbm_bytes is None else f"{self.hbm_bytes / GiB:.2f} GiB"
     tokens = self.batch_size * self.seq_len
+    where = self.topology if self.slices == 1 else f"{self.slices} slices of {self.topology}"
     lines = [
-        f"AOT compile for {self.topology}: {self.chips} chips of {self.device_kind}, mesh "
+        f"AOT compile for {where}: {self.chips} chips of {self.device_kind}, mesh "
         f"{self.mesh}",
         f"  step: batch {self.batch_size} x {self.seq_len} tokens ({tokens:,} tokens), "
         f"grad_accum {self.grad_accum}, remat {self.remat}; {self.params:,} parameters; "
@@ -130,6 +252,7 @@ class AotReport:
         f"    program      {self.code_bytes / GiB:9.3f} GiB",
         f"    total        {self.total_bytes / GiB:9.3f} GiB  of {hbm} HBM "
         f"({'fits' if self.fits else 'DOES NOT FIT'})",
+        *([self._dcn_line()] if self.slices > 1 else []),
         f"  FLOPs per step: {self.model_flops_per_step:.4g} (model count, all chips), "
         f"{self.model_flops_per_step / self.chips:.4g} per chip",
     ]
@@ -144,11 +267,25 @@ class AotReport:
     return "\n".join(lines)
 
 
-def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = True,
-                       **topology_kwargs) -> AotReport:
-  """Lowers and compiles the train step of `cfg` for `topology`; returns the report."""
+  def _dcn_line(self) -> str:
+    if not self.dcn:
+      return "  between slices (DCN): nothing in the compiled step"
+    sent = ", ".join(f"{count} {kind.lower().replace('_', '-')}{'s' * (count != 1)} of "
+                     f"{size / 1e6:.3g} MB in all" for kind, (count, size) in sorted(self.dcn.items()))
+    only_reduce = set(self.dcn) <= {"ALL_REDUCE", "REDUCE_SCATTER"}
+    return (f"  between slices (DCN), each chip a step: {sent}"
+            + ("; only the gradient reduction over the data axis crosses slices"
+               if only_reduce else
+               "; weights or activations cross slices: keep mesh.fsdp and mesh.tensor "
+               "inside one slice"))
+
+
+def compile_train_step(cfg: Config, topology: str, *, slices: int = 1,
+                       fail_if_too_big: bool = True, **topology_kwargs) -> AotReport:
+  """Lowers and compiles the train step of `cfg` for `topology` (`slices` of it, joined over
+  DCN); returns the report."""
   step_lib.validate(cfg)
-  devices = topology_devices(topology, **topology_kwargs)
+  devices = topology_devices(topology, slices, **topology_kwargs)
   mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
   state = step_lib.abstract_state(cfg, mesh)
   sharding_lib.check_replicated(state["params"],
@@ -167,6 +304,7 @@ def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = Tr
     raise
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -184,9 +322,10 @@ def compile_train_step(cfg: Config, topology: str, *, fail_if_too_big: bool = Tr
       xla_flops_per_chip=None if not cost else cost.get("flops"),
       peak_flops=flops_lib.peak_flops(kind), compile_s=compile_s,
       scanned=layers_scanned(cfg.model, devices[0].platform),
-      kernel_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+      kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'),
       padding=placement.padding_changes(
-          cfg.model, placement.config_for_mesh(cfg.model, mesh, cfg.mesh.rules)))
+          cfg.model, placement.config_for_mesh(cfg.model, mesh, cfg.mesh.rules)),
+      slices=slices, dcn=dcn_transfers(hlo))
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report
