@@ -140,7 +140,11 @@ def check_mesh_rules(mesh_shape: Mapping[str, int], rules: str | Rules) -> None:
 
 def slice_count(devices) -> int:
   """How many TPU slices the devices span (Multislice jobs joined over the data-center
-  network, DCN); 1 for a single slice and for devices that carry no `slice_index`."""
+  network, DCN); 1 for one slice and for other platforms. (jax numbers GPU nodes as slices
+  too, but an FSDP axis across GPU nodes is a valid choice there, so their mesh keeps the
+  device order, process by process.)"""
+  if not devices or devices[0].platform != "tpu":
+    return 1
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 

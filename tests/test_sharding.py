@@ -230,3 +230,14 @@ def test_decode_weight_gathers_are_counted_per_mesh():
   assert gathered(config_lib.MeshConfig(4, 1, 2, "fsdp_tp")) == (0, ())
   assert 0 < gathered(config_lib.MeshConfig(1, 4, 2, "fsdp_tp"))[0] < held
   assert gathered_each_step(cfg, None) == (0, ())
+
+
+def test_only_tpu_slices_count_as_slices():
+  """jax numbers GPU nodes as slices too; their mesh is not held to the TPU Multislice rule
+  (an FSDP axis across GPU nodes stays possible), while TPU devices of two slices count 2."""
+  import types
+  fake = lambda platform: [types.SimpleNamespace(platform=platform, slice_index=i // 4)
+                           for i in range(8)]
+  assert sharding.slice_count(fake("gpu")) == 1 and sharding.slice_count(fake("cpu")) == 1
+  assert sharding.slice_count(fake("tpu")) == 2
+  assert sharding.slice_count(jax.devices()) == 1
