@@ -34,7 +34,8 @@ def initialize(force: bool = False) -> None:
 
   Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (multi-node GPU).
   Detected: Cloud TPU pod slices (several TPU worker hostnames), Multislice jobs (the
-  MEGASCALE_* environment of several slices), SLURM and Open MPI jobs with more than one task. `force` (train.py --distributed) lets JAX auto-detect everything else.
+  MEGASCALE_* environment of several slices), SLURM and Open MPI jobs with more than one
+  task. `force` (train.py --distributed) lets JAX auto-detect everything else.
   """
   env = os.environ
   if jax.distributed.is_initialized():

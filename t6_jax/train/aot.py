@@ -105,8 +105,8 @@ def _trip_count(while_line: str, computations: dict, defs: dict) -> int | None:
   body = computations[cond.group(1)]
   root = next((l for l in body if l.lstrip().startswith("ROOT ") and " compare(" in l), "")
   direction = re.search(r"direction=(LT|LE|NE)", root)
-  limit = [int(m.group(1)) for l in body for m in [re.search(r"s32\[\]\S* constant\((-?\d+)\)", l)]
-           if m]
+  limit = [int(m.group(1)) for l in body
+           if (m := re.search(r"s32\[\]\S* constant\((-?\d+)\)", l))]
   operands = re.search(r" tuple\(%([\w.\-]+)", defs.get(init.group(1), ""))
   name = operands.group(1) if operands else None
   for _ in range(4):  # the counter's first value: a constant, maybe behind copies
@@ -214,6 +214,7 @@ class AotReport:
   padding: str = ""  # heads / MLP units padded inside the step for the tensor axis
   slices: int = 1  # TPU slices joined over DCN (chips counts all of them)
   dcn: dict = dataclasses.field(default_factory=dict)  # dcn_transfers of the compiled step
+  dcn_exact: bool = True  # every loop's trip count was found (computation_runs)
 
   @property
   def total_bytes(self) -> int:
@@ -271,9 +272,12 @@ class AotReport:
     if not self.dcn:
       return "  between slices (DCN): nothing in the compiled step"
     sent = ", ".join(f"{count} {kind.lower().replace('_', '-')}{'s' * (count != 1)} of "
-                     f"{size / 1e6:.3g} MB in all" for kind, (count, size) in sorted(self.dcn.items()))
+                     f"{size / 1e6:.3g} MB in all"
+                     for kind, (count, size) in sorted(self.dcn.items()))
     only_reduce = set(self.dcn) <= {"ALL_REDUCE", "REDUCE_SCATTER"}
     return (f"  between slices (DCN), each chip a step: {sent}"
+            + ("" if self.dcn_exact else " (at least: a loop's trip count was not found, so "
+                                         "its transfers count once)")
             + ("; only the gradient reduction over the data axis crosses slices"
                if only_reduce else
                "; weights or activations cross slices: keep mesh.fsdp and mesh.tensor "
@@ -325,7 +329,7 @@ def compile_train_step(cfg: Config, topology: str, *, slices: int = 1,
       kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'),
       padding=placement.padding_changes(
           cfg.model, placement.config_for_mesh(cfg.model, mesh, cfg.mesh.rules)),
-      slices=slices, dcn=dcn_transfers(hlo))
+      slices=slices, dcn=dcn_transfers(hlo), dcn_exact=computation_runs(hlo)[1])
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report
