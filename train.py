@@ -4,7 +4,7 @@
   python train.py --config t6-small --workdir runs/t6-small data.path=DIR/fineweb_*.bin
   python train.py --config t6-xl --aot_topology v5p:8x8x8 train.batch_size=512 \\
       mesh.data=8 mesh.fsdp=64     # compile for a 512-chip v5p slice, print memory
-  python train.py --config t6-xl --aot_topology v5p:8x8x8 --aot_slices 2 \
+  python train.py --config t6-xl --aot_topology v5p:8x8x8 --aot_slices 2 \\
       train.batch_size=1024 mesh.data=16 mesh.fsdp=64   # two slices over DCN (Multislice)
 
 A rerun with the same --workdir (train.workdir) resumes from its newest good checkpoint;
