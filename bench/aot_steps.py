@@ -43,7 +43,7 @@ from t6_jax import config as config_lib  # noqa: E402
 from t6_jax import sharding as sharding_lib  # noqa: E402
 from t6_jax.train import flops as flops_lib  # noqa: E402
 from t6_jax.train import step as step_lib  # noqa: E402
-from t6_jax.train.aot import ITEM_BYTES, topology_devices  # noqa: E402
+from t6_jax.train.aot import array_bytes, topology_devices  # noqa: E402
 
 GiB = 2**30
 REMATS = ("none", "save_dots", "full")  # lightest first
@@ -69,10 +69,7 @@ def _collectives(compiled) -> dict:
                       + r")\(.*channel_id=(\d+)", line)
     if found:
       dtype, dims, op, channel = found.groups()
-      size = ITEM_BYTES.get(dtype, 4)
-      for d in filter(None, dims.split(",")):
-        size *= int(d)
-      seen[(op, channel)] = size
+      seen[(op, channel)] = array_bytes(dtype, dims)
   out = {}
   for (op, _), size in seen.items():
     count, total = out.get(op, (0, 0))

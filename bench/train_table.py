@@ -68,8 +68,8 @@ def split_settings(settings: list[str]) -> tuple[list[str], dict[str, str]]:
   return overrides, env
 
 
-def run_one(preset: str, batch: int, settings: list[str], args) -> dict[str, str]:
-  overrides, env = split_settings(settings)
+def run_one(preset: str, batch: int, overrides: list[str], env: dict[str, str],
+            args) -> dict[str, str]:
   cmd = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--config", preset,
          "--batch", str(batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--out", "", *overrides]
@@ -98,15 +98,15 @@ def main(argv=None) -> int:
   variants = []
   for item in args.variants.split(";"):
     name, _, settings = item.partition("=")
-    variants.append((name.strip(), settings.split()))
-    split_settings(variants[-1][1])  # a malformed env: setting fails before any run
+    # (a malformed env: setting fails here, before any run)
+    variants.append((name.strip(), split_settings(settings.split())))
   header = ["preset", "batch"] + [name for name, _ in variants] + ["reference"]
   rows = []
   for preset, batch in presets:
     runs = {name: [] for name, _ in variants}
     for _ in range(max(1, args.rounds)):
-      for name, settings in variants:
-        r = run_one(preset, batch, settings, args)
+      for name, (overrides, env) in variants:
+        r = run_one(preset, batch, overrides, env, args)
         runs[name].append(r)
         print(f"{preset} B={batch} {name}: {r}", flush=True)
     cells, base = [preset, str(batch)], None

@@ -82,14 +82,38 @@ def topology_devices(name: str, slices: int = 1, **kwargs):
 # A transfer between slices in the compiled program: a send with its megascale attributes.
 _DCN_SEND = re.compile(r"= \(?(\w+)\[([0-9,]*)\][^=]* send\(.*"
                        r'_xla_megascale_transfer_type="(\w+)"')
-ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-               "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+              "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _NAME = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
                      r"called_computations)=\{?((?:%[\w.\-]+(?:, )?)+)")
+_S32_CONSTANT = re.compile(r"s32\[\]\S* constant\((-?\d+)\)")
+
+
+def array_bytes(dtype: str, dims: str) -> int:
+  """Bytes of an HLO array type from its element type and its "d0,d1,..." dimensions."""
+  size = _ITEM_BYTES.get(dtype, 4)
+  for d in filter(None, dims.split(",")):
+    size *= int(d)
+  return size
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """({computation name: its instruction lines}, the entry computation's name)."""
+  computations: dict[str, list[str]] = {}
+  current, entry = None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      computations[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line.rstrip() == "}":  # (an instruction's metadata may span lines that start "}}")
+      current = None
+    elif current:
+      computations[current].append(line)
+  return computations, entry
 
 
 def _trip_count(while_line: str, computations: dict, defs: dict) -> int | None:
@@ -105,13 +129,12 @@ def _trip_count(while_line: str, computations: dict, defs: dict) -> int | None:
   body = computations[cond.group(1)]
   root = next((l for l in body if l.lstrip().startswith("ROOT ") and " compare(" in l), "")
   direction = re.search(r"direction=(LT|LE|NE)", root)
-  limit = [int(m.group(1)) for l in body
-           if (m := re.search(r"s32\[\]\S* constant\((-?\d+)\)", l))]
+  limit = [int(m.group(1)) for l in body if (m := _S32_CONSTANT.search(l))]
   operands = re.search(r" tuple\(%([\w.\-]+)", defs.get(init.group(1), ""))
   name = operands.group(1) if operands else None
   for _ in range(4):  # the counter's first value: a constant, maybe behind copies
     line = defs.get(name, "")
-    start = re.search(r"s32\[\]\S* constant\((-?\d+)\)", line)
+    start = _S32_CONSTANT.search(line)
     if start:
       if not direction or len(limit) != 1:
         return None
@@ -123,22 +146,10 @@ def _trip_count(while_line: str, computations: dict, defs: dict) -> int | None:
   return None
 
 
-def computation_runs(hlo_text: str) -> tuple[dict[str, int], bool]:
+def _runs(computations: dict, entry: str | None) -> tuple[dict[str, int], bool]:
   """({computation: times it runs in one execution}, whether every loop's trip count was
-  found) for an optimized HLO module: a loop body runs its trip count times per run of its
-  caller; a loop whose count is not found counts once."""
-  computations: dict[str, list[str]] = {}
-  current, entry = None, None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and not line.startswith(" "):
-      current = header.group(1)
-      computations[current] = []
-      entry = current if line.startswith("ENTRY") else entry
-    elif line.rstrip() == "}":  # (an instruction's metadata may span lines that start "}}")
-      current = None
-    elif current:
-      computations[current].append(line)
+  found): a loop body runs its trip count times per run of its caller; a loop whose count is
+  not found counts once."""
   defs = {m.group(1): l for body in computations.values() for l in body
           if (m := _NAME.match(l))}
   edges: dict[str, list[tuple[str, int]]] = {name: [] for name in computations}
@@ -164,28 +175,26 @@ def computation_runs(hlo_text: str) -> tuple[dict[str, int], bool]:
   return runs, exact
 
 
+def _dcn(hlo_text: str) -> tuple[dict[str, tuple[int, int]], bool]:
+  computations, entry = _computations(hlo_text)
+  runs, exact = _runs(computations, entry)
+  out: dict[str, tuple[int, int]] = {}
+  for name, body in computations.items():
+    for line in body:
+      found = _DCN_SEND.search(line)
+      if found:
+        dtype, dims, kind = found.groups()
+        times = runs.get(name, 1)
+        count, total = out.get(kind, (0, 0))
+        out[kind] = (count + times, total + times * array_bytes(dtype, dims))
+  return out, exact
+
+
 def dcn_transfers(hlo_text: str) -> dict[str, tuple[int, int]]:
   """{transfer type (ALL_REDUCE, ALL_GATHER, ...): (count, bytes each chip sends)} per run of
   a compiled Multislice program, from its optimized HLO (transfers inside a loop counted once
   per iteration); {} for a program of one slice."""
-  runs, _ = computation_runs(hlo_text)
-  out: dict[str, tuple[int, int]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header and not line.startswith(" "):
-      current = header.group(1)
-      continue
-    found = _DCN_SEND.search(line)
-    if found:
-      dtype, dims, kind = found.groups()
-      size = ITEM_BYTES.get(dtype, 4)
-      for d in filter(None, dims.split(",")):
-        size *= int(d)
-      times = runs.get(current, 1)
-      count, total = out.get(kind, (0, 0))
-      out[kind] = (count + times, total + times * size)
-  return out
+  return _dcn(hlo_text)[0]
 
 
 @dataclasses.dataclass
@@ -214,7 +223,7 @@ class AotReport:
   padding: str = ""  # heads / MLP units padded inside the step for the tensor axis
   slices: int = 1  # TPU slices joined over DCN (chips counts all of them)
   dcn: dict = dataclasses.field(default_factory=dict)  # dcn_transfers of the compiled step
-  dcn_exact: bool = True  # every loop's trip count was found (computation_runs)
+  dcn_exact: bool = True  # every loop's trip count was found (_runs)
 
   @property
   def total_bytes(self) -> int:
@@ -309,6 +318,7 @@ def compile_train_step(cfg: Config, topology: str, *, slices: int = 1,
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
+  dcn, dcn_exact = _dcn(hlo)
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -329,7 +339,7 @@ def compile_train_step(cfg: Config, topology: str, *, slices: int = 1,
       kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'),
       padding=placement.padding_changes(
           cfg.model, placement.config_for_mesh(cfg.model, mesh, cfg.mesh.rules)),
-      slices=slices, dcn=dcn_transfers(hlo), dcn_exact=computation_runs(hlo)[1])
+      slices=slices, dcn=dcn, dcn_exact=dcn_exact)
   if fail_if_too_big and not report.fits:
     raise DoesNotFit(report.text() + "\n" + _advice())
   return report
