@@ -204,8 +204,11 @@ def _multislice_mesh(sizes, slices, devices, axis_types) -> jax.sharding.Mesh:
         f"gradients are then averaged over the slow network between slices once a step, "
         f"while the FSDP and tensor traffic of every layer stays inside each slice")
   try:
+    # A mesh axis may need part of a physical axis (8 chips of a 4x4 v5e slice); the layout
+    # splits one only where no whole-axis assignment exists.
     grid = mesh_utils.create_hybrid_device_mesh(
-        (data // slices, fsdp, tensor), (slices, 1, 1), devices)
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices,
+        allow_split_physical_axes=True)
   except ValueError as e:  # slices of different sizes
     raise ValueError(f"cannot lay out mesh {dict(zip(MESH_AXES, sizes))} over {slices} TPU "
                      f"slices of {len(devices)} chips in all: {e}; every slice must hold the "

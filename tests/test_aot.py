@@ -77,6 +77,9 @@ def test_a_mesh_over_two_slices_keeps_fsdp_inside_each_slice():
   assert (slice_of(mesh)[:, :, 0] == [[0] * 4, [1] * 4]).all()
   mesh = sharding.make_mesh(data=4, fsdp=2, devices=devices)
   assert (slice_of(mesh)[:, :, 0] == [[0, 0], [0, 0], [1, 1], [1, 1]]).all()
+  # Two v5e:4x4 slices with 2 x 8 chips each: 8 is no product of whole 4x4 torus axes.
+  mesh = sharding.make_mesh(data=4, fsdp=8, devices=aot.topology_devices("v5e:4x4", slices=2))
+  assert (slice_of(mesh)[:, :, 0] == np.repeat([[0], [0], [1], [1]], 8, axis=1)).all()
   with pytest.raises(ValueError, match=r"span 2 TPU slices .* mesh.data=1 is not a multiple "
                                        r"of 2; set mesh.data=2"):
     sharding.make_mesh(data=1, fsdp=-1, devices=devices)
