@@ -50,6 +50,20 @@ def _plain(value: Any):
   return value
 
 
+def summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
+  it is installed, only to accept torch tensors (never passed here); that import costs about
+  2 s of every process start, so it is refused for the duration of tensorboardX's import."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+  return SummaryWriter
+
+
 def import_wandb():
   """The wandb module, or a ValueError saying how to get it (train.wandb_project is set)."""
   try:
@@ -87,7 +101,7 @@ class Metrics:
     os.makedirs(local, exist_ok=True)
     self.jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = summary_writer_class()
       # A unique suffix: two writers started in the same second on one host must not share an
       # event file name, or the second upload would replace the first one's file.
       self.tb = SummaryWriter(os.path.join(local, "tb"),
