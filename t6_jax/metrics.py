@@ -12,6 +12,7 @@ to a Weights & Biases run, resumed under the same id when the training run resum
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -57,7 +58,7 @@ def summary_writer_class():
   if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
     try:
-      import tensorboardX  # noqa: F401
+      importlib.import_module("tensorboardX")
     finally:
       del sys.modules["torch"]
   from tensorboardX import SummaryWriter
