@@ -236,6 +236,11 @@ def run(args) -> int:
       sampling["stop_tokens"] = stop_tokens
     sampling["valid_vocab"] = min(tokenizer.vocab_size, cfg.model.vocab_size)
   max_len = args.max_len or cache_length(cfg, max(map(len, ids)), sampling["max_new_tokens"])
+  reach = max(map(len, ids)) + sampling["max_new_tokens"]
+  if reach > cfg.model.max_seq_len and jax.process_index() == 0:
+    print(f"note: the longest prompt and its new tokens reach position {reach}, past the "
+          f"{cfg.model.max_seq_len} positions the model trains on (model.max_seq_len); RoPE "
+          f"runs on past them, but text there was never trained on", file=sys.stderr)
 
   batch = args.batch_size or len(ids)
   if args.warmup:

@@ -279,14 +279,18 @@ def test_each_batch_samples_with_its_own_key(capsys):
           "5 6 7", "--batch_size", "1", "--max_new_tokens", "12", "--temperature", "1",
           "--seed", "3"]
   assert generate(argv) == 0
-  first = capsys.readouterr().out.splitlines()
+  out, err = capsys.readouterr()
+  first = out.splitlines()
   assert len(first) == 2 and first[0] != first[1]  # same prompt, two batches, other noise
+  assert "note: the longest prompt" not in err  # 3 + 12 positions, within tiny's 64
   # and reproducible; a setting generate.py does not read gets a note, train.seed (read with
-  # --random_init, here its default) none
-  assert generate([*argv, "train.lr=3", "train.seed=0"]) == 0
+  # --random_init, here its default) none; positions past model.max_seq_len get a note (RoPE
+  # reads no table, so the tokens stay the same)
+  assert generate([*argv, "train.lr=3", "train.seed=0", "model.max_seq_len=8"]) == 0
   out, err = capsys.readouterr()
   assert out.splitlines() == first
   assert "note: train.lr=3 has no effect on generate.py" in err and "train.seed=0 has" not in err
+  assert "reach position 15, past the 8 positions the model trains on" in err, err
 
 
 def test_generate_notes_its_mesh_and_pads_for_the_tensor_axis(capsys):
