@@ -27,6 +27,8 @@ SCRIPTS = {
              "gemv kernel, stored (N, K)"),
     "pdl_chain": (["bench/pdl_chain.py", "--lower", "--kernels", "2", "--stages", "2",
                    "--modes", "plain,late"], "late, 2 stages: lowered for CUDA"),
+    "grid_barrier": (["bench/grid_barrier.py", "--lower", "--stages", "2", "--mib", "1",
+                      "--modes", "persistent"], "persistent, 1 MiB stages: lowered for CUDA"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
     "sampling": (["bench/sampling.py", "--batches", "2", "--vocab", "300", "--steps", "2",
