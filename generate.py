@@ -235,8 +235,9 @@ def run(args) -> int:
     if stop_tokens:
       sampling["stop_tokens"] = stop_tokens
     sampling["valid_vocab"] = min(tokenizer.vocab_size, cfg.model.vocab_size)
-  max_len = args.max_len or cache_length(cfg, max(map(len, ids)), sampling["max_new_tokens"])
-  reach = max(map(len, ids)) + sampling["max_new_tokens"]
+  longest = max(map(len, ids))
+  max_len = args.max_len or cache_length(cfg, longest, sampling["max_new_tokens"])
+  reach = longest + sampling["max_new_tokens"]
   if reach > cfg.model.max_seq_len and jax.process_index() == 0:
     print(f"note: the longest prompt and its new tokens reach position {reach}, past the "
           f"{cfg.model.max_seq_len} positions the model trains on (model.max_seq_len); RoPE "
