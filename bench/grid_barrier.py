@@ -27,10 +27,11 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
@@ -193,12 +194,7 @@ def main(argv=None) -> int:
         continue
       if w is None:
         w = jnp.ones(shape, jnp.bfloat16)
-      out = jax.block_until_ready(f(w, dep))
-      best = float("inf")
-      for _ in range(5):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(f(w, dep))
-        best = min(best, time.perf_counter() - t0)
+      best, out = best_seconds(f, (w, dep))
       us = best / (args.reps * args.stages) * 1e6
       want = args.reps * args.stages
       ok = "" if float(out[0]) == want else f"  WRONG: the hand-off gave {float(out[0])}, not {want}"

@@ -27,10 +27,11 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
+from timing import best_seconds  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
@@ -141,14 +142,7 @@ def main(argv=None) -> int:
         continue
       if ws is None:
         ws = [jnp.full(shape, i, jnp.bfloat16) for i in range(args.kernels)]
-      out = f(ws, dep)
-      out.block_until_ready()
-      best = float("inf")
-      for _ in range(5):
-        t0 = time.perf_counter()
-        out = f(ws, dep)
-        out.block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+      best, out = best_seconds(f, (ws, dep))
       us = best / (args.reps * args.kernels) * 1e6
       want = args.reps * args.kernels
       ok = "" if float(out[0]) == want else f"  WRONG: chain gave {float(out[0])}, not {want}"
