@@ -31,7 +31,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
-from timing import best_seconds  # noqa: E402
+from timing import best_seconds, lowered_for_cuda  # noqa: E402
 
 cli.quiet_startup()  # no libtpu start-up (or its profiler plugin) on a host without a TPU
 
@@ -166,14 +166,6 @@ def main(argv=None) -> int:
     programs = args.programs
   elif args.lower:
     programs = 132
-    try:  # jax >= 0.11: the Triton lowering asks the GPU for its compute capability; answer
-      # as an H200 would (jax 0.10 assumes 9.0 by itself)
-      from jax._src.pallas.triton import gpu_info, pallas_call_registration
-    except ImportError:
-      pass
-    else:
-      h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
-      pallas_call_registration.gpu_info_lib.get_gpu_info = lambda: h200
   else:
     from t6_jax.kernels.tpa_decode_gpu import num_sms
     programs = num_sms()
@@ -189,7 +181,7 @@ def main(argv=None) -> int:
                                     num_warps=args.num_warps, num_stages=args.num_stages))
       if args.lower:
         spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-        text = f.trace(spec, dep).lower(lowering_platforms=("cuda",)).as_text()
+        text = lowered_for_cuda(f, spec, dep)
         print(f"{mode}, {mib} MiB stages: lowered for CUDA ({len(text):,} characters)")
         continue
       if w is None:

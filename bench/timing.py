@@ -36,3 +36,17 @@ def best_seconds(fn, args, *, tries: int = 5):
     out = jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t0)
   return best, out
+
+
+def lowered_for_cuda(fn, *specs) -> str:
+  """The text of jitted fn lowered for CUDA at the given argument shapes, on any host: the
+  Triton lowering of jax >= 0.11 asks the local GPU for its compute capability, so it is
+  answered as an H200 would (jax 0.10 assumes 9.0 by itself)."""
+  try:
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+  except ImportError:
+    pass
+  else:
+    h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+    pallas_call_registration.gpu_info_lib.get_gpu_info = lambda: h200
+  return fn.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()

@@ -44,9 +44,17 @@ TUNING = {"kn": {"block_n": 128, "block_k": 64, "num_warps": 2, "num_stages": 3,
                  "norm_once": 1}}
 
 
-def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prologue,
-            x_splits, splits, residual, zeros, norm_once, interpret):
+def _kernel(*refs, **kw):
+  _program(pl.program_id(0), pl.program_id(1), *refs, **kw)
+
+
+def _program(j, split, *refs, layout, k_len, n_len, block_n, block_k, steps_per_split,
+             prologue, x_splits, splits, residual, zeros, norm_once, interpret, x_cached=True):
+  """Program (column tile j, K split `split`) of the kernel. x_cached=False: x's partials are
+  read with volatile loads, past L1 (written earlier in the same kernel by other programs:
+  `bench/persistent_mlp.py`)."""
   kind = None if prologue is None else prologue[0]
+  fresh = not x_cached
   # inputs: x (or acc, m, l), w [, r, tickets]; outputs: partials [, new r, tickets
   # (aliased)] [, zeros]
   n_in = (4 if kind == "combine" else 2) + (2 if residual else 0)
@@ -57,7 +65,6 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
     x_ref, w_ref = ins[:2]
   if residual:
     r_ref, (r_out_ref, ticket_ref) = ins[-2], outs[:2]
-  j, split = pl.program_id(0), pl.program_id(1)
   if zeros:  # the next GEMV kernel's tickets (its residual epilogue), without a memset
     pl.when((j == 0) & (split == 0))(lambda: plgpu.store(
         outs[-1].at[jnp.arange(_pow2(zeros), dtype=jnp.int32)],
@@ -69,9 +76,11 @@ def _kernel(*refs, layout, k_len, n_len, block_n, block_k, steps_per_split, prol
   rnd = lambda v: v.astype(w_ref.dtype).astype(f32)  # a value in the weights' dtype
 
   def summed(idx_K, ok_K):  # x_ref (x_splits, width): sum of the producer's K-split partials
-    total = plgpu.load(x_ref.at[0, idx_K], mask=ok_K, other=0.0).astype(f32)
+    total = plgpu.load(x_ref.at[0, idx_K], mask=ok_K, other=0.0,
+                       volatile=fresh).astype(f32)
     for s in range(1, x_splits):
-      total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0).astype(f32)
+      total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0,
+                          volatile=fresh).astype(f32)
     return total
 
   if kind == "rms_norm" and norm_once:  # the norm of all of x in one load
@@ -202,16 +211,11 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
     raise ValueError(f"x {shapes} does not match w {w.shape} ({layout}, {prologue})")
   if residual is not None and residual.shape != (n_len,):
     raise ValueError(f"residual {residual.shape} does not match the product's ({n_len},)")
-  tune = dict(TUNING[layout], **{k: v for k, v in dict(
-      block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-      per_sm=per_sm, norm_once=norm_once).items() if v is not None})
-  block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
-  block_k = min(_pow2(tune["block_k"]), max(16, _pow2(k_len)))
-  n_tiles, k_steps = pl.cdiv(n_len, block_n), pl.cdiv(k_len, block_k)
-  if splits is None:
-    splits = max(1, min(k_steps, tune["per_sm"] * num_sms() // n_tiles))
-  steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
-  splits = pl.cdiv(k_steps, steps_per_split)
+  tune = settings(layout, k_len, n_len, block_n=block_n, block_k=block_k,
+                  num_warps=num_warps, num_stages=num_stages, per_sm=per_sm,
+                  norm_once=norm_once, splits=splits)
+  block_n, block_k, splits = tune["block_n"], tune["block_k"], tune["splits"]
+  n_tiles, steps_per_split = tune["n_tiles"], tune["steps_per_split"]
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
@@ -248,6 +252,22 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   else:
     result = jnp.sum(outs[0], axis=0) if reduce else outs[0]
   return (result, outs[-1]) if zeros else result
+
+
+def settings(layout: str, k_len: int, n_len: int, *, splits: int | None = None,
+             **overrides) -> dict:
+  """The launch of a (k_len -> n_len) product: TUNING[layout] with the overrides that are
+  not None, block sizes fitted to the matrix, and the grid: n_tiles column tiles times
+  `splits` K splits of steps_per_split block_k steps each."""
+  tune = dict(TUNING[layout], **{k: v for k, v in overrides.items() if v is not None})
+  block_n = min(_pow2(tune["block_n"]), max(16, _pow2(n_len)))
+  block_k = min(_pow2(tune["block_k"]), max(16, _pow2(k_len)))
+  n_tiles, k_steps = pl.cdiv(n_len, block_n), pl.cdiv(k_len, block_k)
+  if splits is None:
+    splits = max(1, min(k_steps, tune["per_sm"] * num_sms() // n_tiles))
+  steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
+  return dict(tune, block_n=block_n, block_k=block_k, n_tiles=n_tiles,
+              splits=pl.cdiv(k_steps, steps_per_split), steps_per_split=steps_per_split)
 
 
 def ticket_slots(n_len: int) -> int:
