@@ -66,10 +66,6 @@ def parse_args(argv=None):
                  help="batch-1 GEMV kernel settings over gemv_gpu.TUNING: KEY=V for both "
                       "layouts or kn.KEY=V / nk.KEY=V, comma-separated (e.g. per_sm=2,"
                       "nk.num_stages=4)")
-  p.add_argument("--persistent_mlp", default="",
-                 help="the batch-1 MLP sublayer as one persistent kernel: settings over "
-                      "mlp_gpu.TUNING, KEY=V comma-separated (e.g. per_sm=1,num_warps=4; "
-                      "per_sm=0, the default, keeps two GEMV kernels)")
   p.add_argument("--tiny", action="store_true", help="tiny configs, small sizes (CPU test)")
   p.add_argument("--no_write", action="store_true", help="do not touch docs/benchmarks.md")
   p.add_argument("--out", default=DOC, help="markdown file whose Decoding section is replaced")
@@ -209,9 +205,8 @@ def main(argv=None) -> int:
   from t6_jax.model import init_params
   from t6_jax.model.sizes import param_count
 
-  from t6_jax.kernels import gemv_gpu, mlp_gpu, tpa_decode_gpu, tpa_step_gpu
+  from t6_jax.kernels import gemv_gpu, tpa_decode_gpu, tpa_step_gpu
   set_tuning("--step_tuning", tpa_step_gpu.STEP_TUNING, args.step_tuning)
-  set_tuning("--persistent_mlp", mlp_gpu.TUNING, args.persistent_mlp)
   set_tuning("--gemv", gemv_gpu.TUNING, args.gemv, layouts=True)
   set_tuning("--decode_tuning", tpa_decode_gpu.TUNING, args.decode_tuning)
   batches = [int(b) for b in args.batches.split(",")]

@@ -7,11 +7,20 @@ persistent kernel doing both products with a grid-wide barrier between them.
                                                          # values against the two kernels
   python bench/persistent_mlp.py --lower                 # any host: lower both for CUDA
 
-The step's MLP at batch 1 (`layers.Mlp` on the GEMV path) is two kernels, with one kernel
-boundary (launch, ramp, tail) between them, one of about six in a T6-XL layer;
-`kernels/mlp_gpu.py` runs it as one persistent kernel of `--per_sm` programs per SM that meet
-at a grid-wide barrier between the two products. Both forms compute the same values in the
-same order, so their outputs must be equal bit for bit (checked in every run).
+The step's MLP at batch 1 (`layers.Mlp` on the GEMV path) is two kernels: the packed (gate |
+up) product with the block's pre-norm computed inside it, written as fp32 K-split partial
+sums, then the output projection, whose prologue forms silu(gate) * up from those partials and
+whose epilogue adds its product to the residual stream (`gemv_gpu.gemv`). Between them sits
+one kernel boundary (launch, ramp, tail), one of about six in a T6-XL layer. The persistent
+form launches `--per_sm` programs per SM, all resident at once; each runs its share of the
+first product's programs (the same `gemv_gpu._program` code with the same launch settings),
+the programs meet at a barrier (an atomic counter, acquire-release at GPU scope, spun on), and
+then run the second product's programs. Both forms compute the same values in the same order,
+so their outputs must be equal bit for bit (checked in every run).
+
+Measured on an H200 (2026-12-06 UTC): the persistent form was slower at every setting, at best
+25.0 us against 21.2-22.1 (4 programs per SM; docs/benchmarks_log.md), so the step keeps the
+two kernels.
 
 Reports us per sublayer for each form and the saving per boundary. Prints only. Off GPU,
 --check runs both in interpret mode with one persistent program (the barrier then passes at
@@ -36,9 +45,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from t6_jax import config as config_lib  # noqa: E402
-from t6_jax.kernels.mlp_gpu import persistent_mlp, two_kernels  # noqa: E402
+from t6_jax.kernels import gemv_gpu  # noqa: E402
 from t6_jax.kernels.tpa_decode_gpu import num_sms  # noqa: E402
 from t6_jax.model.layers import RMS_EPS  # noqa: E402
 
@@ -61,8 +72,91 @@ def parse_args(argv=None):
   return args
 
 
+def _stage(program, programs, tune, refs, kw):
+  """This persistent program's share of one product's (column tile, K split) programs."""
+  total = tune["n_tiles"] * tune["splits"]
+
+  def body(i, carry):
+    v = program + i * programs
+    pl.when(v < total)(lambda: gemv_gpu._program(v // tune["splits"], v % tune["splits"],
+                                                 *refs, **kw))
+    return carry
+
+  lax.fori_loop(0, pl.cdiv(total, programs), body, jnp.int32(0))
+
+
+def _persistent_kernel(r_ref, w1_ref, w2_ref, tickets_in, counter_in, part1_ref, part2_ref,
+                       r_out_ref, ticket_ref, counter_ref, *, programs, t1, t2, kw1, kw2,
+                       interpret):
+  del tickets_in, counter_in  # aliased to ticket_ref, counter_ref (zeros in)
+  program = pl.program_id(0)
+  _stage(program, programs, t1, (r_ref, w1_ref, part1_ref), kw1)
+  # The barrier: every thread's partial stores before this program's arrival (CTA barrier,
+  # then the acquire-release atomic), then spin until every program has arrived.
+  # (The interpreter runs one program, which needs no wait, and cannot run the spin loop.)
+  if not interpret:
+    plgpu.debug_barrier()
+    arrived = plgpu.atomic_add(counter_ref, (0,), jnp.int32(1)) + 1
+    lax.while_loop(lambda n: n < programs,
+                   lambda n: plgpu.atomic_add(counter_ref, (0,), jnp.int32(0)), arrived)
+    plgpu.debug_barrier()
+  _stage(program, programs, t2,
+         (part1_ref, w2_ref, r_ref, ticket_ref, part2_ref, r_out_ref, ticket_ref), kw2)
+
+
+def _kw(tune, layout, k_len, n_len, prologue, x_splits, residual, interpret, x_cached=True):
+  return dict(layout=layout, k_len=k_len, n_len=n_len, block_n=tune["block_n"],
+              block_k=tune["block_k"], steps_per_split=tune["steps_per_split"],
+              prologue=prologue, x_splits=x_splits, splits=tune["splits"], residual=residual,
+              zeros=0, norm_once=bool(tune["norm_once"]), interpret=interpret,
+              x_cached=x_cached)
+
+
+def two_kernels(r_D, w_in_NxD, w_out_FxD, *, interpret=False):
+  """The step's form: `Mlp.__call__` on the GEMV path, prenorm and residual."""
+  d = r_D.shape[0]
+  parts, tickets = gemv_gpu.gemv(r_D, w_in_NxD, layout="nk", reduce=False,
+                                 prologue=("rms_norm", RMS_EPS),
+                                 zeros=gemv_gpu.ticket_slots(d), interpret=interpret)
+  return gemv_gpu.gemv(parts, w_out_FxD, layout="kn", prologue=("swiglu",), residual=r_D,
+                       tickets=tickets, interpret=interpret)
+
+
+def persistent(r_D, w_in_NxD, w_out_FxD, *, programs, num_warps, interpret=False):
+  """The same sublayer as one kernel of `programs` programs."""
+  d, n2, f = r_D.shape[0], w_in_NxD.shape[0], w_out_FxD.shape[0]
+  t1 = gemv_gpu.settings("nk", d, n2)
+  t2 = gemv_gpu.settings("kn", f, d)
+  kw1 = _kw(t1, "nk", d, n2, ("rms_norm", RMS_EPS), 1, False, interpret)
+  kw2 = _kw(t2, "kn", f, d, ("swiglu",), t1["splits"], True, interpret, x_cached=False)
+  tickets = jnp.zeros((gemv_gpu.ticket_slots(d),), jnp.int32)
+  counter = jnp.zeros((1,), jnp.int32)
+  operands = (r_D, w_in_NxD, w_out_FxD, tickets, counter)
+  out_shape = [jax.ShapeDtypeStruct((t1["splits"], n2), jnp.float32),
+               jax.ShapeDtypeStruct((t2["splits"], d), jnp.float32),
+               jax.ShapeDtypeStruct((d,), r_D.dtype),
+               jax.ShapeDtypeStruct(tickets.shape, jnp.int32),
+               jax.ShapeDtypeStruct(counter.shape, jnp.int32)]
+  whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))
+  extra = {} if interpret else {"compiler_params": plgpu.CompilerParams(
+      num_warps=num_warps, num_stages=max(t1["num_stages"], t2["num_stages"]))}
+  outs = pl.pallas_call(
+      functools.partial(_persistent_kernel, programs=programs, t1=t1, t2=t2, kw1=kw1,
+                        kw2=kw2, interpret=interpret),
+      grid=(programs,),
+      in_specs=[whole(x.shape) for x in operands],
+      out_specs=[whole(s.shape) for s in out_shape],
+      out_shape=out_shape,
+      input_output_aliases={3: 3, 4: 4},
+      interpret=interpret,
+      name="persistent_mlp",
+      **extra,
+  )(*operands)
+  return outs[2]
+
+
 def chained(fn, r_D, w_in, w_out, *, reps):
-  return lax.fori_loop(0, reps, lambda _, r: fn(r, w_in, w_out, eps=RMS_EPS), r_D)
+  return lax.fori_loop(0, reps, lambda _, r: fn(r, w_in, w_out), r_D)
 
 
 def main(argv=None) -> int:
@@ -76,18 +170,18 @@ def main(argv=None) -> int:
   mib = (w_in.size + w_out.size) * 2 / 2**20
   print(f"{args.config}: d_model {d}, MLP width {f}, {mib:.1f} MiB of weights a sublayer")
   if args.check:
-    want = np.asarray(two_kernels(r_D, w_in, w_out, eps=RMS_EPS, interpret=True), np.float32)
-    got = np.asarray(persistent_mlp(r_D, w_in, w_out, eps=RMS_EPS, interpret=True),
+    want = np.asarray(two_kernels(r_D, w_in, w_out, interpret=True), np.float32)
+    got = np.asarray(persistent(r_D, w_in, w_out, programs=1, num_warps=4, interpret=True),
                      np.float32)
     print(f"check (interpret, 1 program): max |persistent - two kernels| = "
           f"{np.max(np.abs(got - want)):.3g}")
     return 0 if np.array_equal(got, want) else 1
-  sms = num_sms()  # (an H200's 132 off GPU)
+  sms = 132 if args.lower else num_sms()
   if args.lower:
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r_D, w_in, w_out)]
     for name, fn in [("two kernels", two_kernels)] + [
         (f"persistent, {p} per SM, {w} warps",
-         functools.partial(persistent_mlp, per_sm=p, num_warps=w))
+         functools.partial(persistent, programs=p * sms, num_warps=w))
         for p in args.per_sm for w in args.num_warps]:
       text = lowered_for_cuda(jax.jit(functools.partial(chained, fn, reps=args.reps)), *specs)
       print(f"{name}: lowered for CUDA ({len(text):,} characters)")
@@ -100,7 +194,7 @@ def main(argv=None) -> int:
   for per_sm in args.per_sm:
     for warps in args.num_warps:
       fn = jax.jit(functools.partial(chained, functools.partial(
-          persistent_mlp, per_sm=per_sm, num_warps=warps), reps=args.reps))
+          persistent, programs=per_sm * sms, num_warps=warps), reps=args.reps))
       us, out = best_seconds(fn, (r_D, w_in, w_out))
       us = us / args.reps * 1e6
       same = np.array_equal(np.asarray(out, np.float32), want)

@@ -15,7 +15,7 @@ import numpy_ref as ref
 from t6_jax import config as config_lib
 from t6_jax import kernels
 from t6_jax.decode.cache import entry_shapes
-from t6_jax.kernels import FactorCacheLayout, mlp_gpu
+from t6_jax.kernels import FactorCacheLayout
 from t6_jax.kernels.tpa_decode_gpu import combine, query_shape
 from t6_jax.kernels.tpa_step_gpu import tpa_step
 from t6_jax.model import init_params, layers, model_from_params
@@ -145,14 +145,12 @@ def test_fused_step_equals_xla_path(attention, padded, monkeypatch):
                                   np.asarray(want[1][name][0]), err_msg=name)
 
 
-# bf16: a bf16 residual; persistent: the MLP sublayer as one kernel (`mlp_gpu`)
-@pytest.mark.parametrize("param_dtype,persistent", [("float32", False), ("bfloat16", False),
-                                                    ("bfloat16", True)])
-def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype, persistent):
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])  # bf16: a bf16 residual
+def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype):
   """Batch 1 on one GPU (the GEMV kernels interpreted): the block's two pre-norms, the merge
   of the attention kernel's splits, the MLP's silu(gate) * up and the two residual adds run
-  inside the GEMV kernels (the MLP's in one persistent kernel when asked); layer 0's new
-  entries equal the XLA path's bit for bit and the logits agree."""
+  inside the GEMV kernels; layer 0's new entries equal the XLA path's bit for bit and the
+  logits agree."""
   cfg = config_lib.load("tiny", ["model.num_heads=3", "model.num_layers=2",
                                  "model.dtype=bfloat16"]).model
   rng = np.random.default_rng(0)
@@ -181,18 +179,11 @@ def test_batch_one_step_with_norms_in_the_gemv_kernels(monkeypatch, param_dtype,
         (name, k.get("prologue") and k["prologue"][0])) or real(*a, **k))
   monkeypatch.setattr(kernels, "decode_kernel", lambda setting, *a, **k: "triton")
   monkeypatch.setattr(kernels, "gemv_applies", lambda: True)
-  if persistent:
-    monkeypatch.setitem(mlp_gpu.TUNING, "per_sm", 1)
-    real_mlp = kernels.persistent_mlp
-    monkeypatch.setattr(kernels, "persistent_mlp", lambda *a, **k: prologues.append(
-        ("persistent_mlp", None)) or real_mlp(*a, **k))
   got = jax.jit(run, static_argnums=(2, 3, 4))(params, stored, "pallas", layout, True)
   # per layer: the pre-norm, the split merge (output projection, then the residual add),
   # the pre-norm, the gate (then the residual add)
-  mlp = ([("persistent_mlp", None)] if persistent else
-         [("gemv_partials", "rms_norm"), ("gemv_residual", "swiglu")])
-  assert prologues == ([("gemv_partials", "rms_norm"), ("gemv_residual", "combine")]
-                       + mlp) * 2
+  assert prologues == [("gemv_partials", "rms_norm"), ("gemv_residual", "combine"),
+                       ("gemv_partials", "rms_norm"), ("gemv_residual", "swiglu")] * 2
   # The K-split sums add in another order than XLA's; in a bf16 residual stream (ulp 2^-7
   # relative) a flipped rounding moves the logits by a few ulps of the residual.
   tol = 2e-2 if param_dtype == "float32" else 6e-2

@@ -145,28 +145,3 @@ def test_gemv_combine_prologue_matches_numpy(splits, heads, head_dim, rows, kp):
   with pytest.raises(ValueError, match="does not match"):
     gemv((jnp.zeros((2, 16, 16)), jnp.zeros((2, 16)), jnp.zeros((2, 16))), jnp.zeros((50, 4)),
          prologue=("combine", 3, 16, 1), interpret=True)
-
-
-@pytest.mark.parametrize("r_dtype", ["float32", "bfloat16"])
-def test_persistent_mlp_matches_numpy_and_the_two_kernels(r_dtype):
-  """The MLP sublayer as one persistent kernel (`mlp_gpu`, interpreted: one program) against
-  float64 NumPy, r + c_proj(silu(gate) * up) with (gate | up) = rms_norm(r) W_in, and bit for
-  bit against the two GEMV kernels it replaces."""
-  from t6_jax.kernels import mlp_gpu
-  rng = np.random.default_rng(3)
-  d, f, eps = 48, 70, 1e-6
-  r = jnp.asarray(rng.standard_normal(d), r_dtype)
-  w_in = jnp.asarray(rng.standard_normal((2 * f, d)) / d**0.5, jnp.bfloat16)
-  w_out = jnp.asarray(rng.standard_normal((f, d)) / f**0.5, jnp.bfloat16)
-  got = mlp_gpu.persistent_mlp(r, w_in, w_out, eps=eps, interpret=True)
-  r64, wi64, wo64 = (np.asarray(x, np.float64) for x in (r, w_in, w_out))
-  gate, up = np.split(wi64 @ (r64 / np.sqrt(np.mean(r64**2) + eps)), 2)
-  want = r64 + (gate / (1 + np.exp(-gate)) * up) @ wo64
-  assert got.shape == (d,) and got.dtype == jnp.dtype(r_dtype)
-  # bf16 rounding of the normalised row, gate, up and their product as the model rounds them
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=3e-2)
-  np.testing.assert_array_equal(
-      np.asarray(got), np.asarray(mlp_gpu.two_kernels(r, w_in, w_out, eps=eps,
-                                                      interpret=True)))
-  with pytest.raises(ValueError, match="need \\(D,\\), \\(2F, D\\), \\(F, D\\)"):
-    mlp_gpu.persistent_mlp(r, w_out, w_out, eps=eps, interpret=True)

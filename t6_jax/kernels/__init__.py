@@ -28,9 +28,7 @@ a TPU topology on a CPU host), else from the default backend (no mesh, one devic
       decode step on one device in two kernels: the new entries written and the query rows
       built from the factor projection (tpa_step_gpu.py), then the attention from those rows.
   gemv(x_K, w, *, layout) / gemv_partials: one row times a matrix (gemv_gpu.py), the
-      products of a batch-1 decode step, where gemv_applies() (one GPU, no mesh);
-      persistent_mlp: that step's MLP sublayer as one kernel (mlp_gpu.py), where
-      persistent_mlp_applies() (a launch setting, off by default).
+      products of a batch-1 decode step, where gemv_applies() (one GPU, no mesh).
   grouped_decode(queries, keys, layer, pad_B, pos, *, kv_len, scale, values | value_key,
                  rules, cache_axes)
       -> fp32 (B, G, J, D_v): one-token MHA/MQA/GQA/MLA decode straight from the stacked
@@ -86,7 +84,7 @@ from jax.sharding import PartitionSpec as P
 
 from t6_jax.config import LOSS_IMPLS
 from t6_jax.kernels import (add_norm_gpu, attention_xla, cross_entropy_gpu, gemv_gpu,
-                            grouped_decode_gpu, mlp_gpu, swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu,
+                            grouped_decode_gpu, swiglu_gpu, tpa_contract_gpu, tpa_decode_gpu,
                             tpa_decode_tpu, tpa_step_gpu, tpa_unpack_gpu)
 from t6_jax.kernels.mask import Mask, cache_mask, training_mask  # noqa: F401
 from t6_jax.kernels.sharded import (grouped_decode_sharded, splash_attention_sharded,
@@ -347,17 +345,6 @@ def gemv_residual(x, w, r, *, layout: str = "kn", prologue: tuple | None = None,
   differentiable; `prologue` as for `gemv_partials`, `tickets` from its tickets_for."""
   return gemv_gpu.gemv(x, w, layout=layout, prologue=prologue, residual=r, tickets=tickets,
                        interpret=_interpret())
-
-
-def persistent_mlp_applies() -> bool:
-  """Whether a batch-1 MLP sublayer runs as one persistent kernel (`mlp_gpu.TUNING`)."""
-  return mlp_gpu.TUNING["per_sm"] > 0
-
-
-def persistent_mlp(r_D, w_in_NxD, w_out_FxD, *, eps: float):
-  """r + the MLP sublayer of the residual row r by one persistent kernel (`mlp_gpu`;
-  interpreted off GPU); the same values as `gemv_partials` then `gemv_residual`."""
-  return mlp_gpu.persistent_mlp(r_D, w_in_NxD, w_out_FxD, eps=eps, interpret=_interpret())
 
 
 def tpa_step(y_SxBxN, cos_BxTxF, sin_BxTxF, a_k, b_k, a_v, b_v, layer, pos, **kw):

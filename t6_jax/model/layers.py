@@ -229,11 +229,8 @@ class Mlp(nnx.Module):
     if packed is not None and one_row_gemv(x_BxTxD):
       # One row on one GPU: two GEMV kernels, the first normalising x (prenorm), the second
       # computing silu(gate) * up from the first's unsummed partials and (residual) adding
-      # its own product to x; or both in one persistent kernel when its setting asks.
+      # its own product to x.
       w_FxD = self.packed_out[...]
-      if prenorm and residual and self.packed_output_major and kernels.persistent_mlp_applies():
-        return kernels.persistent_mlp(x_BxTxD.reshape(-1), packed[...], w_FxD,
-                                      eps=RMS_EPS).reshape(x_BxTxD.shape)
       gate_up_SxN, tickets = packed_partials(x_BxTxD, packed[...], self.packed_output_major,
                                              prenorm, tickets_for=w_FxD.shape[1] if residual else 0)
       return gemv_sublayer_out(gate_up_SxN[:, 0, :], w_FxD, x_BxTxD, prologue=("swiglu",),
