@@ -189,7 +189,8 @@ def main(argv=None) -> int:
       best, out = best_seconds(f, (w, dep))
       us = best / (args.reps * args.stages) * 1e6
       want = args.reps * args.stages
-      ok = "" if float(out[0]) == want else f"  WRONG: the hand-off gave {float(out[0])}, not {want}"
+      ok = ("" if float(out[0]) == want else
+            f"  WRONG: the hand-off gave {float(out[0])}, not {want}")
       print(f"{mode}, {stage_bytes / 2**20:.1f} MiB stages, {programs} programs: {us:.2f} us "
             f"per stage ({stage_bytes / us / 1e6:.2f} TB/s){ok}", flush=True)
   return 0
