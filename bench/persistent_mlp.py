@@ -104,12 +104,13 @@ def _persistent_kernel(r_ref, w1_ref, w2_ref, tickets_in, counter_in, part1_ref,
          (part1_ref, w2_ref, r_ref, ticket_ref, part2_ref, r_out_ref, ticket_ref), kw2)
 
 
-def _kw(tune, layout, k_len, n_len, prologue, x_splits, residual, interpret, x_cached=True):
+def _kw(tune, layout, k_len, n_len, prologue, x_splits, residual, interpret,
+        x_volatile=False):
   return dict(layout=layout, k_len=k_len, n_len=n_len, block_n=tune["block_n"],
               block_k=tune["block_k"], steps_per_split=tune["steps_per_split"],
               prologue=prologue, x_splits=x_splits, splits=tune["splits"], residual=residual,
               zeros=0, norm_once=bool(tune["norm_once"]), interpret=interpret,
-              x_cached=x_cached)
+              x_volatile=x_volatile)
 
 
 def two_kernels(r_D, w_in_NxD, w_out_FxD, *, interpret=False):
@@ -128,7 +129,7 @@ def persistent(r_D, w_in_NxD, w_out_FxD, *, programs, num_warps, interpret=False
   t1 = gemv_gpu.settings("nk", d, n2)
   t2 = gemv_gpu.settings("kn", f, d)
   kw1 = _kw(t1, "nk", d, n2, ("rms_norm", RMS_EPS), 1, False, interpret)
-  kw2 = _kw(t2, "kn", f, d, ("swiglu",), t1["splits"], True, interpret, x_cached=False)
+  kw2 = _kw(t2, "kn", f, d, ("swiglu",), t1["splits"], True, interpret, x_volatile=True)
   tickets = jnp.zeros((gemv_gpu.ticket_slots(d),), jnp.int32)
   counter = jnp.zeros((1,), jnp.int32)
   operands = (r_D, w_in_NxD, w_out_FxD, tickets, counter)

@@ -31,8 +31,6 @@ SCRIPTS = {
                       "--modes", "persistent"], "persistent, 1 MiB stages: lowered for CUDA"),
     "persistent_mlp": (["bench/persistent_mlp.py", "--config", "tiny", "--check"],
                        "max |persistent - two kernels| = 0"),
-    "persistent_mlp_lower": (["bench/persistent_mlp.py", "--config", "tiny", "--lower",
-                              "--per_sm", "2"], "persistent, 2 per SM, 4 warps: lowered"),
     "prefill": (["bench/prefill.py", "--tiny", "--models", "tpa", "--lengths", "600",
                  "--repeats", "1"], "chunks of 512"),
     "sampling": (["bench/sampling.py", "--batches", "2", "--vocab", "300", "--steps", "2",

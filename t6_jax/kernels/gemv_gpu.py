@@ -49,12 +49,12 @@ def _kernel(*refs, **kw):
 
 
 def _program(j, split, *refs, layout, k_len, n_len, block_n, block_k, steps_per_split,
-             prologue, x_splits, splits, residual, zeros, norm_once, interpret, x_cached=True):
-  """Program (column tile j, K split `split`) of the kernel. x_cached=False: x's partials are
-  read with volatile loads, past L1 (written earlier in the same kernel by other programs:
+             prologue, x_splits, splits, residual, zeros, norm_once, interpret,
+             x_volatile=False):
+  """Program (column tile j, K split `split`) of the kernel. x_volatile: x's partials are read
+  with volatile loads, past L1 (written earlier in the same kernel by other programs:
   `bench/persistent_mlp.py`)."""
   kind = None if prologue is None else prologue[0]
-  fresh = not x_cached
   # inputs: x (or acc, m, l), w [, r, tickets]; outputs: partials [, new r, tickets
   # (aliased)] [, zeros]
   n_in = (4 if kind == "combine" else 2) + (2 if residual else 0)
@@ -77,10 +77,10 @@ def _program(j, split, *refs, layout, k_len, n_len, block_n, block_k, steps_per_
 
   def summed(idx_K, ok_K):  # x_ref (x_splits, width): sum of the producer's K-split partials
     total = plgpu.load(x_ref.at[0, idx_K], mask=ok_K, other=0.0,
-                       volatile=fresh).astype(f32)
+                       volatile=x_volatile).astype(f32)
     for s in range(1, x_splits):
       total += plgpu.load(x_ref.at[s, idx_K], mask=ok_K, other=0.0,
-                          volatile=fresh).astype(f32)
+                          volatile=x_volatile).astype(f32)
     return total
 
   if kind == "rms_norm" and norm_once:  # the norm of all of x in one load
