@@ -104,15 +104,6 @@ def _persistent_kernel(r_ref, w1_ref, w2_ref, tickets_in, counter_in, part1_ref,
          (part1_ref, w2_ref, r_ref, ticket_ref, part2_ref, r_out_ref, ticket_ref), kw2)
 
 
-def _kw(tune, layout, k_len, n_len, prologue, x_splits, residual, interpret,
-        x_volatile=False):
-  return dict(layout=layout, k_len=k_len, n_len=n_len, block_n=tune["block_n"],
-              block_k=tune["block_k"], steps_per_split=tune["steps_per_split"],
-              prologue=prologue, x_splits=x_splits, splits=tune["splits"], residual=residual,
-              zeros=0, norm_once=bool(tune["norm_once"]), interpret=interpret,
-              x_volatile=x_volatile)
-
-
 def two_kernels(r_D, w_in_NxD, w_out_FxD, *, interpret=False):
   """The step's form: `Mlp.__call__` on the GEMV path, prenorm and residual."""
   d = r_D.shape[0]
@@ -128,8 +119,10 @@ def persistent(r_D, w_in_NxD, w_out_FxD, *, programs, num_warps, interpret=False
   d, n2, f = r_D.shape[0], w_in_NxD.shape[0], w_out_FxD.shape[0]
   t1 = gemv_gpu.settings("nk", d, n2)
   t2 = gemv_gpu.settings("kn", f, d)
-  kw1 = _kw(t1, "nk", d, n2, ("rms_norm", RMS_EPS), 1, False, interpret)
-  kw2 = _kw(t2, "kn", f, d, ("swiglu",), t1["splits"], True, interpret, x_volatile=True)
+  kw1 = gemv_gpu.program_kwargs(t1, "nk", d, n2, prologue=("rms_norm", RMS_EPS), x_splits=1,
+                                residual=False, zeros=0, interpret=interpret)
+  kw2 = gemv_gpu.program_kwargs(t2, "kn", f, d, prologue=("swiglu",), x_splits=t1["splits"],
+                                residual=True, zeros=0, interpret=interpret, x_volatile=True)
   tickets = jnp.zeros((gemv_gpu.ticket_slots(d),), jnp.int32)
   counter = jnp.zeros((1,), jnp.int32)
   operands = (r_D, w_in_NxD, w_out_FxD, tickets, counter)

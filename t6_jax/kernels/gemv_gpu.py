@@ -214,8 +214,7 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   tune = settings(layout, k_len, n_len, block_n=block_n, block_k=block_k,
                   num_warps=num_warps, num_stages=num_stages, per_sm=per_sm,
                   norm_once=norm_once, splits=splits)
-  block_n, block_k, splits = tune["block_n"], tune["block_k"], tune["splits"]
-  n_tiles, steps_per_split = tune["n_tiles"], tune["steps_per_split"]
+  n_tiles, splits = tune["n_tiles"], tune["splits"]
   extra = {}
   if not interpret:
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=tune["num_warps"],
@@ -234,11 +233,9 @@ def gemv(x_K, w, *, layout: str = "kn", block_n: int | None = None,
   if zeros:
     out_shape.append(jax.ShapeDtypeStruct((zeros,), jnp.int32))
   outs = pl.pallas_call(
-      functools.partial(_kernel, layout=layout, k_len=k_len, n_len=n_len, block_n=block_n,
-                        block_k=block_k, steps_per_split=steps_per_split,
-                        prologue=prologue, x_splits=x_splits, splits=splits,
-                        residual=residual is not None, zeros=zeros,
-                        norm_once=bool(tune["norm_once"]), interpret=interpret),
+      functools.partial(_kernel, **program_kwargs(
+          tune, layout, k_len, n_len, prologue=prologue, x_splits=x_splits,
+          residual=residual is not None, zeros=zeros, interpret=interpret)),
       grid=(n_tiles, splits),
       in_specs=[whole(x.shape) for x in operands],
       out_specs=[whole(o.shape) for o in out_shape],
@@ -268,6 +265,16 @@ def settings(layout: str, k_len: int, n_len: int, *, splits: int | None = None,
   steps_per_split = pl.cdiv(k_steps, max(1, min(splits, k_steps)))
   return dict(tune, block_n=block_n, block_k=block_k, n_tiles=n_tiles,
               splits=pl.cdiv(k_steps, steps_per_split), steps_per_split=steps_per_split)
+
+
+def program_kwargs(tune: dict, layout: str, k_len: int, n_len: int, *, prologue, x_splits: int,
+                   residual: bool, zeros: int, interpret: bool, x_volatile: bool = False) -> dict:
+  """`_program`'s keyword arguments for a product launched with `settings` `tune`."""
+  return dict(layout=layout, k_len=k_len, n_len=n_len, block_n=tune["block_n"],
+              block_k=tune["block_k"], steps_per_split=tune["steps_per_split"],
+              prologue=prologue, x_splits=x_splits, splits=tune["splits"], residual=residual,
+              zeros=zeros, norm_once=bool(tune["norm_once"]), interpret=interpret,
+              x_volatile=x_volatile)
 
 
 def ticket_slots(n_len: int) -> int:
