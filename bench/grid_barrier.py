@@ -92,6 +92,18 @@ def _chain_kernel(dep_ref, w_ref, part_ref, out_ref, *, stage, tiles):
     plgpu.store(out_ref.at[cols_C], plgpu.load(dep_ref.at[cols_C]) + 1.0)
 
 
+def grid_barrier(counter_ref, target):
+  """Wait until `target` arrivals have been counted in counter_ref (int32 (1,), zeros at the
+  kernel's start), this program's included. Every thread's stores come before the arrival
+  (CTA barrier, then a release by the acquire-release atomic); then spin on the counter. All
+  programs must be resident at once, or the spin never ends."""
+  plgpu.debug_barrier()
+  arrived = plgpu.atomic_add(counter_ref, (0,), jnp.int32(1)) + 1
+  lax.while_loop(lambda n: n < target,
+                 lambda n: plgpu.atomic_add(counter_ref, (0,), jnp.int32(0)), arrived)
+  plgpu.debug_barrier()
+
+
 def _persistent_kernel(dep_ref, w_ref, counter_in, part_ref, out_ref, counter_ref, *, stages,
                        tiles, programs):
   del counter_in  # aliased to counter_ref (zeros in)
@@ -108,14 +120,7 @@ def _persistent_kernel(dep_ref, w_ref, counter_in, part_ref, out_ref, counter_re
         prev_C = plgpu.load(out_ref.at[stage - 1, cols_C], volatile=True)
       plgpu.store(out_ref.at[stage, cols_C], prev_C + 1.0)
 
-    # The barrier: every thread's stores before the arrival (CTA barrier, then a release by
-    # the acquire-release atomic), then spin until all programs of this stage have arrived.
-    plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(counter_ref, (0,), jnp.int32(1)) + 1
-    target = (stage + 1) * programs
-    lax.while_loop(lambda n: n < target,
-                   lambda n: plgpu.atomic_add(counter_ref, (0,), jnp.int32(0)), arrived)
-    plgpu.debug_barrier()
+    grid_barrier(counter_ref, (stage + 1) * programs)
 
 
 def chain_mode(dep, w, *, programs, num_warps, num_stages):

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t6_jax import cli  # noqa: E402
 from timing import best_seconds, lowered_for_cuda  # noqa: E402
+from grid_barrier import grid_barrier  # noqa: E402
 
 cli.quiet_startup()
 
@@ -91,15 +92,10 @@ def _persistent_kernel(r_ref, w1_ref, w2_ref, tickets_in, counter_in, part1_ref,
   del tickets_in, counter_in  # aliased to ticket_ref, counter_ref (zeros in)
   program = pl.program_id(0)
   _stage(program, programs, t1, (r_ref, w1_ref, part1_ref), kw1)
-  # The barrier: every thread's partial stores before this program's arrival (CTA barrier,
-  # then the acquire-release atomic), then spin until every program has arrived.
-  # (The interpreter runs one program, which needs no wait, and cannot run the spin loop.)
+  # Every program's partials are stored before any program reads them. (The interpreter
+  # runs one program, which needs no wait, and cannot run the spin loop.)
   if not interpret:
-    plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(counter_ref, (0,), jnp.int32(1)) + 1
-    lax.while_loop(lambda n: n < programs,
-                   lambda n: plgpu.atomic_add(counter_ref, (0,), jnp.int32(0)), arrived)
-    plgpu.debug_barrier()
+    grid_barrier(counter_ref, programs)
   _stage(program, programs, t2,
          (part1_ref, w2_ref, r_ref, ticket_ref, part2_ref, r_out_ref, ticket_ref), kw2)
 
